@@ -1,0 +1,38 @@
+"""mechinterp: named sites and data-only interventions for JAX/Flax models.
+
+    import mechinterp as mi
+    model, params = mi.models.load_hf("path/to/hf_folder")
+    sites = mi.list_sites(model, tokens)
+    logits, cache = mi.capture(model, params, tokens, sites=["resid_pre"])
+    logits = mi.intervene(model, params, tokens,
+                          interventions={"attn.z": mi.Intervention.zero(mask=head_mask)})
+
+``mechinterp.models`` (model families) and ``mechinterp.train`` (training) are imported on
+first use, so the analysis core never depends on them.
+"""
+
+import importlib
+
+from mechinterp.api import SiteInfo, capture, intervene, list_sites, site_table
+from mechinterp.interventions import Intervention
+from mechinterp.sites import SiteSpec, site, site_is_used
+
+__all__ = [
+    "Intervention",
+    "SiteInfo",
+    "SiteSpec",
+    "capture",
+    "intervene",
+    "list_sites",
+    "site",
+    "site_is_used",
+    "site_table",
+]
+
+_SUBPACKAGES = ("models", "train")
+
+
+def __getattr__(name):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"mechinterp.{name}")
+    raise AttributeError(f"module 'mechinterp' has no attribute {name!r}")

@@ -1,0 +1,65 @@
+"""A tiny residual MLP that uses sites, scanned or unrolled, for testing the core alone."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mechinterp.sites import SiteSpec, site
+
+
+class ToyBlock(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        x = site(self, "resid_pre", x)
+        hidden = site(self, "hidden", jnp.tanh(nn.Dense(self.width, name="up")(x)))
+        x = x + nn.Dense(x.shape[-1], name="down")(hidden)
+        return site(self, "resid_post", x), None
+
+
+class ToyModel(nn.Module):
+    """x (batch, d_in) -> logits (batch, n_out) through ``n_layers`` residual MLP blocks."""
+
+    d_model: int = 8
+    width: int = 16
+    n_layers: int = 3
+    n_out: int = 5
+    scan_layers: bool = True
+
+    SITES = {
+        "embed": SiteSpec(("batch", "d_model"), "input projection"),
+        "resid_pre": SiteSpec(("layer", "batch", "d_model"), "block input"),
+        "hidden": SiteSpec(("layer", "batch", "neuron"), "MLP neurons"),
+        "resid_post": SiteSpec(("layer", "batch", "d_model"), "block output"),
+        "aux": SiteSpec(("batch", "n_out"), "only reached with use_aux=True"),
+        "logits": SiteSpec(("batch", "n_out"), "outputs"),
+    }
+
+    @nn.compact
+    def __call__(self, x, use_aux: bool = False):
+        x = site(self, "embed", nn.Dense(self.d_model, name="proj_in")(x))
+        if self.scan_layers:
+            stack = nn.scan(
+                ToyBlock,
+                variable_axes={"params": 0, "intermediates": 0, "interventions": 0},
+                split_rngs={"params": True},
+                length=self.n_layers,
+            )
+            x, _ = stack(self.width, name="layers")(x, None)
+        else:
+            for i in range(self.n_layers):
+                x, _ = ToyBlock(self.width, name=f"layers_{i}")(x)
+        logits = site(self, "logits", nn.Dense(self.n_out, name="head")(x))
+        if use_aux:
+            logits = site(self, "aux", logits * 2.0)
+        return logits
+
+
+def unstack(params, n_layers):
+    """Scanned params -> unrolled params (layers -> layers_0, layers_1, ...)."""
+    import jax
+
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(n_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda a: a[i], params["layers"])
+    return out
