@@ -1,0 +1,382 @@
+"""The LLaMA / Mistral / Qwen2 / Qwen3 decoder family.
+
+One config, one module::
+
+    config = DecoderConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                           d_mlp=128)
+    model = Decoder(config)
+    params = model.init(jax.random.key(0), tokens)["params"]
+    logits = model.apply({"params": params}, tokens)
+
+A pre-norm residual stack of grouped-query attention (RoPE, optional q/k/v bias, optional
+q/k RMSNorm) and SwiGLU MLPs. Layers are ``nn.scan``ned (module ``layers``, parameters with
+a leading layer axis) or, with ``scan_layers=False``, unrolled into ``layers_0``,
+``layers_1``, ... with identical numbers; :func:`stack_layers` and :func:`unstack_layers`
+convert parameter trees between the two layouts. Every activation in :attr:`Decoder.SITES`
+passes through :func:`mechinterp.sites.site`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax.core import FrozenDict
+
+from mechinterp.sites import INTERMEDIATES, INTERVENTIONS, SiteSpec, site
+
+from .layers import (ROPE_SCALING_KEYS, Attention, GatedMLP, RMSNorm, logical_param,
+                     rope_angles, rope_inv_freq)
+
+Array = jax.Array
+
+# Hugging Face architectures this family reads and writes, and the features each one has.
+ARCHITECTURES: dict[str, dict[str, bool]] = {
+    "LlamaForCausalLM": dict(qkv_bias=False, qk_norm=False),
+    "MistralForCausalLM": dict(qkv_bias=False, qk_norm=False),
+    "Qwen2ForCausalLM": dict(qkv_bias=True, qk_norm=False),
+    "Qwen3ForCausalLM": dict(qkv_bias=False, qk_norm=True),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderConfig:
+    """Hyperparameters of a LLaMA-style decoder (LLaMA 2/3/3.x, Mistral, Qwen2/2.5, Qwen3).
+
+    ``n_kv_heads`` defaults to ``n_heads`` (no grouping) and ``d_head`` to
+    ``d_model // n_heads``. ``rope_scaling`` is ``None`` or a mapping with ``rope_type``
+    ``"linear"`` (key ``factor``) or ``"llama3"`` (keys ``factor``, ``low_freq_factor``,
+    ``high_freq_factor``, ``original_max_position_embeddings``); it is stored frozen.
+    ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of parameters.
+    ``architecture`` is the Hugging Face class this config came from and is saved as;
+    ``None`` picks the one whose features fit (see :attr:`hf_architecture`). The token
+    ids only travel to and from Hugging Face configs; the model itself never reads them.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_mlp: int
+    n_kv_heads: int | None = None
+    d_head: int | None = None
+    rope_theta: float = 10000.0
+    rope_scaling: Mapping[str, Any] | None = None
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    scan_layers: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    architecture: str | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        set_ = functools.partial(object.__setattr__, self)
+        if self.n_kv_heads is None:
+            set_("n_kv_heads", self.n_heads)
+        if self.d_head is None:
+            if self.n_heads > 0 and self.d_model % self.n_heads:
+                raise ValueError(
+                    f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                    "pass d_head explicitly"
+                )
+            set_("d_head", self.d_model // max(self.n_heads, 1))
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_head",
+                     "d_mlp", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} "
+                "(each kv head serves a whole group of query heads)"
+            )
+        if self.d_head % 2:
+            raise ValueError(f"d_head={self.d_head} must be even for rotary embeddings")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
+        set_("rope_scaling", _check_rope_scaling(self.rope_scaling))
+        if isinstance(self.eos_token_id, list):
+            set_("eos_token_id", tuple(self.eos_token_id))
+        set_("dtype", jnp.dtype(self.dtype))
+        set_("param_dtype", jnp.dtype(self.param_dtype))
+        if self.architecture is not None:
+            if self.architecture not in ARCHITECTURES:
+                raise ValueError(
+                    f"architecture={self.architecture!r} is not supported; supported: "
+                    f"{sorted(ARCHITECTURES)} (or None to infer one)"
+                )
+            for feature, needed in ARCHITECTURES[self.architecture].items():
+                if getattr(self, feature) != needed:
+                    raise ValueError(
+                        f"architecture={self.architecture!r} needs {feature}={needed}, got "
+                        f"{getattr(self, feature)}; fix {feature} or set architecture=None"
+                    )
+
+    @property
+    def hf_architecture(self) -> str:
+        """The Hugging Face architecture: ``architecture``, or the one whose features fit."""
+        if self.architecture is not None:
+            return self.architecture
+        features = dict(qkv_bias=self.qkv_bias, qk_norm=self.qk_norm)
+        for name, needed in ARCHITECTURES.items():
+            if needed == features:
+                return name
+        raise ValueError(
+            "no Hugging Face architecture has both qkv_bias=True and qk_norm=True; "
+            "this config can run but cannot be saved in Hugging Face format"
+        )
+
+
+def _check_rope_scaling(scaling: Mapping[str, Any] | None) -> FrozenDict | None:
+    """Validated, frozen ``rope_scaling`` (``None`` for plain RoPE)."""
+    if scaling is None or scaling.get("rope_type") == "default":
+        return None
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(
+            f"rope_scaling rope_type={kind!r} is not supported; supported: "
+            f"{sorted(ROPE_SCALING_KEYS)}, or rope_scaling=None for plain RoPE"
+        )
+    missing = [key for key in ROPE_SCALING_KEYS[kind] if key not in scaling]
+    if missing:
+        raise ValueError(f"rope_scaling of rope_type={kind!r} is missing keys {missing}")
+    return FrozenDict({key: scaling[key] for key in ("rope_type", *ROPE_SCALING_KEYS[kind])})
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for incremental decoding.
+
+    ``k``, ``v``: (layer, batch, max_len, kv_head, d_head), keys already rotated.
+    ``index``: the next slot to write (shared by the batch). ``key_mask`` (batch, max_len):
+    which slots hold real tokens. ``next_position`` (batch,): the RoPE position of each
+    row's next token. Writing past ``max_len`` is not checked inside ``jit``: size the cache
+    for the prompt plus every generated token.
+    """
+
+    k: Array
+    v: Array
+    index: Array
+    key_mask: Array
+    next_position: Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(config: DecoderConfig, batch: int, max_len: int) -> KVCache:
+    """An empty :class:`KVCache` for ``batch`` rows of up to ``max_len`` tokens."""
+    shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.d_head)
+    return KVCache(
+        k=jnp.zeros(shape, config.dtype),
+        v=jnp.zeros(shape, config.dtype),
+        index=jnp.zeros((), jnp.int32),
+        key_mask=jnp.zeros((batch, max_len), bool),
+        next_position=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+class Block(nn.Module):
+    """One pre-norm layer: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
+
+    ``__call__(x, rope, mask, cache, cache_index) -> (x, new_cache)``, the signature
+    ``nn.scan`` needs (carry first; ``cache`` is this layer's ``(k, v)`` or ``None``).
+    """
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, rope, mask, cache, cache_index):
+        c = self.config
+        norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=c.dtype,
+                                 param_dtype=c.param_dtype)
+        attention = Attention(
+            n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, d_head=c.d_head,
+            qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm_eps=c.rms_norm_eps,
+            dtype=c.dtype, param_dtype=c.param_dtype, name="attn",
+        )
+        mlp = GatedMLP(d_mlp=c.d_mlp, activation=nn.silu, dtype=c.dtype,
+                       param_dtype=c.param_dtype, name="mlp")
+
+        x = site(self, "resid_pre", x)
+        attn_out, new_cache = attention(norm(name="attn_norm")(x), rope, mask, cache,
+                                        cache_index)
+        x = site(self, "resid_mid", x + site(self, "attn_out", attn_out))
+        mlp_out = site(self, "mlp_out", mlp(norm(name="mlp_norm")(x)))
+        x = site(self, "resid_post", x + mlp_out)
+        return x, new_cache
+
+
+def _layer(axes: str) -> tuple[str, ...]:
+    """Axes of a per-layer site: a leading layer axis, then batch, then ``axes``."""
+    return ("layer", "batch", *axes.split())
+
+
+class Decoder(nn.Module):
+    """A LLaMA-style decoder-only language model; see :class:`DecoderConfig`.
+
+    ``__call__(tokens, attention_mask=None, positions=None, cache=None)``
+
+    - ``tokens``: int (batch, pos).
+    - ``attention_mask``: (batch, pos), 1 for real tokens and 0 for padding (pad on the
+      left for generation). Padded keys are never attended to.
+    - ``positions``: RoPE positions (batch, pos); by default each row counts its real
+      tokens (``cumsum(mask) - 1``, clipped at 0, continuing from the cache), so a
+      left-padded row gives the same logits for its real tokens as the unpadded one.
+    - ``cache``: a :class:`KVCache` (from :func:`init_cache`); the tokens are written at
+      ``cache.index`` and attend to every earlier real slot.
+
+    Returns logits (batch, pos, vocab), or ``(logits, new_cache)`` when given a cache.
+    With a cache, sites see only the tokens of this call, and ``attn.pattern``'s
+    ``key_pos`` axis spans all ``max_len`` cache slots.
+    """
+
+    config: DecoderConfig
+
+    SITES: ClassVar[dict[str, SiteSpec]] = {
+        "embed": SiteSpec(("batch", "pos", "d_model"), "token embeddings"),
+        "resid_pre": SiteSpec(_layer("pos d_model"), "residual stream entering the layer"),
+        "attn.q": SiteSpec(_layer("pos head d_head"),
+                           "queries after bias and q-norm, before RoPE"),
+        "attn.k": SiteSpec(_layer("pos kv_head d_head"),
+                           "keys after bias and k-norm, before RoPE (kv heads, not repeated)"),
+        "attn.v": SiteSpec(_layer("pos kv_head d_head"), "values (kv heads, not repeated)"),
+        "attn.pattern": SiteSpec(_layer("head query_pos key_pos"),
+                                 "attention probabilities (softmax over key_pos)"),
+        "attn.z": SiteSpec(_layer("pos head d_head"), "pattern-weighted values per head"),
+        "attn.head_out": SiteSpec(_layer("pos head d_model"),
+                                  "each head's write to the residual stream"),
+        "attn_out": SiteSpec(_layer("pos d_model"), "attention output (sum over heads)"),
+        "resid_mid": SiteSpec(_layer("pos d_model"), "residual stream after attention"),
+        "mlp.pre": SiteSpec(_layer("pos d_mlp"), "gate pre-activation"),
+        "mlp.hidden": SiteSpec(_layer("pos d_mlp"), "neurons: act(gate) * up"),
+        "mlp_out": SiteSpec(_layer("pos d_model"), "MLP output"),
+        "resid_post": SiteSpec(_layer("pos d_model"), "residual stream leaving the layer"),
+        "final_norm": SiteSpec(("batch", "pos", "d_model"), "residual after the final norm"),
+        "logits": SiteSpec(("batch", "pos", "vocab"), "next-token logits"),
+    }
+
+    @property
+    def dtype(self):
+        """Compute dtype (read by :func:`logical_param`)."""
+        return self.config.dtype
+
+    @property
+    def param_dtype(self):
+        """Parameter storage dtype (read by :func:`logical_param`)."""
+        return self.config.param_dtype
+
+    @nn.compact
+    def __call__(self, tokens: Array, attention_mask: Array | None = None,
+                 positions: Array | None = None, cache: KVCache | None = None):
+        c = self.config
+        batch, length = tokens.shape
+        mask = (jnp.ones((batch, length), bool) if attention_mask is None
+                else jnp.asarray(attention_mask).astype(bool))
+        start = 0 if cache is None else cache.next_position[:, None]
+        if positions is None:
+            positions = start + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+        positions = jnp.asarray(positions, jnp.int32)
+
+        if cache is None:
+            key_mask, query_slots, key_slots = mask, jnp.arange(length), jnp.arange(length)
+            layer_cache, index = None, None
+        else:
+            index = cache.index
+            key_mask = jax.lax.dynamic_update_slice(cache.key_mask, mask, (0, index))
+            query_slots, key_slots = index + jnp.arange(length), jnp.arange(cache.max_len)
+            layer_cache = (cache.k, cache.v)
+        causal = key_slots[None, :] <= query_slots[:, None]
+        attend = key_mask[:, None, :] & causal[None]
+        rope = rope_angles(positions, rope_inv_freq(c.d_head, c.rope_theta, c.rope_scaling),
+                           c.dtype)
+
+        embedding = logical_param(self, "embedding", ("vocab", "embed"),
+                                  (c.vocab_size, c.d_model))
+        x = site(self, "embed", jnp.take(embedding, tokens, axis=0))
+
+        if c.scan_layers:
+            layers = nn.scan(
+                Block,
+                variable_axes={"params": 0, INTERMEDIATES: 0, INTERVENTIONS: 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=c.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, name="layers")
+            x, new_layer_cache = layers(x, rope, attend, layer_cache, index)
+        else:
+            per_layer = []
+            for i in range(c.n_layers):
+                this = None if cache is None else jax.tree.map(lambda a: a[i], layer_cache)
+                x, new = Block(c, name=f"layers_{i}")(x, rope, attend, this, index)
+                per_layer.append(new)
+            new_layer_cache = (None if cache is None
+                               else jax.tree.map(lambda *a: jnp.stack(a), *per_layer))
+
+        x = RMSNorm(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
+                    name="norm")(x)
+        x = site(self, "final_norm", x)
+        if c.tie_embeddings:
+            logits = jnp.einsum("bte,ve->btv", x, embedding)
+        else:
+            lm_head = logical_param(self, "lm_head", ("embed", "vocab"),
+                                    (c.d_model, c.vocab_size))
+            logits = jnp.einsum("bte,ev->btv", x, lm_head)
+        logits = site(self, "logits", logits)
+        if cache is None:
+            return logits
+
+        last = jnp.max(jnp.where(mask, positions, -1), axis=1) + 1
+        new_cache = KVCache(
+            k=new_layer_cache[0], v=new_layer_cache[1], index=index + length,
+            key_mask=key_mask,
+            next_position=jnp.where(mask.any(axis=1), last, cache.next_position),
+        )
+        return logits, new_cache
+
+
+_UNROLLED = re.compile(r"layers_(\d+)")
+
+
+def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Unrolled layout (``layers_0``, ``layers_1``, ...) to scanned layout (``layers`` with a
+    leading layer axis). Works on any collection tree (params, intermediates, ...);
+    boxed (logically partitioned) leaves are unboxed first."""
+    params = dict(nn.meta.unbox(params))
+    indices = sorted(int(m.group(1)) for k in params if (m := _UNROLLED.fullmatch(k)))
+    if not indices or indices != list(range(len(indices))):
+        raise ValueError(
+            f"stack_layers needs keys layers_0 ... layers_N-1, got {sorted(params)}"
+        )
+    layers = [params.pop(f"layers_{i}") for i in indices]
+    return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *layers)}
+
+
+def unstack_layers(params: Mapping[str, Any], n_layers: int) -> dict[str, Any]:
+    """Scanned layout (``layers`` with a leading layer axis) to unrolled layout
+    (``layers_0`` ... ``layers_{n_layers-1}``); the inverse of :func:`stack_layers`."""
+    params = dict(nn.meta.unbox(params))
+    if "layers" not in params:
+        raise ValueError(f"unstack_layers needs a 'layers' entry, got {sorted(params)}")
+    layers = params.pop("layers")
+    sizes = {a.shape[0] for a in jax.tree.leaves(layers)}
+    if sizes != {n_layers}:
+        raise ValueError(f"the layer axis has sizes {sorted(sizes)}, expected {n_layers}")
+    unrolled = {f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], layers)
+                for i in range(n_layers)}
+    return {**params, **unrolled}

@@ -1,0 +1,401 @@
+"""Read and write Hugging Face checkpoints of the decoder family (local folders only).
+
+``load_hf(path)`` reads ``config.json`` plus ``model.safetensors`` (or a sharded
+``model.safetensors.index.json``) with the safetensors library's own readers: no torch, and
+nothing is ever unpickled. ``save_hf(model, params, path)`` writes a folder that
+``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+
+Supported: ``LlamaForCausalLM`` (LLaMA 2, 3, 3.1, 3.2), ``MistralForCausalLM`` (without a
+sliding window), ``Qwen2ForCausalLM`` (Qwen2/2.5), ``Qwen3ForCausalLM``. Both config styles
+are read: transformers 4.x (``rope_theta``, ``rope_scaling``) and 5.x (``rope_parameters``).
+Anything the model would need but this family does not implement raises a ``ValueError``
+naming the field and its value, instead of loading a silently different model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+from safetensors import safe_open
+
+from .decoder import ARCHITECTURES, Decoder, DecoderConfig
+from .layers import ROPE_SCALING_KEYS
+
+MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+# Tensors some checkpoints carry that hold no learned state (recomputed from the config).
+NON_PERSISTENT_SUFFIXES = ("rotary_emb.inv_freq",)
+DEFAULT_ROPE_THETA = 10000.0
+
+
+# --------------------------------------------------------------------------- config.json
+
+
+def config_from_hf(hf: dict[str, Any], **overrides) -> DecoderConfig:
+    """A :class:`DecoderConfig` from a Hugging Face ``config.json`` dict.
+
+    ``overrides`` set config fields that config.json does not decide (``dtype``,
+    ``param_dtype``, ``scan_layers``). Raises ``ValueError`` naming the field for anything
+    unsupported.
+    """
+    archs = hf.get("architectures")
+    if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in ARCHITECTURES:
+        raise ValueError(
+            f"config.json architectures={archs!r} is not supported; supported: "
+            f"{sorted(ARCHITECTURES)} (one entry)"
+        )
+    arch = archs[0]
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"config.json hidden_act={act!r} is not supported; only 'silu' is")
+    _refuse_sliding_window(hf, arch)
+    _refuse_unsupported_bias(hf, arch)
+    rope_theta, rope_scaling = _rope_from_hf(hf)
+
+    heads = hf["num_attention_heads"]
+    fields = dict(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        d_head=hf.get("head_dim") or hf["hidden_size"] // heads,
+        d_mlp=hf["intermediate_size"],
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        architecture=arch,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+        **ARCHITECTURES[arch],
+    )
+    return DecoderConfig(**{**fields, **overrides})
+
+
+def _refuse_sliding_window(hf: dict[str, Any], arch: str) -> None:
+    if arch == "MistralForCausalLM" and hf.get("sliding_window") is not None:
+        raise ValueError(
+            f"config.json sliding_window={hf['sliding_window']!r}: sliding-window attention "
+            "is not supported (only full causal attention); use a checkpoint with "
+            "sliding_window null"
+        )
+    if arch.startswith("Qwen"):
+        if hf.get("use_sliding_window"):
+            raise ValueError(
+                f"config.json use_sliding_window={hf['use_sliding_window']!r}: sliding-window "
+                "attention is not supported (only full causal attention)"
+            )
+        layer_types = hf.get("layer_types") or []
+        if "sliding_attention" in layer_types:
+            raise ValueError(
+                f"config.json layer_types={layer_types!r} has 'sliding_attention' layers, "
+                "which are not supported (only 'full_attention')"
+            )
+
+
+def _refuse_unsupported_bias(hf: dict[str, Any], arch: str) -> None:
+    # Llama and Qwen3 put attention_bias on q/k/v *and* o_proj; Qwen2 always has exactly a
+    # q/k/v bias (its config has no switch); Mistral has none.
+    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM") and hf.get("attention_bias"):
+        raise ValueError(
+            f"config.json attention_bias={hf['attention_bias']!r} (a bias on q/k/v and "
+            "o_proj) is not supported for " + arch
+        )
+    if arch == "LlamaForCausalLM" and hf.get("mlp_bias"):
+        raise ValueError(f"config.json mlp_bias={hf['mlp_bias']!r} is not supported")
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """``(rope_theta, rope_scaling)`` from either config style."""
+    if hf.get("rope_parameters") is not None:  # transformers 5.x
+        field, params = "rope_parameters", dict(hf["rope_parameters"])
+        if any(isinstance(v, dict) for v in params.values()):
+            raise ValueError(
+                f"config.json rope_parameters={params!r} has per-layer-type entries, which "
+                "this family does not support"
+            )
+    else:  # transformers 4.x
+        field, params = "rope_scaling", dict(hf.get("rope_scaling") or {})
+    theta = params.get("rope_theta", hf.get("rope_theta", DEFAULT_ROPE_THETA))
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(
+            f"config.json partial_rotary_factor={partial!r} is not supported (RoPE must "
+            "rotate the whole head)"
+        )
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(
+            f"config.json {field} rope_type={kind!r} is not supported; supported: "
+            f"'default', {', '.join(repr(k) for k in ROPE_SCALING_KEYS)}"
+        )
+    missing = [key for key in ROPE_SCALING_KEYS[kind] if key not in params]
+    if missing:
+        raise ValueError(f"config.json {field} (rope_type={kind!r}) lacks keys {missing}")
+    return theta, {"rope_type": kind, **{key: params[key] for key in ROPE_SCALING_KEYS[kind]}}
+
+
+def config_to_hf(config: DecoderConfig) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` dict for ``config`` (read by transformers 4.x and 5.x)."""
+    arch = config.hf_architecture
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        rope = {**config.rope_scaling, "rope_theta": config.rope_theta}
+    eos = config.eos_token_id
+    hf = dict(
+        architectures=[arch],
+        model_type=MODEL_TYPES[arch],
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.d_mlp,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        head_dim=config.d_head,
+        hidden_act="silu",
+        rms_norm_eps=config.rms_norm_eps,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_embeddings,
+        rope_parameters=rope,  # transformers 5.x
+        rope_theta=config.rope_theta,  # transformers 4.x
+        bos_token_id=config.bos_token_id,
+        eos_token_id=list(eos) if isinstance(eos, tuple) else eos,
+        pad_token_id=config.pad_token_id,
+        dtype=jnp.dtype(config.param_dtype).name,
+    )
+    if config.rope_scaling is not None:
+        hf["rope_scaling"] = dict(config.rope_scaling)  # transformers 4.x
+    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+        hf["attention_bias"] = False
+    if arch == "LlamaForCausalLM":
+        hf["mlp_bias"] = False
+    if arch != "LlamaForCausalLM":
+        hf["sliding_window"] = None
+    if arch.startswith("Qwen"):
+        hf["use_sliding_window"] = False
+    return hf
+
+
+# --------------------------------------------------------------------------- tensor layout
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """One checkpoint tensor: its HF name and shape, where it lives in our (unrolled)
+    parameter tree, and how to convert it each way."""
+
+    hf_name: str
+    path: tuple[str, ...]
+    hf_shape: tuple[int, ...]
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(x):
+    return x
+
+
+def _transpose(x):
+    return x.T
+
+
+def _tensors(config: DecoderConfig) -> list[_Tensor]:
+    """Every tensor a Hugging Face checkpoint of ``config`` holds."""
+    e, h, kv, d, m = config.d_model, config.n_heads, config.n_kv_heads, config.d_head, config.d_mlp
+
+    def into_heads(heads):  # HF (heads * d, e) <-> ours (e, heads, d)
+        return (lambda w: w.T.reshape(e, heads, d), lambda w: w.reshape(e, heads * d).T)
+
+    def bias(heads):  # HF (heads * d,) <-> ours (heads, d)
+        return (lambda b: b.reshape(heads, d), lambda b: b.reshape(heads * d))
+
+    out_of_heads = (lambda w: w.T.reshape(h, d, e), lambda w: w.reshape(h * d, e).T)
+    plain, linear = (_identity, _identity), (_transpose, _transpose)
+
+    tensors = [_Tensor("model.embed_tokens.weight", ("embedding",), (config.vocab_size, e),
+                       *plain),
+               _Tensor("model.norm.weight", ("norm", "scale"), (e,), *plain)]
+    if not config.tie_embeddings:
+        tensors.append(_Tensor("lm_head.weight", ("lm_head",), (config.vocab_size, e), *linear))
+    for i in range(config.n_layers):
+        hf, ours = f"model.layers.{i}.", f"layers_{i}"
+        layer = [
+            ("input_layernorm.weight", ("attn_norm", "scale"), (e,), plain),
+            ("post_attention_layernorm.weight", ("mlp_norm", "scale"), (e,), plain),
+            ("self_attn.q_proj.weight", ("attn", "wq"), (h * d, e), into_heads(h)),
+            ("self_attn.k_proj.weight", ("attn", "wk"), (kv * d, e), into_heads(kv)),
+            ("self_attn.v_proj.weight", ("attn", "wv"), (kv * d, e), into_heads(kv)),
+            ("self_attn.o_proj.weight", ("attn", "wo"), (e, h * d), out_of_heads),
+            ("mlp.gate_proj.weight", ("mlp", "gate"), (m, e), linear),
+            ("mlp.up_proj.weight", ("mlp", "up"), (m, e), linear),
+            ("mlp.down_proj.weight", ("mlp", "down"), (e, m), linear),
+        ]
+        if config.qkv_bias:
+            layer += [
+                ("self_attn.q_proj.bias", ("attn", "bq"), (h * d,), bias(h)),
+                ("self_attn.k_proj.bias", ("attn", "bk"), (kv * d,), bias(kv)),
+                ("self_attn.v_proj.bias", ("attn", "bv"), (kv * d,), bias(kv)),
+            ]
+        if config.qk_norm:
+            layer += [
+                ("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), (d,), plain),
+                ("self_attn.k_norm.weight", ("attn", "k_norm", "scale"), (d,), plain),
+            ]
+        tensors += [_Tensor(hf + name, (ours, *path), shape, *convert)
+                    for name, path, shape, convert in layer]
+    return tensors
+
+
+# --------------------------------------------------------------------------- load / save
+
+
+def load_hf(path, dtype=jnp.float32, scan_layers: bool = True) -> tuple[Decoder, dict]:
+    """Load a local Hugging Face checkpoint folder: ``(Decoder, params)``.
+
+    ``dtype`` is both the compute and the parameter dtype. ``scan_layers`` picks the
+    scanned (``layers``) or unrolled (``layers_0``, ...) parameter layout.
+    """
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"no config.json in {folder}; pass a Hugging Face model folder")
+    config = config_from_hf(json.loads(config_file.read_text()), dtype=dtype,
+                            param_dtype=dtype, scan_layers=scan_layers)
+    files = _safetensors_files(folder)
+    tensors = _tensors(config)
+    _check_names_and_shapes(files, tensors, config, folder)
+
+    arrays = _read(files, [t.hf_name for t in tensors])
+    unrolled: dict[str, Any] = {}
+    for tensor in tensors:
+        node = unrolled
+        for key in tensor.path[:-1]:
+            node = node.setdefault(key, {})
+        node[tensor.path[-1]] = np.asarray(tensor.to_ours(arrays.pop(tensor.hf_name)), dtype)
+    if scan_layers:
+        layers = [unrolled.pop(f"layers_{i}") for i in range(config.n_layers)]
+        unrolled["layers"] = jax.tree.map(lambda *a: np.stack(a), *layers)
+    return Decoder(config), jax.tree.map(jnp.asarray, unrolled)
+
+
+def _safetensors_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        absent = sorted({file for file in weight_map.values() if not (folder / file).is_file()})
+        if absent:
+            raise ValueError(f"{index.name} in {folder} lists shard files that are absent: "
+                             f"{absent}")
+        return {name: folder / file for name, file in weight_map.items()}
+    if single.is_file():
+        with safe_open(single, framework="numpy") as f:
+            return {name: single for name in f.keys()}
+    pickled = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth") for p in folder.glob(ext))
+    if pickled:
+        raise ValueError(
+            f"{folder} holds only PyTorch pickle weights {pickled}; load_hf reads safetensors "
+            "only and never unpickles. Convert once with transformers: "
+            "AutoModelForCausalLM.from_pretrained(path).save_pretrained(path) writes "
+            "model.safetensors"
+        )
+    raise ValueError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+
+
+def _check_names_and_shapes(files: dict[str, Path], tensors: list[_Tensor],
+                            config: DecoderConfig, folder: Path) -> None:
+    expected = {t.hf_name: t for t in tensors}
+    missing = sorted(set(expected) - set(files))
+    if missing:
+        raise ValueError(
+            f"checkpoint {folder} is missing tensors {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''} that {config.hf_architecture} with this "
+            "config.json needs"
+        )
+    tied_head = {"lm_head.weight"} if config.tie_embeddings else set()  # HF ignores it too
+    extra = sorted(name for name in set(files) - set(expected) - tied_head
+                   if not name.endswith(NON_PERSISTENT_SUFFIXES))
+    if extra:
+        raise ValueError(
+            f"checkpoint {folder} has unexpected tensors {extra[:5]}"
+            f"{' ...' if len(extra) > 5 else ''}; config.json does not use them (is "
+            "'architectures' or a bias/norm setting wrong?)"
+        )
+    for file in sorted(set(files.values())):
+        with safe_open(file, framework="numpy") as f:
+            for name in f.keys():
+                if name not in expected:
+                    continue
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != expected[name].hf_shape:
+                    raise ValueError(
+                        f"tensor {name} in {file.name} has shape {shape}, expected "
+                        f"{expected[name].hf_shape} from config.json"
+                    )
+
+
+def _read(files: dict[str, Path], names: list[str]) -> dict[str, np.ndarray]:
+    """The named tensors as host numpy arrays (bfloat16 as ``ml_dtypes.bfloat16``).
+
+    safetensors' ``numpy`` reader cannot represent bfloat16, so this goes through its
+    ``flax`` reader, kept on the CPU device; each file is opened once.
+    """
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    arrays = {}
+    with jax.default_device(jax.devices("cpu")[0]):
+        for file, in_file in by_file.items():
+            with safe_open(file, framework="flax") as f:
+                arrays.update((name, np.asarray(f.get_tensor(name))) for name in in_file)
+    return arrays
+
+
+def save_hf(model: Decoder, params, path) -> None:
+    """Write ``config.json`` and ``model.safetensors`` (in ``param_dtype``) to folder ``path``.
+
+    ``params`` is the parameter tree in either layout (scanned or unrolled, boxed or not).
+    ``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads the result.
+    """
+    config = model.config
+    params = dict(nn.meta.unbox(params))
+    if "layers" in params:
+        layers = params.pop("layers")
+        for i in range(config.n_layers):
+            params[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], layers)
+    dtype = config.param_dtype
+    tensors = {}
+    for tensor in _tensors(config):
+        value = params
+        for key in tensor.path:
+            value = value[key]
+        expected = jax.eval_shape(tensor.to_ours,
+                                  jax.ShapeDtypeStruct(tensor.hf_shape, dtype)).shape
+        if value.shape != expected:
+            raise ValueError(f"parameter {'/'.join(tensor.path)} has shape {value.shape}, "
+                             f"expected {expected} from the model's config")
+        tensors[tensor.hf_name] = np.ascontiguousarray(tensor.to_hf(np.asarray(value, dtype)))
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+    safetensors.numpy.save_file(tensors, folder / "model.safetensors",
+                                metadata={"format": "pt"})
