@@ -13,11 +13,18 @@ first use, so the analysis core never depends on them.
 
 import importlib
 
+from mechinterp import ablation, attribution, components, metrics, patching, sweep
 from mechinterp.api import SiteInfo, capture, intervene, list_sites, site_table
 from mechinterp.interventions import Intervention
 from mechinterp.sites import SiteSpec, site, site_is_used
 
 __all__ = [
+    "ablation",
+    "attribution",
+    "components",
+    "metrics",
+    "patching",
+    "sweep",
     "Intervention",
     "SiteInfo",
     "SiteSpec",

@@ -229,7 +229,7 @@ def _layer(axes: str) -> tuple[str, ...]:
 class Decoder(nn.Module):
     """A LLaMA-style decoder-only language model; see :class:`DecoderConfig`.
 
-    ``__call__(tokens, attention_mask=None, positions=None, cache=None)``
+    ``__call__(tokens, attention_mask=None, positions=None, cache=None, logit_positions=None)``
 
     - ``tokens``: int (batch, pos).
     - ``attention_mask``: (batch, pos), 1 for real tokens and 0 for padding (pad on the
@@ -239,6 +239,8 @@ class Decoder(nn.Module):
       left-padded row gives the same logits for its real tokens as the unpadded one.
     - ``cache``: a :class:`KVCache` (from :func:`init_cache`); the tokens are written at
       ``cache.index`` and attend to every earlier real slot.
+    - ``logit_positions``: int (batch, k); if given, logits are computed only at these
+      positions (a metric that reads one answer position skips the unembedding elsewhere).
 
     Returns logits (batch, pos, vocab), or ``(logits, new_cache)`` when given a cache.
     With a cache, sites see only the tokens of this call, and ``attn.pattern``'s
@@ -282,7 +284,8 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: Array, attention_mask: Array | None = None,
-                 positions: Array | None = None, cache: KVCache | None = None):
+                 positions: Array | None = None, cache: KVCache | None = None,
+                 logit_positions: Array | None = None):
         c = self.config
         batch, length = tokens.shape
         mask = (jnp.ones((batch, length), bool) if attention_mask is None
@@ -331,6 +334,8 @@ class Decoder(nn.Module):
         x = RMSNorm(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
                     name="norm")(x)
         x = site(self, "final_norm", x)
+        if logit_positions is not None:
+            x = jnp.take_along_axis(x, jnp.asarray(logit_positions)[..., None], axis=1)
         if c.tie_embeddings:
             logits = jnp.einsum("bte,ve->btv", x, embedding)
         else:

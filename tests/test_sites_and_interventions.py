@@ -15,7 +15,7 @@ N_LAYERS, BATCH, D_IN = 3, 4, 6
 def setup():
     model = ToyModel(n_layers=N_LAYERS)
     x = jax.random.normal(jax.random.key(1), (BATCH, D_IN))
-    params = model.init(jax.random.key(0), x)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
     return model, params, x
 
 

@@ -1,0 +1,112 @@
+"""``mechinterp run CONFIG [key=value ...]``: the console entry point.
+
+A config is a Python file whose ``get_config()`` returns an ``ml_collections.ConfigDict``
+with at least ``job`` ("package.module:function") and ``workdir``. Overrides are
+``key=value`` or ``--config.key=value``; values are Python literals (strings may be bare).
+An override naming a key the config does not have is an error, never ignored.
+
+The job is called as ``function(config, workdir)`` after the resolved config is written to
+``workdir/config.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import ml_collections
+
+
+def load_config(path: str | Path) -> ml_collections.ConfigDict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_mechinterp_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise AttributeError(f"config file {str(path)!r} defines no get_config()")
+    return module.get_config()
+
+
+def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in config.items():
+        keys.append(prefix + key)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(_all_keys(value, prefix + key + "."))
+    return keys
+
+
+def _parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        lowered = text.lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+    """Set ``key.sub=value`` overrides in place; unknown keys and bad types are errors."""
+    known = _all_keys(config)
+    for override in overrides:
+        key, sep, text = override.removeprefix("--").removeprefix("config.").partition("=")
+        if not sep:
+            raise ValueError(f"override {override!r} is not of the form key=value")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise KeyError(f"config has no key {key!r}{hint}")
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        try:
+            node[leaf] = _parse_value(text)
+        except TypeError as error:
+            raise TypeError(f"override {key}={text!r}: {error}") from None
+
+
+def resolve_job(spec: str):
+    module_name, sep, function_name = spec.partition(":")
+    if not sep:
+        raise ValueError(f"config.job {spec!r} must look like 'package.module:function'")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def run(config_path: str, overrides: list[str]) -> Path:
+    config = load_config(config_path)
+    apply_overrides(config, overrides)
+    for required in ("job", "workdir"):
+        if required not in config:
+            raise KeyError(f"config {config_path!r} must define config.{required}")
+    job = resolve_job(config.job)
+    workdir = Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    job(config, workdir)
+    return workdir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mechinterp")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="run an experiment config")
+    run_parser.add_argument("config", help="path to a configs/*.py file")
+    run_parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args, flag_overrides = parser.parse_known_args(argv)  # --config.key=value style
+    workdir = run(args.config, args.overrides + flag_overrides)
+    print(f"done: {workdir / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

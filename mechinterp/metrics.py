@@ -1,0 +1,134 @@
+"""Metrics on logits that also say which logits they need.
+
+Each metric is a callable ``metric(logits) -> scalar`` on full logits ``(batch, pos, vocab)``
+(so it drops into TransformerLens-style code), and it exposes ``positions(batch, seq_len)``:
+the ``(batch, k)`` positions whose logits it reads. A sweep passes those to a model that
+accepts ``logit_positions=`` and then calls ``metric.on_selected(logits_at_positions)``, so
+the unembedding runs at ``k`` positions instead of every position.
+
+``pos`` may be an int (same position for every example; negative counts from the end) or an
+int array ``(batch,)`` (per-example answer positions, e.g. with padding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = Any
+
+
+def _reduce(values: Array, reduce: str) -> Array:
+    if reduce == "mean":
+        return values.mean()
+    if reduce == "sum":
+        return values.sum()
+    if reduce == "none":
+        return values
+    raise ValueError(f"reduce must be 'mean', 'sum' or 'none', got {reduce!r}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Metric:
+    """Base: a metric reading the logits at one position per example."""
+
+    pos: Array = -1
+    reduce: str = "mean"
+
+    def positions(self, batch: int, seq_len: int) -> Array:
+        """``(batch, 1)`` positions whose logits this metric reads."""
+        pos = jnp.asarray(self.pos, jnp.int32)
+        if pos.ndim not in (0, 1) or (pos.ndim == 1 and pos.shape[0] != batch):
+            raise ValueError(f"pos must be an int or a ({batch},) array, got shape {pos.shape}")
+        pos = jnp.where(pos < 0, pos + seq_len, pos)
+        return jnp.broadcast_to(pos, (batch,))[:, None]
+
+    def __call__(self, logits: Array) -> Array:
+        batch, seq_len = logits.shape[:2]
+        selected = jnp.take_along_axis(logits, self.positions(batch, seq_len)[..., None], axis=1)
+        return self.on_selected(selected)
+
+    def on_selected(self, logits: Array) -> Array:
+        """The metric from logits ``(batch, 1, vocab)`` at :meth:`positions`."""
+        values = self.per_example(logits[:, 0].astype(jnp.float32))
+        return _reduce(values, self.reduce)
+
+    def per_example(self, logits: Array) -> Array:
+        raise NotImplementedError
+
+
+def _answer(logits: Array, ids: Array) -> Array:
+    ids = jnp.broadcast_to(jnp.asarray(ids), logits.shape[:1])
+    return jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LogitDiff(Metric):
+    """``logit[correct] - logit[incorrect]`` at ``pos``."""
+
+    correct_ids: Array = None
+    incorrect_ids: Array = None
+
+    def per_example(self, logits):
+        return _answer(logits, self.correct_ids) - _answer(logits, self.incorrect_ids)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LogProb(Metric):
+    """``log softmax(logits)[answer]`` at ``pos``."""
+
+    answer_ids: Array = None
+
+    def per_example(self, logits):
+        return _answer(jax.nn.log_softmax(logits, axis=-1), self.answer_ids)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Accuracy(Metric):
+    """Whether ``argmax(logits) == answer`` at ``pos`` (a float, so it averages)."""
+
+    answer_ids: Array = None
+
+    def per_example(self, logits):
+        answer = jnp.broadcast_to(jnp.asarray(self.answer_ids), logits.shape[:1])
+        return (jnp.argmax(logits, axis=-1) == answer).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KL(Metric):
+    """``KL(reference || patched)`` of the next-token distributions at ``pos``.
+
+    ``reference_logits``: ``(batch, vocab)``, the reference (e.g. clean) logits at ``pos``.
+    """
+
+    reference_logits: Array = None
+
+    def per_example(self, logits):
+        reference = jax.nn.log_softmax(jnp.asarray(self.reference_logits, jnp.float32), -1)
+        patched = jax.nn.log_softmax(logits, axis=-1)
+        return (jnp.exp(reference) * (reference - patched)).sum(-1)
+
+
+def logit_diff(correct_ids, incorrect_ids, pos=-1, reduce="mean") -> LogitDiff:
+    return LogitDiff(pos=pos, reduce=reduce, correct_ids=correct_ids, incorrect_ids=incorrect_ids)
+
+
+def logprob(answer_ids, pos=-1, reduce="mean") -> LogProb:
+    return LogProb(pos=pos, reduce=reduce, answer_ids=answer_ids)
+
+
+def accuracy(answer_ids, pos=-1, reduce="mean") -> Accuracy:
+    return Accuracy(pos=pos, reduce=reduce, answer_ids=answer_ids)
+
+
+def kl(reference_logits, pos=-1, reduce="mean") -> KL:
+    """``reference_logits``: full ``(batch, pos, vocab)`` logits of the reference run."""
+    reference = Metric(pos=pos)
+    batch, seq_len = reference_logits.shape[:2]
+    at_pos = jnp.take_along_axis(
+        reference_logits, reference.positions(batch, seq_len)[..., None], axis=1
+    )[:, 0]
+    return KL(pos=pos, reduce=reduce, reference_logits=at_pos)
