@@ -1,0 +1,53 @@
+"""mechinterp.train: training on sharded meshes, from a laptop to a pod, with one code path.
+
+    from mechinterp import train
+    mesh = train.make_mesh({"data": -1, "tensor": 2})
+    tx = train.make_optimizer("adamw", train.lr_schedule("cosine", 3e-4, warmup_steps=100,
+                                                          total_steps=10_000))
+    abstract = train.abstract_train_state(model, tx, (tokens,), mesh=mesh,
+                                          rules=train.DEFAULT_RULES)
+    state = train.init_train_state(model, tx, (tokens,), mesh=mesh, rules=train.DEFAULT_RULES)
+    step = train.make_train_step(model, tx, train.shardings_of(abstract), mesh=mesh,
+                                 rules=train.DEFAULT_RULES)
+    state, metrics = step(state, train.global_batch(batch, mesh, train.DEFAULT_RULES))
+
+or, config-driven, ``mechinterp run CONFIG`` with ``config.job = "mechinterp.train.loop:run"``
+(see :func:`mechinterp.train.config.default_config`).
+
+Modules: ``mesh`` (mesh, logical-axis rules, batch sharding), ``state`` (train state,
+sharded init), ``step`` (train/eval steps), ``losses``, ``optim`` (optax pieces),
+``checkpoint`` (Orbax), ``tasks`` (synthetic tasks), ``tokenizer``, ``data`` (tfds + grain),
+``flops`` (FLOPs, MFU), ``config``, ``loop`` (``fit``, ``run``).
+"""
+
+from mechinterp.train.checkpoint import Checkpointer, StopSignal
+from mechinterp.train.config import default_config, resolve_config
+from mechinterp.train.data import (SyntheticTasks, batches, build_synthetic, shard_options,
+                                   synthetic_tokenizer)
+from mechinterp.train.flops import decoder_train_flops_per_token, mfu, peak_flops
+from mechinterp.train.loop import FitResult, NonFiniteLossError, fit, run
+from mechinterp.train.losses import OBJECTIVES, Objective
+from mechinterp.train.mesh import (DEFAULT_RULES, MESH_AXES, batch_sharding, check_batch_size,
+                                   check_rules, global_batch, make_mesh)
+from mechinterp.train.optim import (freeze, get_multipliers, lr_schedule, make_optimizer,
+                                    mask_gradients, scale_by_multipliers, set_gradient_masks,
+                                    set_multipliers)
+from mechinterp.train.state import (TrainState, abstract_train_state, init_train_state,
+                                    shardings_of)
+from mechinterp.train.step import AUX_LOSS, make_eval_step, make_train_step
+from mechinterp.train.tasks import (Arithmetic, FactRecall, InContextChain, KnowledgeBase,
+                                    MultiHop, TaskMixture, mixture_from_config)
+from mechinterp.train.tokenizer import WordTokenizer
+
+__all__ = [
+    "abstract_train_state", "Arithmetic", "AUX_LOSS", "batch_sharding", "batches",
+    "build_synthetic", "check_batch_size", "check_rules", "Checkpointer",
+    "decoder_train_flops_per_token", "default_config", "DEFAULT_RULES", "FactRecall", "fit",
+    "FitResult", "freeze", "get_multipliers", "global_batch", "InContextChain",
+    "init_train_state", "KnowledgeBase", "lr_schedule", "make_eval_step", "make_mesh",
+    "make_optimizer", "make_train_step", "mask_gradients", "MESH_AXES", "mfu",
+    "mixture_from_config", "MultiHop", "NonFiniteLossError", "Objective", "OBJECTIVES",
+    "peak_flops", "resolve_config", "run", "scale_by_multipliers", "set_gradient_masks",
+    "set_multipliers", "shard_options", "shardings_of", "StopSignal", "synthetic_tokenizer",
+    "SyntheticTasks", "TaskMixture", "TrainState", "WordTokenizer",
+]

@@ -1,0 +1,332 @@
+"""The training loop: progress bar, periodic eval, JSONL metrics, checkpoints, resume.
+
+:func:`fit` trains any linen model on a random-access data source (e.g. a tfds
+``array_record`` split); :func:`run` is the ``mechinterp run`` job that builds the decoder
+and the synthetic-task data from a config first. A run folder holds::
+
+    config.json       the resolved config
+    metrics.jsonl     one record per log / eval point ({"kind": "train"|"eval", "step", ...})
+    checkpoints/      Orbax checkpoints (state + data-iterator position)
+    data/             generated datasets (unless config.data.dir is set)
+    report.md         a short summary to read first
+
+Starting :func:`fit` on a folder that has checkpoints resumes from the latest one (the
+metrics log is cut back to that step), so a preempted job is simply started again.
+SIGTERM (or, multi-host, JAX's preemption notice) checkpoints and stops after the current
+step. A NaN/inf loss or gradient norm stops the run with an error naming the step; every
+step's metrics are checked before a checkpoint is written, so no state past the last
+finite step is ever saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from mechinterp.models import Decoder, DecoderConfig
+from mechinterp.train import flops as flops_lib
+from mechinterp.train.checkpoint import Checkpointer, StopSignal
+from mechinterp.train.config import resolve_config
+from mechinterp.train.data import batches, build_synthetic, synthetic_tokenizer
+from mechinterp.train.losses import get_objective
+from mechinterp.train.mesh import check_batch_size, check_rules, global_batch, make_mesh
+from mechinterp.train.optim import lr_schedule, make_optimizer
+from mechinterp.train.state import (TrainState, abstract_train_state, init_train_state,
+                                    shardings_of)
+from mechinterp.train.step import make_eval_step, make_train_step, summarize
+from mechinterp.train.tasks import mixture_from_config
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class FitResult:
+    """The final state, the step reached, why the loop ended ("done" or "preempted"), and
+    the last train and eval metrics."""
+
+    state: TrainState
+    step: int
+    stopped: str
+    train: dict[str, float]
+    eval: dict[str, float] | None
+
+
+class MetricsLog:
+    """Append-only JSONL metrics; on resume, records past ``resume_step`` are dropped."""
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        self.path = path
+        if path.exists() and jax.process_index() == 0:
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, kind: str, step: int, metrics: Mapping[str, float]) -> None:
+        record = {"kind": kind, "step": step, **{k: float(v) for k, v in metrics.items()}}
+        if jax.process_index() == 0:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def build_optimizer(config: ml_collections.ConfigDict):
+    """``(tx, schedule)`` from ``config.optimizer`` and ``config.schedule``."""
+    o, s = config.optimizer, config.schedule
+    schedule = lr_schedule(s.name, o.learning_rate, warmup_steps=s.warmup_steps,
+                           total_steps=config.train.steps, end_factor=s.end_factor)
+    tx = make_optimizer(
+        o.name, schedule, b1=o.b1, b2=o.b2, eps=o.eps, momentum=o.momentum,
+        weight_decay=o.weight_decay, clip_norm=o.clip_norm, freeze_patterns=o.freeze,
+        lr_multipliers=tuple(tuple(pair) for pair in o.lr_multipliers),
+    )
+    return tx, schedule
+
+
+def evaluate(eval_step, params, source, *, batch_size: int, mesh, rules,
+             max_batches: int = 0) -> dict[str, float]:
+    """Mean metrics over ``source`` (one pass, in order; a final partial batch is
+    dropped), or over its first ``max_batches`` batches."""
+    totals, n = None, 0
+    for local in batches(source, batch_size=batch_size, seed=0, shuffle=False, num_epochs=1):
+        sums = eval_step(params, global_batch(local, mesh, rules))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        n += 1
+        if max_batches and n >= max_batches:
+            break
+    return summarize(totals, n)
+
+
+def _first_input_specs(source, objective) -> tuple:
+    example = {k: np.asarray(v)[None] for k, v in source[0].items()}
+    return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in objective.inputs(example))
+
+
+def _mean(records: list[dict]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+
+
+def fit(config: ml_collections.ConfigDict, workdir: str | Path, model: nn.Module,
+        train_source, eval_source=None, *, flops_per_token: float | None = None,
+        on_step: Callable[[int, TrainState], TrainState | None] | None = None) -> FitResult:
+    """Train ``model`` on ``train_source`` as ``config`` says; see the module docstring.
+
+    ``flops_per_token``: training FLOPs per token, for MFU (omit to skip MFU).
+    ``on_step(step, state)``: called after every step; it may return a new state (e.g.
+    with learning-rate multipliers changed by :func:`.optim.set_multipliers`).
+    """
+    config = resolve_config(config)
+    t = config.train
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(config.mesh)
+    rules = check_rules(config.rules, mesh)
+    check_batch_size(config.data.batch_size, mesh, rules, t.grad_accum)
+    if eval_source is not None:
+        check_batch_size(config.data.eval_batch_size, mesh, rules)
+    objective = get_objective(t.objective)
+    compute_dtype = jnp.dtype(t.compute_dtype) if t.compute_dtype else None
+    tx, schedule = build_optimizer(config)
+
+    inputs = _first_input_specs(train_source, objective)
+    abstract = abstract_train_state(model, tx, inputs, mesh=mesh, rules=rules, seed=config.seed)
+    shardings = shardings_of(abstract)
+    train_iter = batches(train_source, batch_size=config.data.batch_size, seed=config.seed)
+    with Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints,
+                      every=t.checkpoint_every, async_save=t.async_checkpoints) as checkpointer:
+        start = checkpointer.latest_step()
+        if start is None:
+            start, state = 0, init_train_state(model, tx, inputs, mesh=mesh, rules=rules,
+                                               seed=config.seed)
+        else:
+            state = checkpointer.restore(abstract, train_iter, step=start)
+        train_step = make_train_step(model, tx, shardings, mesh=mesh, rules=rules,
+                                     objective=objective, grad_accum=t.grad_accum,
+                                     compute_dtype=compute_dtype, lr_schedule=schedule)
+        eval_step = make_eval_step(model, shardings.params, mesh=mesh, rules=rules,
+                                   objective=objective, compute_dtype=compute_dtype)
+        loop = _Loop(config, workdir, start, checkpointer,
+                     tokens_per_example=(math.prod(inputs[0].shape[1:])
+                                         if objective.name == "next_token" else None),
+                     flops_per_token=flops_per_token)
+        evaluate_now = None if eval_source is None else functools.partial(
+            evaluate, eval_step, source=eval_source, batch_size=config.data.eval_batch_size,
+            mesh=mesh, rules=rules, max_batches=t.eval_batches)
+        state, stopped = loop.run(state, train_step, train_iter,
+                                  lambda local: global_batch(local, mesh, rules),
+                                  evaluate_now, on_step)
+    return FitResult(state=state, step=loop.step, stopped=stopped, train=loop.last_train,
+                     eval=loop.last_eval)
+
+
+class _Loop:
+    """The step loop of :func:`fit`: logging, throughput, NaN checks, eval, checkpoints.
+
+    Step metrics stay on device until a log, eval or checkpoint point, where they are
+    fetched together and checked, so the host does not wait on every step.
+    """
+
+    def __init__(self, config, workdir: Path, start: int, checkpointer: Checkpointer, *,
+                 tokens_per_example: int | None, flops_per_token: float | None):
+        self.config, self.train = config, config.train
+        self.step = start
+        self.checkpointer = checkpointer
+        self.log = MetricsLog(workdir / "metrics.jsonl", resume_step=start)
+        self.tokens_per_example = tokens_per_example
+        self.flops_per_token = flops_per_token
+        self.peak = self.train.peak_flops or flops_lib.peak_flops()
+        self.pending: list[tuple[int, dict]] = []  # (step, metrics on device), unchecked
+        self.interval: list[dict] = []  # checked metrics since the last train log
+        self.clock: float | None = None  # when the current timing interval started
+        self.timed_steps = 0
+        self.last_train: dict[str, float] = {}
+        self.last_eval: dict[str, float] | None = None
+
+    def check(self) -> None:
+        """Fetch pending metrics; raise on the first non-finite loss or gradient norm."""
+        fetched = jax.device_get([m for _, m in self.pending])
+        for (step, _), m in zip(self.pending, fetched):
+            if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+                self.checkpointer.wait()
+                raise NonFiniteLossError(
+                    f"loss is {m['loss']} (gradient norm {m['grad_norm']}) at step {step}; "
+                    f"stopped. The last good checkpoint is step "
+                    f"{self.checkpointer.latest_step()} in {self.checkpointer.directory}"
+                )
+        self.pending.clear()
+        self.interval.extend(fetched)
+
+    def restart_clock(self) -> None:
+        self.clock, self.timed_steps = time.perf_counter(), 0
+
+    def log_train(self) -> None:
+        self.check()
+        metrics = _mean(self.interval)
+        self.interval.clear()
+        if self.clock is not None and self.timed_steps:
+            seconds = (time.perf_counter() - self.clock) / self.timed_steps
+            batch = self.config.data.batch_size
+            metrics["examples_per_s"] = batch / seconds
+            if self.tokens_per_example:
+                tokens = batch * self.tokens_per_example
+                metrics["tokens_per_s"] = tokens / seconds
+                utilization = flops_lib.mfu((self.flops_per_token or 0) * tokens, seconds,
+                                            jax.device_count(), self.peak)
+                if utilization:
+                    metrics["mfu"] = utilization
+        self.restart_clock()
+        self.log.write("train", self.step, metrics)
+        self.last_train = metrics
+
+    def run(self, state, train_step, train_iter, to_global, evaluate_now, on_step):
+        """Train from ``self.step`` to ``config.train.steps``; ``(state, why it stopped)``.
+
+        ``train_iter`` yields this host's batches (its position is checkpointed);
+        ``to_global`` assembles them into global arrays.
+        """
+        t = self.train
+        stopped = "done"
+        with StopSignal() as stop, tqdm(total=t.steps, initial=self.step, desc="train",
+                                        disable=not t.progress or jax.process_index() > 0) as bar:
+            while self.step < t.steps:
+                state, metrics = train_step(state, to_global(next(train_iter)))
+                self.step += 1
+                self.pending.append((self.step, metrics))
+                self.timed_steps += 1
+                if on_step is not None:
+                    state = on_step(self.step, state) or state
+                last = self.step == t.steps
+                if self.clock is None:  # the first step compiled: time from here
+                    self.check()
+                    self.restart_clock()
+                if last or self.step % t.log_every == 0:
+                    self.log_train()
+                    bar.set_postfix(loss=f"{self.last_train['loss']:.4f}")
+                if evaluate_now is not None and (
+                        last or (t.eval_every and self.step % t.eval_every == 0)):
+                    self.last_eval = evaluate_now(state.params)
+                    self.log.write("eval", self.step, self.last_eval)
+                    self.restart_clock()
+                # One process: SIGTERM. Several: JAX's preemption sync point, so that every
+                # process stops at the same step.
+                preempted = self.checkpointer.reached_preemption(self.step) or (
+                    jax.process_count() == 1 and stop.requested)
+                if preempted or last or self.checkpointer.should_save(self.step):
+                    self.check()
+                    self.checkpointer.save(self.step, state, train_iter,
+                                           force=preempted or last)
+                bar.update(1)
+                if preempted:
+                    stopped = "preempted"
+                    break
+        if self.pending or self.interval:
+            self.log_train()
+        return state, stopped
+
+
+def decoder_config(model: Mapping[str, Any], vocab_size: int):
+    """A ``DecoderConfig`` from ``config.model`` (``vocab_size`` 0 -> ``vocab_size``)."""
+    fields = dict(model)
+    allowed = {f.name for f in dataclasses.fields(DecoderConfig)}
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise KeyError(f"config.model has unknown keys {unknown}; DecoderConfig fields are "
+                       f"{sorted(allowed)}")
+    if not fields.get("vocab_size"):
+        fields["vocab_size"] = vocab_size
+    elif fields["vocab_size"] < vocab_size:
+        raise ValueError(f"config.model.vocab_size={fields['vocab_size']} is smaller than "
+                         f"the tokenizer's {vocab_size} words")
+    return DecoderConfig(**fields)
+
+
+def _report(config, result: FitResult, workdir: Path) -> str:
+    def table(metrics):
+        return "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items()))
+
+    lines = [
+        f"# Training run: {workdir.name}", "",
+        f"- stopped: **{result.stopped}** at step {result.step} of {config.train.steps}",
+        f"- tasks: {sorted(config.data.tasks)}; model: {dict(config.model)}",
+        "- files: `metrics.jsonl`, `checkpoints/`, `config.json`", "",
+        "## Last train metrics", "", "| metric | value |", "|---|---|",
+        table(result.train), "",
+    ]
+    if result.eval:
+        lines += ["## Last eval metrics (test split)", "", "| metric | value |", "|---|---|",
+                  table(result.eval), ""]
+    return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> FitResult:
+    """The ``mechinterp run`` job: a decoder on the synthetic task mixture of the config."""
+    config = resolve_config(config)
+    if config.distributed:
+        jax.distributed.initialize()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    d = config.data
+    mixture = mixture_from_config(d.tasks, knowledge=d.knowledge, seq_len=d.seq_len,
+                                  seed=config.seed)
+    builder = build_synthetic(mixture, num_train=d.num_train, num_test=d.num_test,
+                              data_dir=d.dir or workdir / "data")
+    decoder = decoder_config(config.model, synthetic_tokenizer(builder).vocab_size)
+    result = fit(config, workdir, Decoder(decoder), builder.as_data_source("train"),
+                 builder.as_data_source("test") if d.num_test else None,
+                 flops_per_token=flops_lib.decoder_train_flops_per_token(decoder, d.seq_len))
+    (workdir / "report.md").write_text(_report(config, result, workdir))
+    return result
