@@ -37,6 +37,11 @@ from .layers import (ROPE_SCALING_KEYS, Attention, GatedMLP, RMSNorm, logical_pa
 
 Array = jax.Array
 
+# Logical axes of the residual stream, constrained after the embedding and after every
+# layer so sharded training keeps activations laid out as the rules say (a no-op outside
+# a mesh with logical-axis rules).
+RESIDUAL_AXES = ("batch", "length", "embed")
+
 # Hugging Face architectures this family reads and writes, and the features each one has.
 ARCHITECTURES: dict[str, dict[str, bool]] = {
     "LlamaForCausalLM": dict(qkv_bias=False, qk_norm=False),
@@ -218,6 +223,7 @@ class Block(nn.Module):
         x = site(self, "resid_mid", x + site(self, "attn_out", attn_out))
         mlp_out = site(self, "mlp_out", mlp(norm(name="mlp_norm")(x)))
         x = site(self, "resid_post", x + mlp_out)
+        x = nn.with_logical_constraint(x, RESIDUAL_AXES)
         return x, new_cache
 
 
@@ -311,6 +317,7 @@ class Decoder(nn.Module):
         embedding = logical_param(self, "embedding", ("vocab", "embed"),
                                   (c.vocab_size, c.d_model))
         x = site(self, "embed", jnp.take(embedding, tokens, axis=0))
+        x = nn.with_logical_constraint(x, RESIDUAL_AXES)
 
         if c.scan_layers:
             layers = nn.scan(
