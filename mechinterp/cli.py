@@ -1,4 +1,4 @@
-"""``mechinterp run CONFIG [key=value ...]``: the console entry point.
+"""``mechinterp run CONFIG [key=value ...]`` and ``mechinterp plot RESULT``: the console.
 
 A config is a Python file whose ``get_config()`` returns an ``ml_collections.ConfigDict``
 with at least ``job`` ("package.module:function") and ``workdir``. Overrides are
@@ -102,8 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     run_parser = commands.add_parser("run", help="run an experiment config")
     run_parser.add_argument("config", help="path to a configs/*.py file")
     run_parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args, flag_overrides = parser.parse_known_args(argv)  # --config.key=value style
-    workdir = run(args.config, args.overrides + flag_overrides)
+    plot_parser = commands.add_parser("plot", help="render a saved 2-D result as a PNG heatmap")
+    plot_parser.add_argument("result", help="a .npz written by SweepResult.save")
+    plot_parser.add_argument("--out", help="PNG path (default: next to the result)")
+    plot_parser.add_argument("--title", default=None)
+    args, extra = parser.parse_known_args(argv)  # run: --config.key=value style overrides
+    if args.command == "plot":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        from mechinterp.plotting import heatmap
+        from mechinterp.sweep import SweepResult
+
+        out = args.out or str(Path(args.result).with_suffix(".png"))
+        print(heatmap(SweepResult.load(args.result), out, title=args.title))
+        return 0
+    workdir = run(args.config, args.overrides + extra)
     print(f"done: {workdir / 'report.md'}")
     return 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -48,6 +49,19 @@ class SweepResult:
 
     def to_numpy(self) -> np.ndarray:
         return self.values
+
+    def save(self, path) -> None:
+        """Write values, axes and labels to one ``.npz`` file (``mechinterp plot`` reads it)."""
+        meta = json.dumps({"axes": list(self.axes), "labels": self.labels})
+        np.savez(path, values=self.values, meta=np.array(meta))
+
+    @classmethod
+    def load(cls, path) -> "SweepResult":
+        with np.load(path) as data:
+            if "values" not in data or "meta" not in data:
+                raise ValueError(f"{path} is not a saved SweepResult (needs 'values' and 'meta')")
+            meta = json.loads(str(data["meta"]))
+            return cls(data["values"], tuple(meta["axes"]), meta["labels"])
 
     def to_pandas(self):
         import pandas as pd  # optional: only needed for this conversion
@@ -108,12 +122,14 @@ def sweep(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = True,
     model_kwargs: Mapping[str, Any] | None = None,
+    labels: Mapping[str, list] | None = None,
 ) -> SweepResult:
     """Evaluate ``metric`` with one intervention per cell of a grid over ``site_name``.
 
     ``make_intervention(source, mask)`` builds each cell's intervention (default: patch
     ``source`` where the mask is 1). ``chunk_size`` cells run at once; by default as many as
-    fit ``memory_budget`` bytes of activations. Errors (unknown site or axis, a source of the
+    fit ``memory_budget`` bytes of activations. ``labels`` name the entries of grid axes
+    (e.g. ``{"pos": token_strings}``) for tables and plots. Errors (unknown site or axis, a source of the
     wrong shape, a metric that does not return a scalar) are raised before any compile.
     """
     model_kwargs = dict(model_kwargs or {})
@@ -156,7 +172,7 @@ def sweep(
         chunk_size = default_chunk_size(model, inputs, model_kwargs, memory_budget)
     values = map_in_chunks(cell, cells, (params, source), chunk_size,
                            desc=f"patch {site_name}", progress=progress)
-    return SweepResult(values.reshape(grid_shape), tuple(grid_axes))
+    return SweepResult(values.reshape(grid_shape), tuple(grid_axes), dict(labels or {}))
 
 
 def default_chunk_size(model, inputs, model_kwargs, memory_budget=DEFAULT_MEMORY_BUDGET) -> int:
@@ -172,7 +188,7 @@ def map_in_chunks(fn, items, shared, chunk_size: int, *, desc: str, progress: bo
     by repeating its final item, so every chunk has one shape and compiles once.
     """
     n = len(jax.tree.leaves(items)[0])
-    chunk_size = int(min(chunk_size, n))
+    chunk_size = -(-n // -(-n // int(chunk_size)))  # as many chunks, but equal: pad < 1 per chunk
     run = jax.jit(jax.vmap(fn, in_axes=(0,) + (None,) * len(shared)))
     values = []
     for start in tqdm(range(0, n, chunk_size), desc=desc, disable=not progress, leave=False):
