@@ -91,7 +91,7 @@ def evaluate_metric(model, params, inputs, kwargs, metric, interventions):
     return metric(intervene(model, params, *inputs, interventions=interventions, **kwargs))
 
 
-def _grid_mask(info: SiteInfo, grid_axes: Sequence[str], index: jax.Array) -> jax.Array:
+def grid_mask(info: SiteInfo, grid_axes: Sequence[str], index: jax.Array) -> jax.Array:
     """One-hot over ``grid_axes`` at ``index``, size 1 (broadcast) on every other axis."""
     mask = jnp.ones((1,) * len(info.shape), jnp.float32)
     for k, axis in enumerate(grid_axes):
@@ -153,7 +153,7 @@ def sweep(
     grid_shape = tuple(info.shape[info.axes.index(axis)] for axis in grid_axes)
 
     def cell(index, params, source):
-        intervention = make_intervention(source, _grid_mask(info, grid_axes, index))
+        intervention = make_intervention(source, grid_mask(info, grid_axes, index))
         return evaluate_metric(
             model, params, inputs, model_kwargs, metric, {site_name: intervention}
         )

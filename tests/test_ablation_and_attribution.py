@@ -157,3 +157,34 @@ def test_attribution_is_exact_for_a_linear_site_and_tracks_exact_patching(setup)
                                   exact.ravel() - corrupt_value)[0, 1]
         print(f"attribution vs exact patching, {name}: correlation {correlation:.4f}")
         assert correlation > 0.99
+
+
+def test_path_patching_cells_follow_the_two_run_definition(setup):
+    from mechinterp.path_patching import path_patch
+    from mechinterp.sweep import grid_mask
+
+    model, params, clean = setup
+    corrupted = clean.at[:, 1].set((clean[:, 1] + 5) % VOCAB)
+    _, clean_cache = mi.capture(model, params, clean)
+    _, corrupted_cache = mi.capture(model, params, corrupted)
+    metric = metrics.logprob(jnp.arange(BATCH))
+    receiver_mask = jnp.zeros((N_LAYERS, 1, 1, HEADS, 1)).at[1, 0, 0, 3, 0].set(1.0)
+    result = path_patch(model, params, clean, clean_cache, corrupted_cache, metric,
+                        "attn.z", ("layer", "head"), "attn.q", receiver_mask,
+                        frozen_sites=("attn.z", "mlp_out"), progress=False, chunk_size=3)
+    assert result.shape == (N_LAYERS, HEADS)
+    sites = mi.list_sites(model, clean)
+    for layer, head in [(0, 1), (1, 2)]:
+        sender = grid_mask(sites["attn.z"], ("layer", "head"), jnp.array([layer, head]))
+        first = {
+            "mlp_out": mi.Intervention.patch(clean_cache["mlp_out"]),
+            "attn.z": mi.Intervention.patch(
+                jnp.where(sender > 0, corrupted_cache["attn.z"], clean_cache["attn.z"])),
+        }
+        _, recorded = mi.capture(model, params, clean, sites=["attn.q"], interventions=first)
+        logits = mi.intervene(model, params, clean, interventions={
+            "attn.q": mi.Intervention.patch(recorded["attn.q"], receiver_mask)})
+        np.testing.assert_allclose(result.values[layer, head], metric(logits), rtol=1e-5, atol=1e-6)
+    # a head in the receiver's own layer cannot reach its queries: no effect there
+    clean_value = metric(model.apply({"params": params}, clean))
+    np.testing.assert_allclose(result.values[1], clean_value, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,82 @@
+"""Path patching: the effect of sender components that flows through chosen receivers only.
+
+For each sender cell (e.g. one head), in the noising direction of Wang et al. 2022
+("Interpretability in the Wild", section 3.1):
+
+1. Run the *clean* input with the sender set to its *corrupted* value and every other entry
+   of the ``frozen_sites`` held at its clean value (so the sender's change reaches later
+   layers only directly through the residual stream). Record ``receiver_site``.
+2. Run the clean input again with ``receiver_site`` (where ``receiver_mask`` is 1) set to
+   the recorded values, nothing else changed. The metric of this run is the cell's value.
+
+Both runs of every cell are one vmapped computation over sender cells; the clean and
+corrupted caches are shared by all cells.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from mechinterp.api import capture, list_sites
+from mechinterp.interventions import Intervention
+from mechinterp.sweep import (SweepResult, grid_mask, default_chunk_size, evaluate_metric,
+                              map_in_chunks)
+
+
+def path_patch(model, params, clean_tokens, clean_cache: Mapping, corrupted_cache: Mapping,
+               metric, sender_site: str, sender_grid: Sequence[str], receiver_site: str,
+               receiver_mask=1.0, frozen_sites: Sequence[str] = ("attn.z",),
+               chunk_size: int | None = None, progress: bool = True,
+               model_kwargs: Mapping | None = None) -> SweepResult:
+    """Metric per sender cell when only the path sender -> ``receiver_site`` is corrupted.
+
+    ``sender_grid`` are axes of ``sender_site`` swept one cell at a time (e.g.
+    ``("layer", "head")`` of ``attn.z``); ``receiver_mask`` broadcasts to
+    ``receiver_site`` and selects the receivers (e.g. one head's queries in ``attn.q``,
+    or every position of ``final_norm`` for the direct path to the logits).
+    ``frozen_sites`` (and the sender site itself) are held at their clean values in the
+    first run, apart from the sender cell; the receiver site may not be frozen.
+    """
+    model_kwargs = dict(model_kwargs or {})
+    inputs = (clean_tokens,)
+    sites = list_sites(model, *inputs, **model_kwargs)
+    for name in (sender_site, receiver_site, *frozen_sites):
+        if name not in sites:
+            raise KeyError(f"unknown site {name!r}; sites: {sorted(sites)}")
+    if receiver_site in frozen_sites:
+        raise ValueError(f"receiver site {receiver_site!r} cannot also be frozen")
+    needed = {sender_site, *frozen_sites}
+    for cache, which in ((clean_cache, "clean"), (corrupted_cache, "corrupted")):
+        missing = sorted(n for n in needed if n not in cache)
+        if which == "corrupted":
+            missing = [n for n in missing if n == sender_site]
+        if missing:
+            raise KeyError(f"the {which} cache has no {missing}; capture them first")
+    sender = sites[sender_site]
+    unknown = [axis for axis in sender_grid if axis not in sender.axes]
+    if unknown:
+        raise ValueError(f"grid axes {unknown} are not axes of {sender_site!r} ({sender.axes})")
+
+    def cell(index, params, caches):
+        clean, corrupted = caches
+        sender_mask = grid_mask(sender, sender_grid, index)
+        first = {name: Intervention.patch(clean[name]) for name in frozen_sites}
+        sender_value = jnp.where(sender_mask > 0, corrupted[sender_site], clean[sender_site])
+        first[sender_site] = Intervention.patch(sender_value)
+        _, recorded = capture(model, params, *inputs, sites=[receiver_site],
+                              interventions=first, **model_kwargs)
+        second = {receiver_site: Intervention.patch(recorded[receiver_site], receiver_mask)}
+        return evaluate_metric(model, params, inputs, model_kwargs, metric, second)
+
+    grid_shape = tuple(sender.shape[sender.axes.index(axis)] for axis in sender_grid)
+    cells = np.array(list(np.ndindex(*grid_shape)), np.int32).reshape(-1, len(sender_grid))
+    caches = ({n: clean_cache[n] for n in needed},
+              {sender_site: corrupted_cache[sender_site]})
+    if chunk_size is None:
+        chunk_size = max(1, default_chunk_size(model, inputs, model_kwargs) // 2)
+    values = map_in_chunks(cell, cells, (params, caches), chunk_size,
+                           desc=f"path {sender_site} -> {receiver_site}", progress=progress)
+    return SweepResult(values.reshape(grid_shape), tuple(sender_grid))
