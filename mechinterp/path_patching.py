@@ -22,8 +22,13 @@ import numpy as np
 
 from mechinterp.api import capture, list_sites
 from mechinterp.interventions import Intervention
-from mechinterp.sweep import (SweepResult, grid_mask, default_chunk_size, evaluate_metric,
-                              map_in_chunks)
+from mechinterp.sweep import (
+    SweepResult,
+    default_chunk_size,
+    evaluate_metric,
+    grid_mask,
+    map_in_chunks,
+)
 
 
 def path_patch(model, params, clean_tokens, clean_cache: Mapping, corrupted_cache: Mapping,

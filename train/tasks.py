@@ -17,6 +17,9 @@ Tasks (words in quotes are vocabulary words):
 - :class:`InContextChain` ``<chain> s3 > s7 ; s1 > s9 ; s7 > s1 ; ? s3 = s7 s1 s9``: a
   chain of fresh symbols given as shuffled edges in context; follow it from its start
   (all steps with ``scratchpad``, else only the end). Needs in-context lookup (induction).
+  A ``holdout`` fraction of (start, end) symbol combinations appears only in test;
+  ``distractors`` more chains (disjoint symbols) mixed into the edges make the answer
+  depend on the start symbol (without them the end is simply the one non-source symbol).
 - :class:`Arithmetic` ``<arith> 1 2 + 7 - 3 0 = 1 9 ; - 1 1``: add and subtract
   ``n_terms`` numbers digit by digit; with ``scratchpad`` the running totals come first.
 """
@@ -122,23 +125,51 @@ class InContextChain:
     n_symbols: int = 16
     length: int = 4
     scratchpad: bool = True
+    holdout: float = 0.0
+    distractors: int = 0
     name = "chain"
 
     def __post_init__(self):
-        if not 2 <= self.length <= self.n_symbols:
-            raise ValueError(f"InContextChain needs 2 <= length <= n_symbols, got {self}")
+        if not 2 <= self.length <= self.n_symbols // (1 + self.distractors):
+            raise ValueError(f"InContextChain needs 2 <= length <= n_symbols / (1 + "
+                             f"distractors), got {self}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"InContextChain needs 0 <= holdout < 1, got {self}")
+
+    def held_out(self, seed: int) -> np.ndarray:
+        """Boolean (start symbol, end symbol) mask of test-only premise combinations."""
+        rng = np.random.default_rng([seed, 2, self.length])
+        held = rng.random((self.n_symbols, self.n_symbols)) < self.holdout
+        np.fill_diagonal(held, False)  # a chain never ends where it starts
+        if self.holdout > 0 and not held.any():
+            held[0, 1] = True
+        return held
+
+    def chains(self, rng, split: str, seed: int) -> list[list[int]]:
+        """The symbol ids of the queried chain of ``split`` and of the ``distractors``
+        chains (disjoint symbols), queried chain first; rejection-sampled against the
+        held-out (start, end) combinations when ``holdout > 0``."""
+        n = self.length * (1 + self.distractors)
+        held = self.held_out(seed) if self.holdout > 0 else None
+        while True:
+            symbols = [int(i) for i in rng.permutation(self.n_symbols)[:n]]
+            chains = [symbols[k:k + self.length] for k in range(0, n, self.length)]
+            if held is None or held[chains[0][0], chains[0][-1]] == (split == "test"):
+                return chains
 
     def words(self, kb: KnowledgeBase) -> list[str]:
         del kb
         return [f"s{i}" for i in range(self.n_symbols)]
 
     def max_words(self) -> int:
-        return 4 * (self.length - 1) + 3 + (self.length - 1 if self.scratchpad else 1)
+        edges = (self.length - 1) * (1 + self.distractors)
+        return 4 * edges + 3 + (self.length - 1 if self.scratchpad else 1)
 
     def sample(self, rng, table: np.ndarray, split: str, seed: int):
-        del table, split, seed
-        chain = [f"s{i}" for i in rng.permutation(self.n_symbols)[: self.length]]
-        edges = [[a, ">", b, ";"] for a, b in zip(chain, chain[1:])]
+        del table
+        chains = [[f"s{i}" for i in c] for c in self.chains(rng, split, seed)]
+        chain = chains[0]
+        edges = [[a, ">", b, ";"] for c in chains for a, b in zip(c, c[1:])]
         order = rng.permutation(len(edges))
         prompt = [w for i in order for w in edges[i]] + ["?", chain[0], "="]
         return prompt, (chain[1:] if self.scratchpad else chain[-1:])
