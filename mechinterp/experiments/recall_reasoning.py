@@ -8,16 +8,21 @@
    - *recall* ``<recall> e5 r2 = e17``: a knowledge-base fact (entity, relation ->
      entity), memorized in training and never in the prompt. Train and test draw from the
      same facts (recall is memorization; there is nothing else to test).
-   - *reasoning* ``<chain> s3 > s7 ; s9 > s2 ; s7 > s1 ; s2 > s0 ; ? s3 = s1``: premises
-     in the prompt (shuffled edges of the queried chain plus ``distractors`` chains on
-     other symbols); the answer needs ``length - 1`` (>= 2) hops from the queried start.
-     A ``holdout`` fraction of (start, end) combinations is test-only, so test accuracy
+   - *reasoning* ``<chain> s7 > s1 ; s3 > s7 ; ? s3 = s7 s1``: premises in the prompt
+     (the shuffled edges of a chain of fresh symbols, optionally with ``distractors``
+     chains); the answer needs ``length - 1`` (>= 2) in-context hops from the queried
+     start. By default the intermediate steps are written out (``scratchpad``: ``s7``,
+     then ``s1``); without it a tiny model did not learn the task in a CPU budget (0.27
+     test accuracy after 1000 steps, 0.12 with a distractor chain after 2000). A
+     ``holdout`` fraction of (start, end) combinations is test-only, so test accuracy
      measures generalization to unseen premise combinations.
 
    Each analysed item has a corrupted twin (:func:`make_twins`) that differs in exactly
    one token: recall changes the entity (to one whose fact has another answer);
    reasoning changes the last premise's object (``s7 > s1`` -> ``s7 > s4``, a symbol not
-   in the prompt), so the answer changes and every other premise stays.
+   in the prompt), so the answer changes and every other premise stays. Reasoning
+   prompts end after the written-out intermediate steps (``? s3 = s7``), so the analysed
+   prediction is the chain's final hop, read from the premises in context.
 2. **Models.** A LLaMA-style decoder (no q/k/v bias, RoPE theta 1e4) and a Qwen2-style
    one (q/k/v bias, RoPE theta 1e6), same size, trained with
    :func:`mechinterp.train.loop.fit` in ``WORKDIR/models/<family>``; a second run finds
@@ -53,6 +58,7 @@ checkpoints and training metrics) and ``data/`` (the tfds dataset).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -64,14 +70,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mechinterp.ablation import mean_activations, sweep_component_sets
-from mechinterp.api import capture
+from mechinterp.api import capture, list_sites
 from mechinterp.components import component
 from mechinterp.metrics import accuracy, logit_diff
 from mechinterp.models import Decoder
-from mechinterp.patching import (get_act_patch_attn_head_out_all_pos, get_act_patch_attn_out,
-                                 get_act_patch_mlp_neuron, get_act_patch_mlp_out,
-                                 get_act_patch_resid_pre, normalized_effect)
-from mechinterp.sweep import sweep
+from mechinterp.patching import normalized_effect
 from mechinterp.train.checkpoint import Checkpointer
 from mechinterp.train.config import default_config as default_train_config
 from mechinterp.train.data import build_synthetic
@@ -107,9 +110,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.n_relations = 3
     c.data.n_symbols = 12
     c.data.chain_length = 3  # symbols per chain: length - 1 hops (>= 2)
-    c.data.distractors = 1  # extra chains in the prompt
+    c.data.distractors = 0  # extra chains in the prompt
+    c.data.scratchpad = True  # intermediate steps written out before the answer
     c.data.holdout = 0.2  # share of (start, end) chain combinations only in test
-    c.data.seq_len = 24
+    c.data.chain_weight = 3.0  # sampling weight of reasoning vs recall (1) in training
+    c.data.seq_len = 16
     c.data.num_train = 8192
     c.data.num_test = 512
 
@@ -120,10 +125,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.d_mlp = 128
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 2000
+    c.train.steps = 1200
     c.train.batch_size = 32
-    c.train.learning_rate = 5e-3
-    c.train.warmup_steps = 100
+    c.train.learning_rate = 1e-2
+    c.train.warmup_steps = 50
 
     c.analysis = ml_collections.ConfigDict()
     c.analysis.n_items = 64  # twin pairs per task (test split)
@@ -141,9 +146,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 PRESETS = {
     "default": {},
-    # the CI smoke test: a few seconds of training, tiny grids
+    # the CI smoke test: one family, a few training steps, tiny grids (compile-bound)
     "smoke": {
-        "families": "llama,qwen", "data.n_entities": 8, "data.n_relations": 2,
+        "families": "llama", "data.n_entities": 8, "data.n_relations": 2,
         "data.n_symbols": 8, "data.num_train": 256, "data.num_test": 64,
         "model.d_model": 16, "model.n_layers": 2, "model.n_heads": 2, "model.d_mlp": 16,
         "train.steps": 16, "train.warmup_steps": 2, "analysis.n_items": 16,
@@ -192,8 +197,9 @@ def make_mixture(config) -> TaskMixture:
     d = config.data
     return mixture_from_config(
         {"recall": {},
-         "chain": {"n_symbols": d.n_symbols, "length": d.chain_length, "scratchpad": False,
-                   "holdout": d.holdout, "distractors": d.distractors}},
+         "chain": {"n_symbols": d.n_symbols, "length": d.chain_length, "scratchpad": d.scratchpad,
+                   "holdout": d.holdout, "distractors": d.distractors,
+                   "weight": d.chain_weight}},
         knowledge={"n_entities": d.n_entities, "n_relations": d.n_relations},
         seq_len=d.seq_len, seed=config.seed)
 
@@ -243,6 +249,8 @@ def _chain_pair(rng, task, split, seed):
     edges = [[a, ">", b, ";"] for c in words for a, b in zip(c, c[1:])]
     order = [int(i) for i in rng.permutation(len(edges))]
     prompt = [w for i in order for w in edges[i]] + ["?", words[0][0], "="]
+    if task.scratchpad:  # the intermediate steps are given; the last one is asked for
+        prompt += words[0][1:-1]
     last_edge = order.index(len(words[0]) - 2)  # the queried chain's last premise
     changed = 4 * last_edge + 2
     return prompt, changed, words[0][-1], f"s{new_end}", f"s{new_end}"
@@ -329,43 +337,88 @@ def train_family(config, family: str, builder, vocab_size: int, workdir: Path):
     t.train.async_checkpoints = False
     t.train.progress = config.progress
     folder = workdir / "models" / family
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = json.dumps({"seed": config.seed, "data": config.data.to_dict(),
+                       "model": t.model.to_dict(), "train": config.train.to_dict()},
+                      sort_keys=True)
+    spec_file = folder / "spec.json"
+    if spec_file.exists() and spec_file.read_text() != spec:
+        raise ValueError(
+            f"{folder} holds a model trained with other settings (see {spec_file}); use "
+            "another workdir (or delete that folder) to train with these ones")
     previous = Checkpointer(folder / "checkpoints").latest_step() \
         if (folder / "checkpoints").exists() else None
     model = Decoder(decoder_config(t.model, vocab_size))
     start = time.perf_counter()
     result = fit(t, folder, model, builder.as_data_source("train"))
+    spec_file.write_text(spec)
     info = {"reused_checkpoint": previous == config.train.steps, "step": result.step,
             "seconds": time.perf_counter() - start, "config": dict(t.model)}
     return model, result.state.params, info
 
 
+@functools.cache
+def _jitted_apply(model):
+    return jax.jit(lambda params, tokens: model.apply({"params": params}, tokens))
+
+
+def logits_of(model, params, tokens):
+    """The model's logits, jitted (eager ``apply`` of a scanned decoder is slow)."""
+    return _jitted_apply(model)(params, jnp.asarray(tokens))
+
+
 def task_accuracy(model, params, tokens, answers) -> float:
-    logits = model.apply({"params": params}, jnp.asarray(tokens))
+    logits = logits_of(model, params, tokens)
     return float(np.mean(np.asarray(logits[:, -1].argmax(-1)) == answers))
 
 
-def patch_task(model, params, twins: Twins) -> dict:
+PATCH_GRIDS = {  # grid -> (site, axes of one cell); the TransformerLens-named equivalent
+    "resid_pre": ("resid_pre", ("layer", "pos")),  # get_act_patch_resid_pre
+    "attn_out": ("attn_out", ("layer", "pos")),  # get_act_patch_attn_out
+    "mlp_out": ("mlp_out", ("layer", "pos")),  # get_act_patch_mlp_out
+    "heads": ("attn.z", ("layer", "head")),  # get_act_patch_attn_head_out_all_pos
+    "mlp_layers": ("mlp_out", ("layer",)),  # sweep(..., "mlp_out", ("layer",), ...)
+    "neurons": ("mlp.hidden", ("layer", "d_mlp")),  # get_act_patch_mlp_neuron
+}
+
+
+def patch_cells(sites: dict) -> dict:
+    """``{grid: (shape, [one-component set per cell])}`` for :data:`PATCH_GRIDS`."""
+    cells = {}
+    for grid, (name, axes) in PATCH_GRIDS.items():
+        info = sites[name]
+        shape = tuple(info.shape[info.axes.index(axis)] for axis in axes)
+        cells[grid] = (shape, [[component(name, **dict(zip(axes, map(int, index))))]
+                               for index in np.ndindex(*shape)])
+    return cells
+
+
+def patch_task(model, params, twins: Twins, progress: bool = False) -> dict:
     """Every PE grid of one task (see the module docstring) and the clean/corrupt
-    metric values."""
+    metric values.
+
+    Patching a cell = replacing the corrupted run's activation there by the clean one,
+    i.e. "resample" ablation with the clean cache as the values; all cells of all grids
+    run as one vmapped computation (:func:`~mechinterp.ablation.sweep_component_sets`),
+    one compilation per task instead of one per grid. ``tests/test_recall_reasoning.py``
+    checks it against :func:`mechinterp.patching.get_act_patch_resid_pre`.
+    """
     clean, corrupt = jnp.asarray(twins.clean), jnp.asarray(twins.corrupt)
     metric = logit_diff(twins.clean_answer, twins.corrupt_answer, pos=-1)
-    sites = ["resid_pre", "attn_out", "mlp_out", "attn.z", "mlp.hidden"]
-    clean_logits, cache = capture(model, params, clean, sites=sites)
-    corrupt_logits = model.apply({"params": params}, corrupt)
+    site_names = sorted({name for name, _ in PATCH_GRIDS.values()})
+    clean_logits, cache = capture(model, params, clean, sites=site_names)
+    corrupt_logits = logits_of(model, params, corrupt)
     m_clean, m_corrupt = float(metric(clean_logits)), float(metric(corrupt_logits))
-    kw = {"progress": False}
-    raw = {
-        "resid_pre": get_act_patch_resid_pre(model, params, corrupt, cache, metric, **kw),
-        "attn_out": get_act_patch_attn_out(model, params, corrupt, cache, metric, **kw),
-        "mlp_out": get_act_patch_mlp_out(model, params, corrupt, cache, metric, **kw),
-        "heads": get_act_patch_attn_head_out_all_pos(model, params, corrupt, cache, metric,
-                                                     **kw),
-        "mlp_layers": sweep(model, params, (corrupt,), "mlp_out", ("layer",),
-                            cache["mlp_out"], metric, **kw),
-        "neurons": get_act_patch_mlp_neuron(model, params, corrupt, cache, metric, **kw),
-    }
-    grids = {k: np.asarray(normalized_effect(np.asarray(v), m_clean, m_corrupt))
-             for k, v in raw.items()}
+    cells = patch_cells(list_sites(model, corrupt))
+    sets = [s for _, grid_sets in cells.values() for s in grid_sets]
+    values = np.asarray(sweep_component_sets(model, params, corrupt, sets, metric,
+                                             method="resample", values=cache,
+                                             progress=progress).values)
+    grids, start = {}, 0
+    for grid, (shape, grid_sets) in cells.items():
+        raw = values[start:start + len(grid_sets)].reshape(shape)
+        grids[grid] = np.asarray(normalized_effect(raw, m_clean, m_corrupt))
+        start += len(grid_sets)
     return {"grids": grids, "m_clean": m_clean, "m_corrupt": m_corrupt}
 
 
@@ -376,7 +429,7 @@ def ablation_study(model, params, twins: dict, circuits: dict, config) -> dict:
     task, per-set per-item accuracies, plus the set layout."""
     a = config.analysis
     cfg = model.config
-    sets, layout = [], []
+    sets, layout = [[]], [("none", "none", "baseline", -1)]  # set 0: nothing ablated
     for level in LEVELS:
         pool = level_components(level, cfg.n_layers, cfg.n_heads, cfg.d_mlp)
         for task in TASKS:
@@ -404,27 +457,28 @@ def ablation_study(model, params, twins: dict, circuits: dict, config) -> dict:
     return {"layout": layout, "accuracy": out, "sizes": [len(s) for s in sets]}
 
 
-def dissociation(study: dict, base: dict, config) -> list[dict]:
+def dissociation(study: dict, config) -> list[dict]:
     """Rows of the 2x2 dissociation: per method, level and circuit, the own- and
-    other-task drops, selectivity, and the random controls' mean and spread."""
+    other-task drops (unablated minus ablated accuracy; ± is the paired standard error
+    over items), selectivity, and the random controls' mean and spread (sd over seeds)."""
     rows = []
     layout = study["layout"]
     for method in config.analysis.methods.split(","):
         for level in LEVELS:
             for circuit_task in TASKS:
                 other = TASKS[1 - TASKS.index(circuit_task)]
-                idx = [i for i, (lv, t, kind, _) in enumerate(layout)
-                       if lv == level and t == circuit_task and kind == "circuit"][0]
+                idx = next(i for i, (lv, t, kind, _) in enumerate(layout)
+                           if lv == level and t == circuit_task and kind == "circuit")
                 rnd = [i for i, (lv, t, kind, _) in enumerate(layout)
                        if lv == level and t == circuit_task and kind == "random"]
                 drops = {}
                 for task in TASKS:
                     acc = study["accuracy"][(method, task)]
-                    per_item = acc[idx]
-                    drops[task] = (base[task] - per_item.mean(),
+                    per_item = acc[0] - acc[idx]  # paired: unablated - ablated, per item
+                    drops[task] = (per_item.mean(),
                                    per_item.std(ddof=1) / np.sqrt(len(per_item))
                                    if len(per_item) > 1 else 0.0,
-                                   base[task] - acc[rnd].mean(1))
+                                   acc[0].mean() - acc[rnd].mean(1))
                 own, oth = drops[circuit_task], drops[other]
                 rand_sel = own[2] - oth[2]
                 rows.append({
@@ -462,6 +516,12 @@ def plot_patching(path: Path, family: str, task: str, grids: dict, words: list[s
                        interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("layer")
+        ax.set_yticks(range(grid.shape[0]))
+        if key == "heads":
+            ax.set_xticks(range(grid.shape[1]))
+            ax.set_xlabel("head")
+        elif key == "neurons":
+            ax.set_xlabel("neuron")
         if key in ("resid_pre", "attn_out", "mlp_out"):
             ax.set_xticks(range(len(words)))
             ax.set_xticklabels(words, rotation=90, fontsize=6)
@@ -520,7 +580,7 @@ def verdicts(tables: dict, accuracies: dict) -> list[str]:
     lines = []
     for family, rows in tables.items():
         for method in sorted({r["method"] for r in rows}):
-            def get(level, task):
+            def get(level, task, rows=rows, method=method):
                 return next(r for r in rows if r["method"] == method and r["level"] == level
                             and r["circuit"] == task)
             for level in LEVELS:
@@ -628,7 +688,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
                 circuit_info[level][task] = [
                     {"component": str(pool[i]), "pe": float(effects[i])} for i in chosen]
         study = ablation_study(model, params, twins, circuits, config)
-        rows = dissociation(study, acc, config)
+        rows = dissociation(study, config)
         tables[family] = rows
         timings[f"{family}/ablate"] = time.perf_counter() - t0
         stages.update(1)
@@ -703,7 +763,7 @@ def report_markdown(config, results, tables, twins) -> str:
                 comps = ", ".join(f"{c['component']} ({c['pe']:.2f})"
                                   for c in r["circuits"][level][task])
                 lines.append(f"- {family}, {level}, {task}: {comps}")
-    lines += ["", "## Dissociation (accuracy drops; ± is s.e. over items for circuits, "
+    lines += ["", "## Dissociation (accuracy drops; ± is the paired s.e. over items for circuits, "
               f"sd over {config.analysis.n_random} random sets of equal size for controls)",
               ""]
     for family in tables:
