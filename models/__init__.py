@@ -1,18 +1,23 @@
 """Model families (installed as ``mechinterp.models``).
 
-The LLaMA / Mistral / Qwen2 / Qwen3 decoder family, its generation loop and Hugging Face
-checkpoint I/O; shared blocks live in :mod:`mechinterp.models.layers`.
+The LLaMA / Mistral / Qwen2 / Qwen3 decoder family and its mixture-of-experts variants
+(Mixtral, Qwen2-MoE, Qwen3-MoE), its generation loop and Hugging Face checkpoint I/O; shared
+blocks live in :mod:`mechinterp.models.layers` and :mod:`mechinterp.models.moe`.
 """
 
-from .decoder import (Decoder, DecoderConfig, KVCache, init_cache, stack_layers,
-                      unstack_layers)
+from .decoder import (Decoder, DecoderConfig, KVCache, MoEDecoder, decoder_class, init_cache,
+                      stack_layers, unstack_layers)
 from .generate import generate
 from .hf import load_hf, save_hf
+from .moe import MoE
 
 __all__ = [
     "Decoder",
     "DecoderConfig",
     "KVCache",
+    "MoE",
+    "MoEDecoder",
+    "decoder_class",
     "generate",
     "init_cache",
     "load_hf",

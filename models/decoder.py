@@ -1,4 +1,5 @@
-"""The LLaMA / Mistral / Qwen2 / Qwen3 decoder family.
+"""The LLaMA / Mistral / Qwen2 / Qwen3 decoder family, with Mixtral / Qwen2-MoE / Qwen3-MoE
+mixture-of-experts variants.
 
 One config, one module::
 
@@ -9,9 +10,12 @@ One config, one module::
     logits = model.apply({"params": params}, tokens)
 
 A pre-norm residual stack of grouped-query attention (RoPE, optional q/k/v bias, optional
-q/k RMSNorm) and SwiGLU MLPs. Layers are ``nn.scan``ned (module ``layers``, parameters with
-a leading layer axis) or, with ``scan_layers=False``, unrolled into ``layers_0``,
-``layers_1``, ... with identical numbers; :func:`stack_layers` and :func:`unstack_layers`
+q/k RMSNorm) and SwiGLU MLPs, or, with ``n_experts > 0`` (:class:`MoEDecoder`), the shared
+mixture-of-experts layer :class:`mechinterp.models.moe.MoE` in place of every MLP. Layers are
+``nn.scan``ned (module ``layers``, parameters with a leading layer axis) or, with
+``scan_layers=False``, unrolled into ``layers_0``, ``layers_1``, ... with identical
+numbers (MoE layers: equal to float rounding, ~1e-6, XLA compiles them differently in a
+scan); :func:`stack_layers` and :func:`unstack_layers`
 convert parameter trees between the two layouts. Every activation in :attr:`Decoder.SITES`
 passes through :func:`mechinterp.sites.site`.
 """
@@ -34,6 +38,7 @@ from mechinterp.sites import INTERMEDIATES, INTERVENTIONS, SiteSpec, site
 
 from .layers import (ROPE_SCALING_KEYS, Attention, GatedMLP, RMSNorm, logical_param,
                      rope_angles, rope_inv_freq)
+from .moe import AUX_LOSS, IMPLS, ROUTERS, MoE
 
 Array = jax.Array
 
@@ -48,6 +53,18 @@ ARCHITECTURES: dict[str, dict[str, bool]] = {
     "MistralForCausalLM": dict(qkv_bias=False, qk_norm=False),
     "Qwen2ForCausalLM": dict(qkv_bias=True, qk_norm=False),
     "Qwen3ForCausalLM": dict(qkv_bias=False, qk_norm=True),
+    "MixtralForCausalLM": dict(qkv_bias=False, qk_norm=False),
+    "Qwen2MoeForCausalLM": dict(qk_norm=False),  # q/k/v bias is a config switch there
+    "Qwen3MoeForCausalLM": dict(qkv_bias=False, qk_norm=True),
+}
+# The mixture-of-experts architectures (every layer an MoE layer) and what their MoE
+# layer fixes.
+MOE_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "MixtralForCausalLM": dict(router="softmax", norm_topk_prob=True, d_shared_expert=0,
+                               shared_expert_gated=False),
+    "Qwen2MoeForCausalLM": dict(router="softmax", shared_expert_gated=True),
+    "Qwen3MoeForCausalLM": dict(router="softmax", d_shared_expert=0,
+                                shared_expert_gated=False),
 }
 
 
@@ -63,6 +80,17 @@ class DecoderConfig:
     ``architecture`` is the Hugging Face class this config came from and is saved as;
     ``None`` picks the one whose features fit (see :attr:`hf_architecture`). The token
     ids only travel to and from Hugging Face configs; the model itself never reads them.
+
+    Mixture of experts (``n_experts > 0``; ``0`` means a dense model): every layer's MLP is
+    a :class:`~mechinterp.models.moe.MoE` of ``n_experts`` SwiGLU experts of width
+    ``d_expert`` (default ``d_mlp``), each token routed to ``n_experts_per_tok`` of them by
+    ``router`` (``"softmax"`` or ``"sigmoid"``), the top-k weights renormalized when
+    ``norm_topk_prob``. ``d_shared_expert > 0`` adds a shared SwiGLU expert of that width
+    to every token (DeepSeek's ``n`` shared experts of width ``d``: ``n * d``), scaled by
+    ``sigmoid(x w)`` when ``shared_expert_gated`` (Qwen2-MoE). ``router_aux_loss_coef`` and
+    ``router_z_loss_coef`` weight the balance loss and router z-loss sown into the
+    ``'aux_loss'`` collection (0 = not computed). ``moe_impl`` is ``"dense"`` (every expert
+    on every token, the reference) or ``"ragged"`` (sorted tokens + ``ragged_dot``).
     """
 
     vocab_size: int
@@ -86,6 +114,16 @@ class DecoderConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    n_experts: int = 0
+    n_experts_per_tok: int = 2
+    d_expert: int | None = None
+    d_shared_expert: int = 0
+    shared_expert_gated: bool = False
+    norm_topk_prob: bool = False
+    router: str = "softmax"
+    router_aux_loss_coef: float = 0.0
+    router_z_loss_coef: float = 0.0
+    moe_impl: str = "dense"
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -113,6 +151,7 @@ class DecoderConfig:
         if self.rms_norm_eps <= 0:
             raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
         set_("rope_scaling", _check_rope_scaling(self.rope_scaling))
+        self._check_moe()
         if isinstance(self.eos_token_id, list):
             set_("eos_token_id", tuple(self.eos_token_id))
         set_("dtype", jnp.dtype(self.dtype))
@@ -129,18 +168,62 @@ class DecoderConfig:
                         f"architecture={self.architecture!r} needs {feature}={needed}, got "
                         f"{getattr(self, feature)}; fix {feature} or set architecture=None"
                     )
+            is_moe = self.architecture in MOE_ARCHITECTURES
+            if is_moe != (self.n_experts > 0):
+                raise ValueError(
+                    f"architecture={self.architecture!r} is "
+                    f"{'a mixture of experts' if is_moe else 'dense'}, but n_experts="
+                    f"{self.n_experts}; fix n_experts or set architecture=None"
+                )
+            for feature, needed in MOE_ARCHITECTURES.get(self.architecture, {}).items():
+                if getattr(self, feature) != needed:
+                    raise ValueError(
+                        f"architecture={self.architecture!r} needs {feature}={needed!r}, got "
+                        f"{getattr(self, feature)!r}; fix {feature} or set architecture=None"
+                    )
+
+    def _check_moe(self):
+        if not isinstance(self.n_experts, int) or self.n_experts < 0:
+            raise ValueError(f"n_experts must be an int >= 0 (0 = dense), got "
+                             f"{self.n_experts!r}")
+        if self.d_expert is None:
+            object.__setattr__(self, "d_expert", self.d_mlp)
+        if self.n_experts == 0:
+            return
+        if not 1 <= self.n_experts_per_tok <= self.n_experts:
+            raise ValueError(
+                f"n_experts_per_tok={self.n_experts_per_tok} must be between 1 and "
+                f"n_experts={self.n_experts}"
+            )
+        if not isinstance(self.d_expert, int) or self.d_expert <= 0:
+            raise ValueError(f"d_expert must be a positive int, got {self.d_expert!r}")
+        if self.d_shared_expert < 0:
+            raise ValueError(f"d_shared_expert must be >= 0, got {self.d_shared_expert!r}")
+        if self.shared_expert_gated and self.d_shared_expert == 0:
+            raise ValueError("shared_expert_gated=True needs a shared expert "
+                             "(d_shared_expert > 0)")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router={self.router!r} is not supported; supported: {ROUTERS}")
+        if self.moe_impl not in IMPLS:
+            raise ValueError(f"moe_impl={self.moe_impl!r} is not supported; supported: {IMPLS}")
 
     @property
     def hf_architecture(self) -> str:
         """The Hugging Face architecture: ``architecture``, or the one whose features fit."""
         if self.architecture is not None:
             return self.architecture
-        features = dict(qkv_bias=self.qkv_bias, qk_norm=self.qk_norm)
         for name, needed in ARCHITECTURES.items():
-            if needed == features:
+            moe_needs = MOE_ARCHITECTURES.get(name)
+            if (moe_needs is not None) != (self.n_experts > 0):
+                continue
+            needed = {**needed, **(moe_needs or {})}
+            if all(getattr(self, key) == value for key, value in needed.items()):
                 return name
         raise ValueError(
-            "no Hugging Face architecture has both qkv_bias=True and qk_norm=True; "
+            "no supported Hugging Face architecture has these features (qkv_bias="
+            f"{self.qkv_bias}, qk_norm={self.qk_norm}, n_experts={self.n_experts}, "
+            f"router={self.router!r}, norm_topk_prob={self.norm_topk_prob}, d_shared_expert="
+            f"{self.d_shared_expert}, shared_expert_gated={self.shared_expert_gated}); "
             "this config can run but cannot be saved in Hugging Face format"
         )
 
@@ -196,7 +279,8 @@ def init_cache(config: DecoderConfig, batch: int, max_len: int) -> KVCache:
 
 
 class Block(nn.Module):
-    """One pre-norm layer: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
+    """One pre-norm layer: ``x + attn(norm(x))`` then ``x + mlp(norm(x))`` (``mlp`` is the
+    MoE layer, its output the site ``moe_out``, when ``config.n_experts > 0``).
 
     ``__call__(x, rope, mask, cache, cache_index) -> (x, new_cache)``, the signature
     ``nn.scan`` needs (carry first; ``cache`` is this layer's ``(k, v)`` or ``None``).
@@ -214,14 +298,23 @@ class Block(nn.Module):
             qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm_eps=c.rms_norm_eps,
             dtype=c.dtype, param_dtype=c.param_dtype, name="attn",
         )
-        mlp = GatedMLP(d_mlp=c.d_mlp, activation=nn.silu, dtype=c.dtype,
-                       param_dtype=c.param_dtype, name="mlp")
+        if c.n_experts > 0:
+            mlp = MoE(n_experts=c.n_experts, n_experts_per_tok=c.n_experts_per_tok,
+                      d_expert=c.d_expert, router=c.router, norm_topk_prob=c.norm_topk_prob,
+                      d_shared=c.d_shared_expert, shared_expert_gated=c.shared_expert_gated,
+                      aux_loss_coef=c.router_aux_loss_coef, z_loss_coef=c.router_z_loss_coef,
+                      impl=c.moe_impl, dtype=c.dtype, param_dtype=c.param_dtype, name="moe")
+            out_site = "moe_out"
+        else:
+            mlp = GatedMLP(d_mlp=c.d_mlp, activation=nn.silu, dtype=c.dtype,
+                           param_dtype=c.param_dtype, name="mlp")
+            out_site = "mlp_out"
 
         x = site(self, "resid_pre", x)
         attn_out, new_cache = attention(norm(name="attn_norm")(x), rope, mask, cache,
                                         cache_index)
         x = site(self, "resid_mid", x + site(self, "attn_out", attn_out))
-        mlp_out = site(self, "mlp_out", mlp(norm(name="mlp_norm")(x)))
+        mlp_out = site(self, out_site, mlp(norm(name="mlp_norm")(x)))
         x = site(self, "resid_post", x + mlp_out)
         x = nn.with_logical_constraint(x, RESIDUAL_AXES)
         return x, new_cache
@@ -278,6 +371,9 @@ class Decoder(nn.Module):
         "logits": SiteSpec(("batch", "pos", "vocab"), "next-token logits"),
     }
 
+    # Whether this class runs mixture-of-experts configs (n_experts > 0) or dense ones.
+    MOE: ClassVar[bool] = False
+
     @property
     def dtype(self):
         """Compute dtype (read by :func:`logical_param`)."""
@@ -293,6 +389,12 @@ class Decoder(nn.Module):
                  positions: Array | None = None, cache: KVCache | None = None,
                  logit_positions: Array | None = None):
         c = self.config
+        if (c.n_experts > 0) != self.MOE:
+            raise ValueError(
+                f"{type(self).__name__} runs {'MoE' if self.MOE else 'dense'} configs but "
+                f"config.n_experts={c.n_experts}; use "
+                f"{'Decoder' if self.MOE else 'MoEDecoder'} (or decoder_class(config))"
+            )
         batch, length = tokens.shape
         mask = (jnp.ones((batch, length), bool) if attention_mask is None
                 else jnp.asarray(attention_mask).astype(bool))
@@ -322,7 +424,7 @@ class Decoder(nn.Module):
         if c.scan_layers:
             layers = nn.scan(
                 Block,
-                variable_axes={"params": 0, INTERMEDIATES: 0, INTERVENTIONS: 0},
+                variable_axes={"params": 0, INTERMEDIATES: 0, INTERVENTIONS: 0, AUX_LOSS: 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 length=c.n_layers,
@@ -360,6 +462,45 @@ class Decoder(nn.Module):
             next_position=jnp.where(mask.any(axis=1), last, cache.next_position),
         )
         return logits, new_cache
+
+
+_MOE_SITES = {
+        "moe.router_logits": SiteSpec(_layer("pos expert"), "router logits, one per expert"),
+        "moe.router_probs": SiteSpec(_layer("pos expert"),
+                                     "router probabilities: softmax or sigmoid of the logits"),
+        "moe.weights": SiteSpec(_layer("pos expert"),
+                                "combine weight of each expert: top-k weight, 0 if not routed"),
+        "moe.expert_out": SiteSpec(_layer("pos expert d_model"),
+                                   "each expert's weighted write to the residual stream"),
+        "moe.shared_out": SiteSpec(_layer("pos d_model"),
+                                   "shared expert output, after its gate (if any)"),
+        "moe_out": SiteSpec(_layer("pos d_model"),
+                            "MoE layer output (routed experts plus shared expert)"),
+}
+
+
+class MoEDecoder(Decoder):
+    """The mixture-of-experts decoder (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-style shared
+    experts): :class:`Decoder` with ``config.n_experts > 0``, every layer's MLP replaced by
+    :class:`mechinterp.models.moe.MoE`. Same call signature and outputs as :class:`Decoder`;
+    its sites swap ``mlp.pre``, ``mlp.hidden``, ``mlp_out`` for the ``moe.*`` sites and
+    ``moe_out`` (``moe.shared_out`` only with a shared expert). Auxiliary losses are sown
+    per layer into the ``'aux_loss'`` collection (leading layer axis).
+    """
+
+    MOE: ClassVar[bool] = True
+    SITES: ClassVar[dict[str, SiteSpec]] = {
+        **{name: spec for name, spec in Decoder.SITES.items()
+           if name not in ("mlp.pre", "mlp.hidden", "mlp_out", "resid_post", "final_norm",
+                           "logits")},
+        **_MOE_SITES,
+        **{name: Decoder.SITES[name] for name in ("resid_post", "final_norm", "logits")},
+    }
+
+
+def decoder_class(config: DecoderConfig) -> type[Decoder]:
+    """:class:`MoEDecoder` for a mixture-of-experts config, :class:`Decoder` otherwise."""
+    return MoEDecoder if config.n_experts > 0 else Decoder
 
 
 _UNROLLED = re.compile(r"layers_(\d+)")

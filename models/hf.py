@@ -6,7 +6,13 @@ nothing is ever unpickled. ``save_hf(model, params, path)`` writes a folder that
 ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
 Supported: ``LlamaForCausalLM`` (LLaMA 2, 3, 3.1, 3.2), ``MistralForCausalLM`` (without a
-sliding window), ``Qwen2ForCausalLM`` (Qwen2/2.5), ``Qwen3ForCausalLM``. Both config styles
+sliding window), ``Qwen2ForCausalLM`` (Qwen2/2.5), ``Qwen3ForCausalLM``, and the
+mixture-of-experts ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM`` and
+``Qwen3MoeForCausalLM`` (every layer sparse: ``decoder_sparse_step=1`` and no
+``mlp_only_layers``). Expert weights are read and written one tensor per expert
+(``...experts.{j}.w1.weight`` / ``...experts.{j}.gate_proj.weight``), the layout
+``save_pretrained`` of transformers 4.x and 5.x writes; the fused 3-D in-memory layout of
+transformers 5.x (``mlp.experts.gate_up_proj``) is not read. Both config styles
 are read: transformers 4.x (``rope_theta``, ``rope_scaling``) and 5.x (``rope_parameters``).
 Anything the model would need but this family does not implement raises a ``ValueError``
 naming the field and its value, instead of loading a silently different model.
@@ -27,7 +33,8 @@ import numpy as np
 import safetensors.numpy
 from safetensors import safe_open
 
-from .decoder import ARCHITECTURES, Decoder, DecoderConfig
+from .decoder import (ARCHITECTURES, MOE_ARCHITECTURES, Decoder, DecoderConfig,
+                      decoder_class)
 from .layers import ROPE_SCALING_KEYS
 
 MODEL_TYPES = {
@@ -35,6 +42,9 @@ MODEL_TYPES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 # Tensors some checkpoints carry that hold no learned state (recomputed from the config).
 NON_PERSISTENT_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -85,11 +95,44 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> DecoderConfig:
         pad_token_id=hf.get("pad_token_id"),
         **ARCHITECTURES[arch],
     )
+    if arch == "Qwen2MoeForCausalLM":
+        fields["qkv_bias"] = bool(hf.get("qkv_bias", True))
+    if arch in MOE_ARCHITECTURES:
+        fields.update(_moe_from_hf(hf, arch))
     return DecoderConfig(**{**fields, **overrides})
 
 
+def _moe_from_hf(hf: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The :class:`DecoderConfig` MoE fields of a Mixtral / Qwen2-MoE / Qwen3-MoE config."""
+    if arch == "MixtralForCausalLM":
+        jitter = hf.get("router_jitter_noise") or 0.0
+        if jitter:
+            raise ValueError(f"config.json router_jitter_noise={jitter!r} is not supported "
+                             "(router jitter is not implemented); use 0.0")
+        fields = dict(n_experts=hf["num_local_experts"], d_expert=hf["intermediate_size"])
+    else:
+        step = hf.get("decoder_sparse_step", 1)
+        dense_layers = hf.get("mlp_only_layers") or []
+        if step != 1 or dense_layers:
+            raise ValueError(
+                f"config.json decoder_sparse_step={step!r}, mlp_only_layers={dense_layers!r}: "
+                "mixing dense and MoE layers is not supported (every layer must be an MoE "
+                "layer: decoder_sparse_step=1, mlp_only_layers=[])"
+            )
+        # Qwen3-MoE configs of transformers 5.x name it num_local_experts.
+        n_experts = hf.get("num_experts", hf.get("num_local_experts"))
+        fields = dict(n_experts=n_experts, d_expert=hf["moe_intermediate_size"],
+                      norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
+        if arch == "Qwen2MoeForCausalLM":
+            fields.update(d_shared_expert=hf["shared_expert_intermediate_size"],
+                          shared_expert_gated=True)
+    coef = hf.get("router_aux_loss_coef", 0.0) if hf.get("output_router_logits") else 0.0
+    return dict(fields, **MOE_ARCHITECTURES[arch], n_experts_per_tok=hf["num_experts_per_tok"],
+                router_aux_loss_coef=float(coef))
+
+
 def _refuse_sliding_window(hf: dict[str, Any], arch: str) -> None:
-    if arch == "MistralForCausalLM" and hf.get("sliding_window") is not None:
+    if arch in ("MistralForCausalLM", "MixtralForCausalLM") and hf.get("sliding_window"):
         raise ValueError(
             f"config.json sliding_window={hf['sliding_window']!r}: sliding-window attention "
             "is not supported (only full causal attention); use a checkpoint with "
@@ -112,7 +155,8 @@ def _refuse_sliding_window(hf: dict[str, Any], arch: str) -> None:
 def _refuse_unsupported_bias(hf: dict[str, Any], arch: str) -> None:
     # Llama and Qwen3 put attention_bias on q/k/v *and* o_proj; Qwen2 always has exactly a
     # q/k/v bias (its config has no switch); Mistral has none.
-    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM") and hf.get("attention_bias"):
+    if (arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+            and hf.get("attention_bias")):
         raise ValueError(
             f"config.json attention_bias={hf['attention_bias']!r} (a bias on q/k/v and "
             "o_proj) is not supported for " + arch
@@ -183,8 +227,22 @@ def config_to_hf(config: DecoderConfig) -> dict[str, Any]:
     )
     if config.rope_scaling is not None:
         hf["rope_scaling"] = dict(config.rope_scaling)  # transformers 4.x
-    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
         hf["attention_bias"] = False
+    if arch in MOE_ARCHITECTURES:
+        hf.update(num_experts_per_tok=config.n_experts_per_tok,
+                  router_aux_loss_coef=config.router_aux_loss_coef,
+                  output_router_logits=config.router_aux_loss_coef > 0)
+    if arch == "MixtralForCausalLM":
+        hf.update(num_local_experts=config.n_experts, intermediate_size=config.d_expert,
+                  router_jitter_noise=0.0)
+    elif arch in MOE_ARCHITECTURES:
+        hf.update(num_experts=config.n_experts, moe_intermediate_size=config.d_expert,
+                  norm_topk_prob=config.norm_topk_prob, decoder_sparse_step=1,
+                  mlp_only_layers=[])
+    if arch == "Qwen2MoeForCausalLM":
+        hf.update(shared_expert_intermediate_size=config.d_shared_expert,
+                  qkv_bias=config.qkv_bias)
     if arch == "LlamaForCausalLM":
         hf["mlp_bias"] = False
     if arch != "LlamaForCausalLM":
@@ -207,6 +265,8 @@ class _Tensor:
     hf_shape: tuple[int, ...]
     to_ours: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    # For one expert of a stacked (experts, ...) parameter: its index along that axis.
+    expert: int | None = None
 
 
 def _identity(x):
@@ -244,10 +304,13 @@ def _tensors(config: DecoderConfig) -> list[_Tensor]:
             ("self_attn.k_proj.weight", ("attn", "wk"), (kv * d, e), into_heads(kv)),
             ("self_attn.v_proj.weight", ("attn", "wv"), (kv * d, e), into_heads(kv)),
             ("self_attn.o_proj.weight", ("attn", "wo"), (e, h * d), out_of_heads),
-            ("mlp.gate_proj.weight", ("mlp", "gate"), (m, e), linear),
-            ("mlp.up_proj.weight", ("mlp", "up"), (m, e), linear),
-            ("mlp.down_proj.weight", ("mlp", "down"), (e, m), linear),
         ]
+        if config.n_experts == 0:
+            layer += [
+                ("mlp.gate_proj.weight", ("mlp", "gate"), (m, e), linear),
+                ("mlp.up_proj.weight", ("mlp", "up"), (m, e), linear),
+                ("mlp.down_proj.weight", ("mlp", "down"), (e, m), linear),
+            ]
         if config.qkv_bias:
             layer += [
                 ("self_attn.q_proj.bias", ("attn", "bq"), (h * d,), bias(h)),
@@ -261,6 +324,34 @@ def _tensors(config: DecoderConfig) -> list[_Tensor]:
             ]
         tensors += [_Tensor(hf + name, (ours, *path), shape, *convert)
                     for name, path, shape, convert in layer]
+        if config.n_experts > 0:
+            tensors += _moe_tensors(config, hf, ours, linear)
+    return tensors
+
+
+def _moe_tensors(config: DecoderConfig, hf: str, ours: str, linear) -> list[_Tensor]:
+    """The MoE tensors of one layer (``hf``: its HF name prefix, ``ours``: its key)."""
+    e, m, n = config.d_model, config.d_expert, config.n_experts
+    if config.hf_architecture == "MixtralForCausalLM":
+        block, names = "block_sparse_moe.", ("w1", "w3", "w2")
+    else:
+        block, names = "mlp.", ("gate_proj", "up_proj", "down_proj")
+    tensors = [_Tensor(hf + block + "gate.weight", (ours, "moe", "router"), (n, e), *linear)]
+    for j in range(n):
+        for name, param, shape in zip(names, ("gate", "up", "down"), ((m, e), (m, e), (e, m))):
+            tensors.append(_Tensor(f"{hf}{block}experts.{j}.{name}.weight",
+                                   (ours, "moe", param), shape, *linear, expert=j))
+    if config.d_shared_expert > 0:
+        s = config.d_shared_expert
+        for name, param, shape in (("gate_proj", "shared_gate", (s, e)),
+                                   ("up_proj", "shared_up", (s, e)),
+                                   ("down_proj", "shared_down", (e, s))):
+            tensors.append(_Tensor(f"{hf}{block}shared_expert.{name}.weight",
+                                   (ours, "moe", param), shape, *linear))
+    if config.shared_expert_gated:
+        tensors.append(_Tensor(hf + block + "shared_expert_gate.weight",
+                               (ours, "moe", "shared_expert_gate"), (1, e),
+                               lambda w: w.reshape(e), lambda w: w.reshape(1, e)))
     return tensors
 
 
@@ -268,7 +359,8 @@ def _tensors(config: DecoderConfig) -> list[_Tensor]:
 
 
 def load_hf(path, dtype=jnp.float32, scan_layers: bool = True) -> tuple[Decoder, dict]:
-    """Load a local Hugging Face checkpoint folder: ``(Decoder, params)``.
+    """Load a local Hugging Face checkpoint folder: ``(Decoder, params)`` (a
+    :class:`~mechinterp.models.decoder.MoEDecoder` for the mixture-of-experts architectures).
 
     ``dtype`` is both the compute and the parameter dtype. ``scan_layers`` picks the
     scanned (``layers``) or unrolled (``layers_0``, ...) parameter layout.
@@ -289,11 +381,17 @@ def load_hf(path, dtype=jnp.float32, scan_layers: bool = True) -> tuple[Decoder,
         node = unrolled
         for key in tensor.path[:-1]:
             node = node.setdefault(key, {})
-        node[tensor.path[-1]] = np.asarray(tensor.to_ours(arrays.pop(tensor.hf_name)), dtype)
+        value = np.asarray(tensor.to_ours(arrays.pop(tensor.hf_name)), dtype)
+        if tensor.expert is None:
+            node[tensor.path[-1]] = value
+        else:  # experts come in order 0, 1, ...: collect, stack below
+            node.setdefault(tensor.path[-1], []).append(value)
+    unrolled = jax.tree.map(lambda leaf: np.stack(leaf) if isinstance(leaf, list) else leaf,
+                            unrolled, is_leaf=lambda leaf: isinstance(leaf, list))
     if scan_layers:
         layers = [unrolled.pop(f"layers_{i}") for i in range(config.n_layers)]
         unrolled["layers"] = jax.tree.map(lambda *a: np.stack(a), *layers)
-    return Decoder(config), jax.tree.map(jnp.asarray, unrolled)
+    return decoder_class(config)(config), jax.tree.map(jnp.asarray, unrolled)
 
 
 def _safetensors_files(folder: Path) -> dict[str, Path]:
@@ -388,6 +486,8 @@ def save_hf(model: Decoder, params, path) -> None:
         value = params
         for key in tensor.path:
             value = value[key]
+        if tensor.expert is not None:
+            value = value[tensor.expert]
         expected = jax.eval_shape(tensor.to_ours,
                                   jax.ShapeDtypeStruct(tensor.hf_shape, dtype)).shape
         if value.shape != expected:

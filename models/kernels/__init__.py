@@ -1,0 +1,22 @@
+"""Pallas kernels (installed as ``mechinterp.models.kernels``).
+
+Each kernel has a plain ``jnp`` reference, a Pallas implementation and a dispatcher that picks
+by backend (``impl=None``: Pallas on GPU/TPU, the reference on CPU; ``impl="pallas"`` on CPU
+runs Pallas with ``interpret=True``, as the tests do). Differentiated kernels carry a
+``custom_vjp`` whose backward pass is a Pallas kernel too.
+
+None of the Pallas paths has been run on a GPU or TPU here; only interpret mode on CPU is
+tested.
+"""
+
+from .gating import (swiglu, swiglu_pallas, swiglu_reference, threshold_gain,
+                     threshold_gain_pallas, threshold_gain_reference)
+
+__all__ = [
+    "swiglu",
+    "swiglu_pallas",
+    "swiglu_reference",
+    "threshold_gain",
+    "threshold_gain_pallas",
+    "threshold_gain_reference",
+]
