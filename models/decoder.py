@@ -150,7 +150,7 @@ class DecoderConfig:
             raise ValueError(f"d_head={self.d_head} must be even for rotary embeddings")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
-        set_("rope_scaling", _check_rope_scaling(self.rope_scaling))
+        set_("rope_scaling", check_rope_scaling(self.rope_scaling))
         self._check_moe()
         if isinstance(self.eos_token_id, list):
             set_("eos_token_id", tuple(self.eos_token_id))
@@ -228,7 +228,7 @@ class DecoderConfig:
         )
 
 
-def _check_rope_scaling(scaling: Mapping[str, Any] | None) -> FrozenDict | None:
+def check_rope_scaling(scaling: Mapping[str, Any] | None) -> FrozenDict | None:
     """Validated, frozen ``rope_scaling`` (``None`` for plain RoPE)."""
     if scaling is None or scaling.get("rope_type") == "default":
         return None

@@ -34,8 +34,7 @@ import safetensors.numpy
 from safetensors import safe_open
 
 from .decoder import (ARCHITECTURES, MOE_ARCHITECTURES, Decoder, DecoderConfig,
-                      decoder_class)
-from .layers import ROPE_SCALING_KEYS
+                      check_rope_scaling, decoder_class)
 
 MODEL_TYPES = {
     "LlamaForCausalLM": "llama",
@@ -184,17 +183,11 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
             "rotate the whole head)"
         )
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind == "default":
-        return theta, None
-    if kind not in ROPE_SCALING_KEYS:
-        raise ValueError(
-            f"config.json {field} rope_type={kind!r} is not supported; supported: "
-            f"'default', {', '.join(repr(k) for k in ROPE_SCALING_KEYS)}"
-        )
-    missing = [key for key in ROPE_SCALING_KEYS[kind] if key not in params]
-    if missing:
-        raise ValueError(f"config.json {field} (rope_type={kind!r}) lacks keys {missing}")
-    return theta, {"rope_type": kind, **{key: params[key] for key in ROPE_SCALING_KEYS[kind]}}
+    try:
+        scaling = check_rope_scaling({**params, "rope_type": kind})
+    except ValueError as error:
+        raise ValueError(f"config.json {field}: {error}") from None
+    return theta, None if scaling is None else dict(scaling)
 
 
 def config_to_hf(config: DecoderConfig) -> dict[str, Any]:
