@@ -16,11 +16,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
+from typing import ClassVar
 
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
-
 from mechinterp.train.tasks import TaskMixture
 from mechinterp.train.tokenizer import WordTokenizer
 
@@ -43,7 +43,7 @@ class SyntheticTasks(tfds.core.GeneratorBasedBuilder):
     """
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First version."}
     # Nothing is downloaded, so there is no checksums file next to the code. (Left to
     # itself tfds would look for one via ``importlib_resources``, which it does not
     # install, and fail for builders defined inside an installed package.)
@@ -70,13 +70,22 @@ class SyntheticTasks(tfds.core.GeneratorBasedBuilder):
                 "test": self._generate_examples("test", config.num_test)}
 
     def _generate_examples(self, split: str, n: int):
-        for i, example in enumerate(self.builder_config.mixture.examples(split, n)):
-            yield i, example
+        yield from enumerate(self.builder_config.mixture.examples(split, n))
 
 
-def _config_name(mixture: TaskMixture, num_train: int, num_test: int) -> str:
-    digest = hashlib.sha256(repr((mixture, num_train, num_test)).encode()).hexdigest()
+def _config_name(*settings) -> str:
+    """A config directory name that changes whenever any of ``settings`` (by repr) does."""
+    digest = hashlib.sha256(repr(settings).encode()).hexdigest()
     return f"m{digest[:16]}"
+
+
+def prepare(builder_class: type[tfds.core.GeneratorBasedBuilder],
+            config: tfds.core.BuilderConfig, data_dir: str | Path):
+    """``builder_class(config)`` in ``data_dir`` as ``array_record``, generated once (later
+    calls with an equal config reuse the files)."""
+    builder = builder_class(config=config, data_dir=str(data_dir), file_format="array_record")
+    builder.download_and_prepare()
+    return builder
 
 
 def build_synthetic(mixture: TaskMixture, *, num_train: int, num_test: int,
@@ -86,9 +95,7 @@ def build_synthetic(mixture: TaskMixture, *, num_train: int, num_test: int,
         raise ValueError(f"need num_train >= 1 and num_test >= 0, got {num_train}, {num_test}")
     config = SyntheticTasksConfig(name=_config_name(mixture, num_train, num_test),
                                   mixture=mixture, num_train=num_train, num_test=num_test)
-    builder = SyntheticTasks(config=config, data_dir=str(data_dir), file_format="array_record")
-    builder.download_and_prepare()
-    return builder
+    return prepare(SyntheticTasks, config, data_dir)
 
 
 def synthetic_tokenizer(builder: SyntheticTasks) -> WordTokenizer:
