@@ -9,10 +9,26 @@ None of the Pallas paths has been run on a GPU or TPU here; only interpret mode 
 tested.
 """
 
-from .gating import (swiglu, swiglu_pallas, swiglu_reference, threshold_gain,
-                     threshold_gain_pallas, threshold_gain_reference)
+from .gating import (
+    swiglu,
+    swiglu_pallas,
+    swiglu_reference,
+    threshold_gain,
+    threshold_gain_pallas,
+    threshold_gain_reference,
+)
+from .router import (
+    RoutingPlan,
+    fused_router,
+    fused_router_pallas,
+    fused_router_reference,
+)
 
 __all__ = [
+    "RoutingPlan",
+    "fused_router",
+    "fused_router_pallas",
+    "fused_router_reference",
     "swiglu",
     "swiglu_pallas",
     "swiglu_reference",

@@ -1,0 +1,104 @@
+"""MoE kernels against their references: the fused router (Pallas, interpret mode on CPU) and
+the grouped matmul (ragged_dot, megablox in interpret mode, the block-padded Pallas kernel).
+
+Forward and gradient, several shapes, ties, uneven loads, empty experts, token counts that
+span several kernel blocks and do not fill the last one.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from mechinterp.models.kernels import (
+    fused_router,
+    fused_router_pallas,
+    fused_router_reference,
+)
+
+# (logits shape, k, router, norm_topk_prob, block_tokens, how the logits are made)
+ROUTER_CASES = [
+    ((37, 6), 2, "softmax", True, 8, "normal"),         # 5 blocks, the last one partial
+    ((3, 50, 10), 3, "sigmoid", False, 32, "normal"),   # leading axes, 5 blocks
+    ((64, 64), 8, "softmax", False, 128, "normal"),     # 64 experts, one block
+    ((40, 5), 2, "softmax", True, 16, "ties"),          # integer logits: many exact ties
+    ((48, 8), 2, "sigmoid", True, 16, "uneven"),        # skewed load, experts 5..7 empty
+    ((20, 4), 4, "softmax", False, 8, "normal"),        # k == number of experts
+]
+
+
+def make_logits(shape, how, seed=0):
+    logits = jax.random.normal(jax.random.key(seed), shape)
+    if how == "ties":
+        return jnp.round(logits)
+    if how == "uneven":
+        bias = jnp.array([3.0, 2.0, 1.0, 0.5, 0.0, -30.0, -30.0, -30.0])
+        return logits + bias
+    return logits
+
+
+def plan_loss(plan):
+    """A scalar that weighs every top-k slot and every probability differently."""
+    k = plan.weights.shape[-1]
+    e = plan.probs.shape[-1]
+    return (jnp.sum(plan.weights * jnp.linspace(1.0, -0.5, k))
+            + jnp.sum(jnp.sin(jnp.arange(e)) * plan.probs ** 2))
+
+
+def numpy_plan(indices, n_experts):
+    """Group sizes, offsets and the stable expert order with a float64-free numpy loop."""
+    flat = np.asarray(indices).reshape(-1)
+    sizes = np.array([(flat == e).sum() for e in range(n_experts)])
+    order = [a for e in range(n_experts) for a in range(flat.size) if flat[a] == e]
+    return sizes, np.cumsum(sizes) - sizes, np.array(order)
+
+
+@pytest.mark.parametrize("shape,k,router,norm,block,how", ROUTER_CASES)
+def test_fused_router_matches_reference(shape, k, router, norm, block, how):
+    logits = make_logits(shape, how)
+    def plan_and_grad(route):
+        def loss(x):
+            plan = route(x)
+            return plan_loss(plan), plan
+        (_, plan), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(logits)
+        return plan, grad
+
+    got, grad_fast = plan_and_grad(
+        lambda x: fused_router_pallas(x, k, router, norm, block_tokens=block))
+    want, grad_ref = plan_and_grad(lambda x: fused_router_reference(x, k, router, norm))
+    np.testing.assert_allclose(got.probs, want.probs, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.weights, want.weights, rtol=1e-6, atol=1e-7)
+    for name in ("indices", "group_sizes", "group_offsets", "order"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    sizes, offsets, order = numpy_plan(got.indices, shape[-1])
+    np.testing.assert_array_equal(got.group_sizes, sizes)
+    np.testing.assert_array_equal(got.group_offsets, offsets)
+    np.testing.assert_array_equal(got.order, order)
+    if how == "uneven":
+        assert (np.asarray(got.group_sizes)[5:] == 0).all()
+    np.testing.assert_allclose(grad_fast, grad_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_router_dispatch_dtype_and_bad_input():
+    logits = make_logits((12, 6), "normal")
+    # CPU picks the reference unless asked
+    np.testing.assert_array_equal(fused_router(logits, 2).order,
+                                  fused_router_reference(logits, 2).order)
+
+    def loss(x):
+        plan = fused_router(x, 2, impl="pallas")
+        return plan_loss(plan), plan
+
+    half = logits.astype(jnp.bfloat16)
+    (_, got), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(half)
+    want = fused_router_reference(half, 2)
+    assert got.probs.dtype == jnp.float32 and grad.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.probs, want.probs, rtol=1e-6)
+    np.testing.assert_array_equal(got.order, want.order)
+    with pytest.raises(ValueError, match="top-k=7"):
+        fused_router_pallas(logits, 7)
+    with pytest.raises(ValueError, match="router='relu'"):
+        fused_router_reference(logits, 2, "relu")
+    with pytest.raises(ValueError, match="impl='triton'"):
+        fused_router(logits, 2, impl="triton")
+    with pytest.raises(ValueError, match="block_tokens"):
+        fused_router_pallas(logits, 2, block_tokens=12)
