@@ -1,0 +1,518 @@
+"""Per-layer transcoders and residual-stream SAEs for a :class:`~mechinterp.models.Decoder`.
+
+A transcoder approximates one layer's MLP through a wide, sparse feature layer::
+
+    a = sigma(W_enc x + b_enc)            x = the MLP's input  (mlp_norm(resid_mid))
+    y_hat = W_dec^T a + b_dec             y = the MLP's output (site ``mlp_out``)
+
+and a residual SAE is the same module trained to reconstruct its own input (``y = x``).
+``sigma`` is one of
+
+- ``"relu"``: ``max(0, z)``, trained with the sparsity penalty
+  ``lambda * sum_f a_f ||W_dec,f||`` (Anthropic, "Towards Monosemanticity" / April 2024 update);
+- ``"topk"``: keep the ``k`` largest pre-activations (then ReLU), no penalty (Gao et al. 2024,
+  "Scaling and evaluating sparse autoencoders");
+- ``"jumprelu"``: ``z * H(z - theta)`` with a learned per-feature threshold ``theta``, trained
+  with an L0 penalty ``lambda * sum_f H(z_f - theta_f)`` whose gradient with respect to
+  ``theta`` comes from a straight-through estimator with a rectangle kernel of bandwidth
+  ``eps`` (Rajamanoharan et al. 2024, "Jumping Ahead", eqs. 11-12)::
+
+      d/dtheta JumpReLU(z)  := -(theta / eps) K((z - theta) / eps)
+      d/dtheta H(z - theta) := -(1 / eps) K((z - theta) / eps),   K(u) = 1[|u| < 1/2]
+
+  (the gradient with respect to ``z`` is the usual one: ``H(z - theta)`` for JumpReLU, 0
+  for the step).
+
+One :class:`Transcoder` is one layer; a model's transcoders are one parameter tree with a
+leading layer axis (built with ``jax.vmap`` of ``init``), like the decoder's scanned layers.
+Training streams activations: each step runs the decoder on a fresh batch of tokens
+(:func:`mlp_activations`) and nothing is stored.
+
+Splicing is an intervention on ``mlp_out`` (:func:`splice_interventions`): the MLP output is
+replaced by the transcoder's output, plus the error term ``mlp_out - y_hat`` when asked,
+which makes the spliced model reproduce the original exactly (to float rounding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mechinterp.api import capture, intervene
+from mechinterp.interventions import Intervention
+
+Array = jax.Array
+ACTIVATIONS = ("relu", "topk", "jumprelu")
+
+
+# ---------------------------------------------------------------------------------------
+# JumpReLU with straight-through threshold gradients.
+
+
+def _rectangle(u: Array) -> Array:
+    return (jnp.abs(u) < 0.5).astype(u.dtype)
+
+
+@jax.custom_vjp
+def jumprelu(z: Array, threshold: Array, bandwidth: float) -> Array:
+    """``z * H(z - threshold)``; threshold gradient by the rectangle-kernel estimator."""
+    return z * (z > threshold).astype(z.dtype)
+
+
+def _jumprelu_fwd(z, threshold, bandwidth):
+    return jumprelu(z, threshold, bandwidth), (z, threshold, bandwidth)
+
+
+def _jumprelu_bwd(res, g):
+    z, threshold, bandwidth = res
+    dz = g * (z > threshold).astype(z.dtype)
+    dthreshold = g * -(threshold / bandwidth) * _rectangle((z - threshold) / bandwidth)
+    dthreshold = jnp.sum(dthreshold.reshape(-1, *threshold.shape), axis=0)
+    return dz, dthreshold, None
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@jax.custom_vjp
+def step(z: Array, threshold: Array, bandwidth: float) -> Array:
+    """``H(z - threshold)`` (the L0 count); threshold gradient by the rectangle kernel."""
+    return (z > threshold).astype(z.dtype)
+
+
+def _step_fwd(z, threshold, bandwidth):
+    return step(z, threshold, bandwidth), (z, threshold, bandwidth)
+
+
+def _step_bwd(res, g):
+    z, threshold, bandwidth = res
+    dthreshold = g * -(1.0 / bandwidth) * _rectangle((z - threshold) / bandwidth)
+    dthreshold = jnp.sum(dthreshold.reshape(-1, *threshold.shape), axis=0)
+    return jnp.zeros_like(z), dthreshold, None
+
+
+step.defvjp(_step_fwd, _step_bwd)
+
+
+def topk_relu(z: Array, k: int) -> Array:
+    """Keep the ``k`` largest entries of the last axis (then ReLU), zero the rest."""
+    _, indices = jax.lax.top_k(z, k)
+    keep = jnp.sum(jax.nn.one_hot(indices, z.shape[-1], dtype=z.dtype), axis=-2)
+    return jax.nn.relu(z) * keep
+
+
+# ---------------------------------------------------------------------------------------
+# The module.
+
+
+def _centered_uniform(bound: float) -> Callable:
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+class Transcoder(nn.Module):
+    """One layer's sparse replacement: ``x (..., d_in) -> (y_hat (..., d_out), a (..., F))``.
+
+    Parameters ``W_enc`` (d_in, F), ``b_enc`` (F), ``W_dec`` (F, d_out), ``b_dec`` (d_out),
+    and for ``"jumprelu"`` ``log_threshold`` (F). Methods: :meth:`pre` (pre-activations),
+    :meth:`encode` (feature activations), :meth:`decode`, :meth:`threshold`. With
+    ``d_out == d_in`` and ``y = x`` it is a residual SAE.
+    """
+
+    d_in: int
+    d_out: int
+    n_features: int
+    activation: str = "relu"
+    k: int = 8
+    bandwidth: float = 0.05
+    init_threshold: float = 0.05
+
+    def setup(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r} is not one of {ACTIVATIONS}")
+        if self.activation == "topk" and not 1 <= self.k <= self.n_features:
+            raise ValueError(f"topk needs 1 <= k <= n_features={self.n_features}, got {self.k}")
+        init = _centered_uniform(1.0 / np.sqrt(self.d_in))
+        self.W_dec = self.param("W_dec", init, (self.n_features, self.d_out))
+        self.W_enc = self.param("W_enc", init, (self.d_in, self.n_features))
+        self.b_enc = self.param("b_enc", nn.initializers.zeros, (self.n_features,))
+        self.b_dec = self.param("b_dec", nn.initializers.zeros, (self.d_out,))
+        if self.activation == "jumprelu":
+            self.log_threshold = self.param(
+                "log_threshold", nn.initializers.constant(np.log(self.init_threshold)),
+                (self.n_features,))
+
+    def pre(self, x: Array) -> Array:
+        """Pre-activations ``W_enc^T x + b_enc`` (the quantity graph edges explain)."""
+        return x @ self.W_enc + self.b_enc
+
+    def threshold(self) -> Array:
+        """JumpReLU thresholds ``exp(log_threshold)`` (zeros for the other activations)."""
+        if self.activation == "jumprelu":
+            return jnp.exp(self.log_threshold)
+        return jnp.zeros((self.n_features,))
+
+    def encode(self, x: Array) -> Array:
+        z = self.pre(x)
+        if self.activation == "relu":
+            return jax.nn.relu(z)
+        if self.activation == "topk":
+            return topk_relu(z, self.k)
+        return jumprelu(z, self.threshold(), self.bandwidth)
+
+    def decode(self, a: Array) -> Array:
+        return a @ self.W_dec + self.b_dec
+
+    def sparsity(self, x: Array) -> Array:
+        """Per-token sparsity penalty before ``lambda``: sum_f a_f ||W_dec,f|| (relu),
+        sum_f H(z_f - theta_f) with the straight-through gradient (jumprelu), 0 (topk)."""
+        if self.activation == "relu":
+            norms = jnp.linalg.norm(self.W_dec, axis=-1)
+            return jnp.sum(self.encode(x) * norms, axis=-1)
+        if self.activation == "jumprelu":
+            return jnp.sum(step(self.pre(x), self.threshold(), self.bandwidth), axis=-1)
+        return jnp.zeros(x.shape[:-1])
+
+    def __call__(self, x: Array) -> tuple[Array, Array]:
+        a = self.encode(x)
+        return self.decode(a), a
+
+
+def init_layers(transcoder: Transcoder, key: Array, n_layers: int) -> dict:
+    """Parameters of ``n_layers`` independent transcoders, stacked on a leading layer axis."""
+    x = jnp.zeros((1, transcoder.d_in))
+    keys = jax.random.split(key, n_layers)
+    return jax.vmap(lambda k: transcoder.init(k, x)["params"])(keys)
+
+
+def apply_layers(transcoder: Transcoder, tc_params, x: Array, method: str = "__call__"):
+    """Apply every layer's transcoder to its own slice of ``x`` (layer, ..., d_in)."""
+    def one(p, xi):
+        return transcoder.apply({"params": p}, xi, method=getattr(Transcoder, method))
+    return jax.vmap(one)(tc_params, x)
+
+
+def layer_params(tc_params, layer: int) -> dict:
+    """One layer's parameters out of the stacked tree."""
+    return jax.tree.map(lambda a: a[layer], tc_params)
+
+
+# ---------------------------------------------------------------------------------------
+# Activations of a Decoder (no dependency on the family: parameters are read by name).
+
+
+def _per_layer(params: Mapping, path: tuple[str, ...], n_layers: int) -> Array:
+    """A per-layer parameter of a scanned (``layers``) or unrolled (``layers_i``) decoder."""
+    params = nn.meta.unbox(params)
+
+    def get(tree):
+        for key in path:
+            tree = tree[key]
+        return tree
+    if "layers" in params:
+        return get(params["layers"])
+    return jnp.stack([get(params[f"layers_{i}"]) for i in range(n_layers)])
+
+
+def rms_normalize(x: Array, weight: Array, eps: float) -> Array:
+    """The decoder's RMSNorm: ``weight * x / sqrt(mean(x^2) + eps)`` (normalized in float32)."""
+    h = x.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
+    return weight * h.astype(x.dtype)
+
+
+def mlp_norm_weight(model, params) -> Array:
+    """(layer, d_model): each layer's ``mlp_norm`` scale."""
+    return _per_layer(params, ("mlp_norm", "scale"), model.config.n_layers)
+
+
+def mlp_activations(model, params, tokens: Array, **kwargs) -> dict[str, Array]:
+    """One forward of ``model``: ``resid_mid``, ``mlp_in`` (= ``mlp_norm(resid_mid)``, the
+    MLP's input) and ``mlp_out``, each (layer, batch, pos, d_model)."""
+    _, cache = capture(model, params, tokens, sites=("resid_mid", "mlp_out"), **kwargs)
+    weight = mlp_norm_weight(model, params)[:, None, None, :]
+    mlp_in = rms_normalize(cache["resid_mid"], weight, model.config.rms_norm_eps)
+    return {"resid_mid": cache["resid_mid"], "mlp_in": mlp_in, "mlp_out": cache["mlp_out"]}
+
+
+def pairs(activations: Mapping[str, Array], kind: str) -> tuple[Array, Array]:
+    """``(inputs, targets)`` for ``kind="transcoder"`` (mlp_in -> mlp_out) or ``"sae"``
+    (resid_mid -> resid_mid), flattened to (layer, tokens, d_model)."""
+    if kind == "transcoder":
+        x, y = activations["mlp_in"], activations["mlp_out"]
+    elif kind == "sae":
+        x = y = activations["resid_mid"]
+    else:
+        raise ValueError(f"kind must be 'transcoder' or 'sae', got {kind!r}")
+    return x.reshape(x.shape[0], -1, x.shape[-1]), y.reshape(y.shape[0], -1, y.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------
+# Training.
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """How to train one transcoder (or SAE) per layer.
+
+    ``sparsity_coef`` is lambda in ``loss = NMSE + lambda * mean_tokens(sparsity)`` where
+    NMSE = sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 over the batch (scale free).
+    """
+
+    n_features: int = 256
+    activation: str = "relu"
+    kind: str = "transcoder"
+    k: int = 8
+    sparsity_coef: float = 1e-3
+    bandwidth: float = 0.05
+    init_threshold: float = 0.05
+    learning_rate: float = 1e-3
+    steps: int = 500
+    seed: int = 0
+
+    def module(self, d_model: int) -> Transcoder:
+        return Transcoder(d_in=d_model, d_out=d_model, n_features=self.n_features,
+                          activation=self.activation, k=self.k, bandwidth=self.bandwidth,
+                          init_threshold=self.init_threshold)
+
+
+def layer_losses(transcoder: Transcoder, tc_params, x: Array, y: Array, weights: Array,
+                 sparsity_coef: float) -> dict[str, Array]:
+    """Per-layer ``nmse``, ``sparsity`` and ``loss`` on (layer, tokens, d) pairs;
+    ``weights`` (tokens,) marks the tokens that count (1) and padding (0)."""
+    def one(p, xi, yi):
+        def call(module, xi):
+            return module(xi)[0], module.sparsity(xi)
+        y_hat, sparsity = nn.apply(call, transcoder)({"params": p}, xi)
+        total = jnp.sum(weights)
+        mean = jnp.sum(weights[:, None] * yi, axis=0) / total
+        sse = jnp.sum(weights * jnp.sum((yi - y_hat) ** 2, -1))
+        sst = jnp.sum(weights * jnp.sum((yi - mean) ** 2, -1))
+        sparsity = jnp.sum(weights * sparsity) / total
+        nmse = sse / sst
+        return {"nmse": nmse, "sparsity": sparsity, "loss": nmse + sparsity_coef * sparsity}
+    return jax.vmap(one)(tc_params, x, y)
+
+
+def unit_scale(a: Array, weights: Array, centre: bool) -> Array:
+    """(layer,) RMS per coordinate of ``a`` (layer, tokens, d) over weighted tokens,
+    around the weighted mean when ``centre``."""
+    total = jnp.sum(weights)
+    if centre:
+        a = a - jnp.sum(weights[None, :, None] * a, axis=1, keepdims=True) / total
+    return jnp.sqrt(jnp.sum(weights[None] * jnp.mean(a * a, -1), axis=1) / total)
+
+
+def fold_scales(tc_params, x_scale: Array, y_scale: Array) -> dict:
+    """Parameters trained on ``x / x_scale -> y / y_scale`` as parameters on raw ``x -> y``:
+    ``W_enc / x_scale``, ``W_dec * y_scale``, ``b_dec * y_scale``; activations (and so
+    thresholds and TopK) are unchanged."""
+    return {**tc_params, "W_enc": tc_params["W_enc"] / x_scale[:, None, None],
+            "W_dec": tc_params["W_dec"] * y_scale[:, None, None],
+            "b_dec": tc_params["b_dec"] * y_scale[:, None]}
+
+
+@dataclasses.dataclass
+class TrainedTranscoders:
+    """A module, its per-layer parameters (leading layer axis), the training config and the
+    loss history (one dict of per-layer arrays per logged step)."""
+
+    transcoder: Transcoder
+    params: Any
+    config: TrainingConfig
+    history: list[dict[str, np.ndarray]]
+
+
+def train_transcoders(model, params, batches: Iterable[Mapping[str, Array]],
+                      config: TrainingConfig, log_every: int = 50,
+                      callback: Callable[[int, dict], None] | None = None
+                      ) -> TrainedTranscoders:
+    """Train one transcoder (or SAE) per decoder layer on activations streamed from
+    ``model``: each batch ``{"tokens": (B, T), "valid": (B, T) optional}`` is run through the
+    decoder (:func:`mlp_activations`) and discarded after its step. ``valid`` (e.g.
+    ``tokens != pad_id``) marks the positions that enter the loss. Uses Adam (optax);
+    ``b_dec`` starts at the first batch's mean target."""
+    d_model = model.config.d_model
+    transcoder = config.module(d_model)
+    tc_params = init_layers(transcoder, jax.random.key(config.seed), model.config.n_layers)
+    tx = optax.adam(config.learning_rate)
+    opt_state = tx.init(tc_params)
+
+    @jax.jit
+    def train_step(tc_params, opt_state, x, y, weights, x_scale, y_scale):
+        x, y = x / x_scale[:, None, None], y / y_scale[:, None, None]
+
+        def loss_fn(p):
+            losses = layer_losses(transcoder, p, x, y, weights, config.sparsity_coef)
+            return jnp.sum(losses["loss"]), losses
+        grads, losses = jax.grad(loss_fn, has_aux=True)(tc_params)
+        updates, opt_state = tx.update(grads, opt_state, tc_params)
+        return optax.apply_updates(tc_params, updates), opt_state, losses
+
+    history = []
+    iterator = iter(batches)
+    for step_index in range(config.steps):
+        x, y, weights = _training_pairs(model, params, next(iterator), config.kind)
+        if step_index == 0:
+            x_scale = unit_scale(x, weights, centre=False)
+            y_scale = unit_scale(y, weights, centre=True)
+            mean = jnp.sum(weights[None, :, None] * y, axis=1) / jnp.sum(weights)
+            tc_params = {**tc_params, "b_dec": mean / y_scale[:, None]}
+        tc_params, opt_state, losses = train_step(tc_params, opt_state, x, y, weights,
+                                                  x_scale, y_scale)
+        if step_index % log_every == 0 or step_index == config.steps - 1:
+            record = {"step": step_index, **{k: np.asarray(v) for k, v in losses.items()}}
+            if not np.all(np.isfinite(record["loss"])):
+                raise FloatingPointError(f"transcoder loss is not finite at step {step_index}: "
+                                         f"{record['loss']}; lower learning_rate")
+            history.append(record)
+            if callback is not None:
+                callback(step_index, record)
+    return TrainedTranscoders(transcoder, fold_scales(tc_params, x_scale, y_scale), config,
+                              history)
+
+
+def _training_pairs(model, params, batch: Mapping[str, Array], kind: str):
+    tokens = jnp.asarray(batch["tokens"])
+    valid = batch.get("valid")
+    valid = jnp.ones(tokens.shape, jnp.float32) if valid is None else jnp.asarray(valid, jnp.float32)
+    x, y = pairs(mlp_activations(model, params, tokens), kind)
+    return x, y, valid.reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------
+# Splicing (an intervention on mlp_out) and evaluation.
+
+
+def _layer_mask(layers, n_layers: int) -> Array:
+    mask = np.zeros(n_layers, np.float32)
+    mask[list(range(n_layers)) if layers is None else list(layers)] = 1.0
+    return jnp.asarray(mask)[:, None, None, None]
+
+
+def splice_interventions(transcoder: Transcoder, tc_params, mlp_in: Array,
+                         mlp_out: Array | None = None, layers: Iterable[int] | None = None
+                         ) -> dict[str, Intervention]:
+    """``{"mlp_out": patch}`` replacing the MLP output of ``layers`` (default all) by the
+    transcoder's output on ``mlp_in`` (layer, batch, pos, d_model), plus the error term
+    ``mlp_out - y_hat`` when ``mlp_out`` is given (then the patch reproduces ``mlp_out``)."""
+    y_hat, _ = apply_layers(transcoder, tc_params, mlp_in)
+    value = y_hat if mlp_out is None else y_hat + (mlp_out - y_hat)
+    return {"mlp_out": Intervention.patch(value, mask=_layer_mask(layers, mlp_in.shape[0]))}
+
+
+def spliced_logits(model, params, tokens: Array, transcoder: Transcoder, tc_params, *,
+                   error_term: bool, layers: Iterable[int] | None = None) -> Array:
+    """Logits with the MLPs of ``layers`` replaced by their transcoders.
+
+    ``error_term=True``: one patched forward whose patch is ``y_hat + (mlp_out - y_hat)`` at
+    the clean activations, so the logits equal the original ones (to float rounding).
+    ``error_term=False``: each transcoder reads the MLP input of the spliced model. Layer
+    ``l``'s input depends only on layers ``< l``, so recomputing the patch from the spliced
+    model's own ``mlp_in`` ``n_layers`` times reaches the fixed point (n_layers + 1 forwards).
+    """
+    acts = mlp_activations(model, params, tokens)
+    if error_term:
+        ivs = splice_interventions(transcoder, tc_params, acts["mlp_in"], acts["mlp_out"], layers)
+        return intervene(model, params, tokens, interventions=ivs)
+    ivs = splice_interventions(transcoder, tc_params, acts["mlp_in"], layers=layers)
+    for _ in range(model.config.n_layers - 1):
+        acts = mlp_activations(model, params, tokens, interventions=ivs)
+        ivs = splice_interventions(transcoder, tc_params, acts["mlp_in"], layers=layers)
+    return intervene(model, params, tokens, interventions=ivs)
+
+
+def next_token_loss(logits: Array, tokens: Array, valid: Array | None = None) -> float:
+    """Mean cross entropy of ``logits[:, t]`` against ``tokens[:, t + 1]`` over positions
+    whose target is ``valid``."""
+    valid = jnp.ones(tokens.shape) if valid is None else jnp.asarray(valid, jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        logits[:, :-1].astype(jnp.float32), tokens[:, 1:])
+    return float(jnp.sum(losses * valid[:, 1:]) / jnp.sum(valid[:, 1:]))
+
+
+def evaluate(model, params, transcoder: Transcoder, tc_params,
+             batches: Iterable[Mapping[str, Array]], kind: str = "transcoder"
+             ) -> dict[str, Any]:
+    """Standard metrics over ``batches`` (same format as for training), per layer:
+
+    - ``mse``: mean over tokens of ``||y - y_hat||^2``;
+    - ``fve``: fraction of variance explained, ``1 - SSE / SST`` (SST around the mean of
+      all evaluated tokens);
+    - ``l0``: mean number of active features per token;
+    - ``dead_fraction``: share of features that never fired on any evaluated token;
+
+    and, for transcoders, the next-token loss of the clean model, of the model with every
+    MLP spliced without the error term (``loss_spliced``; with it the loss is the clean one),
+    with every MLP zero-ablated, and ``loss_recovered`` =
+    ``(loss_ablated - loss_spliced) / (loss_ablated - loss_clean)``.
+    """
+    sums = {"sse": 0.0, "y": 0.0, "yy": 0.0, "n": 0.0, "l0": 0.0, "fired": 0.0}
+    losses = {"clean": [], "spliced": [], "ablated": []}
+    for batch in batches:
+        x, y, w = _training_pairs(model, params, batch, kind)
+        y_hat, a = apply_layers(transcoder, tc_params, x)
+        w_ = w[None, :, None]
+        sums["sse"] += np.asarray(jnp.sum(w_ * (y - y_hat) ** 2, axis=(1, 2)))
+        sums["y"] += np.asarray(jnp.sum(w_ * y, axis=1))
+        sums["yy"] += np.asarray(jnp.sum(w_ * y ** 2, axis=(1, 2)))
+        sums["n"] += float(jnp.sum(w))
+        sums["l0"] += np.asarray(jnp.sum(w[None] * jnp.sum(a > 0, -1), axis=1))
+        sums["fired"] += np.asarray(jnp.sum(w_ * (a > 0), axis=1))
+        if kind == "transcoder":
+            tokens, valid = jnp.asarray(batch["tokens"]), batch.get("valid")
+            clean = intervene(model, params, tokens, interventions={})
+            spliced = spliced_logits(model, params, tokens, transcoder, tc_params,
+                                     error_term=False)
+            ablated = intervene(model, params, tokens,
+                                interventions={"mlp_out": Intervention.zero()})
+            for name, logits in (("clean", clean), ("spliced", spliced), ("ablated", ablated)):
+                losses[name].append(next_token_loss(logits, tokens, valid))
+    n = sums["n"]
+    sst = sums["yy"] - np.sum(sums["y"] ** 2, axis=-1) / n
+    out = {
+        "mse": sums["sse"] / n,
+        "fve": 1.0 - sums["sse"] / sst,
+        "l0": sums["l0"] / n,
+        "dead_fraction": np.mean(sums["fired"] == 0, axis=-1),
+    }
+    if kind == "transcoder":
+        clean, spliced, ablated = (float(np.mean(losses[k])) for k in ("clean", "spliced", "ablated"))
+        out.update(loss_clean=clean, loss_spliced=spliced, loss_ablated=ablated,
+                   loss_recovered=(ablated - spliced) / (ablated - clean))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Feature interventions.
+
+
+def steer_features(tc_params, features: Iterable[tuple[int, int, int]],
+                   deltas: Iterable[float], shape: tuple[int, ...]) -> dict[str, Intervention]:
+    """``{"mlp_out": steer}`` adding ``delta * W_dec[layer, feature]`` to the MLP output at
+    ``(layer, pos)`` for each ``(layer, pos, feature)``, in every batch row. ``shape`` is the
+    ``mlp_out`` site's shape (layer, batch, pos, d_model). Ablating a feature of activation
+    ``a`` is ``delta = -a``; scaling it by ``c`` is ``delta = (c - 1) a``."""
+    add = jnp.zeros(shape, tc_params["W_dec"].dtype)
+    for (layer, pos, feature), delta in zip(features, deltas, strict=True):
+        add = add.at[layer, :, pos].add(delta * tc_params["W_dec"][layer, feature])
+    return {"mlp_out": Intervention.steer(add)}
+
+
+def activation_batches(token_source: Callable[[int], np.ndarray], batch_size: int,
+                       pad_id: int | None = None, seed: int = 0) -> Iterator[dict[str, Array]]:
+    """Endless ``{"tokens", "valid"}`` batches from ``token_source(index) -> (T,) tokens``,
+    drawing random indices (``valid`` = not ``pad_id``)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        tokens = np.stack([token_source(int(i)) for i in rng.integers(0, 2**31, batch_size)])
+        valid = np.ones(tokens.shape, np.float32) if pad_id is None else (tokens != pad_id)
+        yield {"tokens": jnp.asarray(tokens), "valid": jnp.asarray(valid, jnp.float32)}
