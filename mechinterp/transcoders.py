@@ -222,11 +222,16 @@ def _per_layer(params: Mapping, path: tuple[str, ...], n_layers: int) -> Array:
     return jnp.stack([get(params[f"layers_{i}"]) for i in range(n_layers)])
 
 
-def rms_normalize(x: Array, weight: Array, eps: float) -> Array:
-    """The decoder's RMSNorm: ``weight * x / sqrt(mean(x^2) + eps)`` (normalized in float32)."""
+def rms_normalize(x: Array, weight: Array, eps: float, frozen: bool = False) -> Array:
+    """The decoder's RMSNorm: ``weight * x / sqrt(mean(x^2) + eps)`` (normalized in float32).
+
+    ``frozen``: the factor ``1 / sqrt(mean(x^2) + eps)`` is a constant for differentiation
+    (``stop_gradient``), so the norm is linear in ``x`` (attribution graphs)."""
     h = x.astype(jnp.float32)
-    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
-    return weight * h.astype(x.dtype)
+    factor = jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
+    if frozen:
+        factor = jax.lax.stop_gradient(factor)
+    return weight * (h * factor).astype(x.dtype)
 
 
 def mlp_norm_weight(model, params) -> Array:

@@ -1,0 +1,548 @@
+"""Attribution graphs over transcoder features (Ameisen et al. 2025, "Circuit Tracing:
+Revealing Computational Graphs in Language Models"; the circuit-tracer library).
+
+For one prompt, the *local replacement model* is the decoder with
+
+- every MLP replaced by its transcoder plus an error node (``mlp_out - y_hat``, a constant),
+- attention patterns frozen at their values on the prompt,
+- every RMSNorm's ``1 / rms(x)`` factor frozen at its value on the prompt.
+
+It is then linear from the *sources* (input token embeddings, active features'
+activations, error vectors) to the *targets* (feature pre-activations, logits), so the
+direct effect of source ``s`` on target ``t`` is exact::
+
+    A[t, s] = a_s * w_dec,s . d t / d (write at s's layer and position)
+
+with ``a_s`` the activation (1 for token and error nodes, whose written vector is the
+embedding / error itself). A target's incoming edges plus a constant (biases) add up to its
+value on the prompt. Gradients come from the real decoder, run with interventions
+(``attn.pattern`` and ``mlp_out`` patched, ``embed`` patched to the differentiated
+embeddings) and its RMSNorms frozen by a Flax method interceptor; the rows of ``A`` are
+``jax.vmap`` of one ``jax.vjp`` over chunks of targets.
+
+Node order (circuit-tracer's): features, error nodes (layer-major, ``layer * n_pos + pos``),
+token nodes, logit nodes. ``A[target, source]``; token and error rows are zero.
+
+Scores and pruning (circuit-tracer definitions), with ``Â = |A|`` row-normalized (each
+row divided by its sum) and ``w`` the logit nodes' probabilities (0 elsewhere):
+
+- influence ``I = w^T (Â + Â^2 + ...) = w^T ((1 - Â)^{-1} - 1)`` (a DAG: the series ends);
+- **replacement score** = ``I(tokens) / (I(tokens) + I(errors))``: the share of the logits'
+  (normalized) dependence on the inputs that flows from tokens through features only,
+  error nodes being the unexplained part. (METHODS.md's wording counts features with the
+  tokens; since every path ends at a token or an error node, circuit-tracer's form, used
+  here, is the one that sums to 1 with the error share.)
+- **completeness score** = ``sum_i (1 - e_i) (I_i + w_i) / sum_i (I_i + w_i)``, where
+  ``e_i = sum over error nodes j of Â[i, j]`` is the share of node i's normalized input
+  coming directly from error nodes.
+- node pruning keeps the most influential nodes up to cumulative share ``node_threshold``
+  of the total influence (tokens and logits always kept); edge pruning scores edge
+  ``s -> t`` by ``Â[t, s] (I_t + w_t)`` on the node-pruned graph and keeps edges up to
+  cumulative share ``edge_threshold``; then feature and error nodes left without kept
+  outgoing edges, and features left without kept incoming edges, are dropped (repeated
+  until nothing changes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mechinterp import api
+from mechinterp.interventions import Intervention
+from mechinterp.transcoders import (
+    Transcoder,
+    apply_layers,
+    mlp_norm_weight,
+    rms_normalize,
+    steer_features,
+)
+
+Array = jax.Array
+SCHEMA = "mechinterp.attribution_graph/1"
+
+
+# ---------------------------------------------------------------------------------------
+# The local replacement model.
+
+
+def _freeze_rms_norms(next_fun, args, kwargs, context):
+    """Flax method interceptor: every RMSNorm of the decoder with ``1/rms(x)`` treated as a
+    constant (stop_gradient), so the norm is linear in ``x`` around the prompt."""
+    from mechinterp.models.layers import RMSNorm  # only the decoder family needs this
+
+    module = context.module
+    if not (isinstance(module, RMSNorm) and context.method_name == "__call__"):
+        return next_fun(*args, **kwargs)
+    weight = nn.meta.unbox(module.get_variable("params", "scale"))
+    return rms_normalize(args[0], jnp.asarray(weight, module.dtype), module.eps, frozen=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prompt:
+    """The clean run of one prompt: what the local replacement model freezes."""
+
+    tokens: Array  # (1, T)
+    embed: Array  # (T, d)
+    pattern: Array  # (L, 1, H, T, T)
+    mlp_out: Array  # (L, T, d)
+    mlp_in: Array  # (L, T, d)
+    logits: Array  # (V,) at the last position
+
+
+def _clean_run(model, params, tokens: Array) -> _Prompt:
+    tokens = jnp.asarray(tokens)[None]
+    logits, cache = api.capture(model, params, tokens,
+                                sites=("embed", "attn.pattern", "resid_mid", "mlp_out"))
+    weight = mlp_norm_weight(model, params)[:, None, :]
+    mlp_in = rms_normalize(cache["resid_mid"][:, 0], weight, model.config.rms_norm_eps)
+    return _Prompt(tokens, cache["embed"][0], cache["attn.pattern"], cache["mlp_out"][:, 0],
+                   mlp_in, logits[0, -1])
+
+
+def _intervention_variables(model, tokens, kwargs, interventions) -> tuple[dict, dict]:
+    """The ``interventions`` collection for ``model.apply`` and the site infos (the layout
+    :func:`mechinterp.intervene` builds, checked the same way)."""
+    signature, _ = api._CallSignature.of((tokens,), kwargs)
+    infos = api._sites_for(model, signature)
+    for name, intervention in interventions.items():
+        api._check_intervention(name, intervention, infos[name])
+    return api._intervention_tree(interventions, infos), infos
+
+
+def replacement_forward(model, params, prompt: _Prompt, embed: Array, mlp_write: Array
+                        ) -> tuple[Array, Array]:
+    """The local replacement model: ``(embed (T, d), mlp_write (L, T, d))`` ->
+    ``(resid_mid (L, T, d), logits at the last position (V,))``, linear (affine) in its
+    inputs, equal to the decoder's values at ``(prompt.embed, prompt.mlp_out)``."""
+    tokens = prompt.tokens
+    kwargs = {"logit_positions": jnp.full((1, 1), tokens.shape[1] - 1, jnp.int32)}
+    interventions = {
+        "embed": Intervention.patch(embed[None]),
+        "attn.pattern": Intervention.patch(jax.lax.stop_gradient(prompt.pattern)),
+        "mlp_out": Intervention.patch(mlp_write[:, None]),
+    }
+    tree, infos = _intervention_variables(model, tokens, kwargs, interventions)
+    with nn.intercept_methods(_freeze_rms_norms):
+        logits, state = model.apply({"params": params, api.INTERVENTIONS: tree}, tokens,
+                                    mutable=[api.INTERMEDIATES], **kwargs)
+    resid_mid = api._stack_sites(state, infos, ("resid_mid",))["resid_mid"][:, 0]
+    return resid_mid, logits[0, 0]
+
+
+# ---------------------------------------------------------------------------------------
+# The graph.
+
+
+@dataclasses.dataclass
+class AttributionGraph:
+    """A prompt's attribution graph.
+
+    ``adjacency[t, s]``: direct effect of source ``s`` on target ``t`` (node order above).
+    ``features``: (S, 3) ``(layer, pos, feature)`` of the active features, with
+    ``activations`` (S,). ``logit_tokens`` / ``logit_probabilities`` (K,): the target
+    logits at the last position. ``target_values``: each feature's pre-activation and each
+    target's demeaned logit on the prompt (rows of ``adjacency`` sum to these minus
+    ``target_bias``, the constant part: biases of the encoder, decoder and attention).
+    """
+
+    adjacency: np.ndarray
+    features: np.ndarray
+    activations: np.ndarray
+    tokens: np.ndarray
+    logit_tokens: np.ndarray
+    logit_probabilities: np.ndarray
+    n_layers: int
+    target_values: np.ndarray
+    target_bias: np.ndarray
+    token_strings: list[str] | None = None
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_errors(self) -> int:
+        return self.n_layers * self.n_pos
+
+    @property
+    def n_logits(self) -> int:
+        return len(self.logit_tokens)
+
+    @property
+    def n_nodes(self) -> int:
+        return self.n_features + self.n_errors + self.n_pos + self.n_logits
+
+    def error_node(self, layer: int, pos: int) -> int:
+        return self.n_features + layer * self.n_pos + pos
+
+    def token_node(self, pos: int) -> int:
+        return self.n_features + self.n_errors + pos
+
+    def logit_node(self, k: int) -> int:
+        return self.n_nodes - self.n_logits + k
+
+    def feature_node(self, layer: int, pos: int, feature: int) -> int:
+        hit = np.flatnonzero((self.features == (layer, pos, feature)).all(axis=1))
+        if hit.size == 0:
+            raise KeyError(f"feature {feature} at layer {layer}, position {pos} is not active "
+                           "on this prompt, so it is not a node of the graph")
+        return int(hit[0])
+
+    def logit_weights(self) -> np.ndarray:
+        w = np.zeros(self.n_nodes)
+        w[self.n_nodes - self.n_logits:] = self.logit_probabilities
+        return w
+
+    def kinds(self) -> np.ndarray:
+        return np.array(["feature"] * self.n_features + ["error"] * self.n_errors
+                        + ["token"] * self.n_pos + ["logit"] * self.n_logits)
+
+
+def select_logits(logits: Array, max_logits: int = 10, desired_probability: float = 0.95
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The most likely tokens, fewest first reaching ``desired_probability`` in total, at
+    most ``max_logits``: ``(token ids, probabilities)`` (circuit-tracer's default)."""
+    probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32)), np.float64)
+    order = np.argsort(-probs)
+    n = int(np.searchsorted(np.cumsum(probs[order]), desired_probability) + 1)
+    keep = order[:min(n, max_logits)]
+    return keep, probs[keep]
+
+
+def attribute(model, params, tokens, transcoder: Transcoder, tc_params, *,
+              logit_tokens: Sequence[int] | None = None, max_logits: int = 10,
+              desired_probability: float = 0.95, chunk_size: int = 64,
+              token_strings: list[str] | None = None) -> AttributionGraph:
+    """The attribution graph of ``tokens`` (T,) for the logits at the last position.
+
+    ``logit_tokens``: target token ids (default: :func:`select_logits`). Rows of the
+    adjacency are computed ``chunk_size`` targets at a time, each chunk one
+    ``vmap(vjp)`` (the chunk is padded, so one compilation serves every chunk).
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be one prompt (T,), got shape {tokens.shape}; "
+                         "build one graph per prompt")
+    prompt = _clean_run(model, params, tokens)
+    y_hat, acts = apply_layers(transcoder, tc_params, prompt.mlp_in)
+    errors = prompt.mlp_out - y_hat
+    features = np.argwhere(np.asarray(acts) > 0)  # (S, 3): layer, pos, feature
+    activations = np.asarray(acts)[tuple(features.T)]
+    if logit_tokens is None:
+        logit_tokens, probs = select_logits(prompt.logits, max_logits, desired_probability)
+    else:
+        logit_tokens = np.asarray(logit_tokens)
+        all_probs = np.asarray(jax.nn.softmax(prompt.logits.astype(jnp.float32)))
+        probs = all_probs[logit_tokens].astype(np.float64)
+
+    feats = jnp.asarray(features)
+    encoder = tc_params["W_enc"][feats[:, 0], :, feats[:, 2]]  # (S, d)
+    enc_bias = tc_params["b_enc"][feats[:, 0], feats[:, 2]]
+    weight = mlp_norm_weight(model, params)[:, None, :]
+    eps = model.config.rms_norm_eps
+    logit_ids = jnp.asarray(logit_tokens)
+
+    def targets(embed, mlp_write):
+        resid_mid, logits = replacement_forward(model, params, prompt, embed, mlp_write)
+        mlp_in = rms_normalize(resid_mid, weight, eps, frozen=True)
+        pre = jnp.sum(mlp_in[feats[:, 0], feats[:, 1]] * encoder, -1) + enc_bias
+        return jnp.concatenate([pre, logits[logit_ids] - jnp.mean(logits)])
+
+    # Each source's written vector: a_s * w_dec,s (features), the error, the embedding.
+    decoder_rows = tc_params["W_dec"][feats[:, 0], feats[:, 2]] * jnp.asarray(activations)[:, None]
+
+    @jax.jit
+    def rows(cotangents):
+        values, pullback = jax.vjp(targets, prompt.embed, prompt.mlp_out)
+        g_embed, g_mlp = jax.vmap(pullback)(cotangents)
+        from_features = jnp.einsum("csd,sd->cs", g_mlp[:, feats[:, 0], feats[:, 1]],
+                                   decoder_rows)
+        from_errors = jnp.einsum("cltd,ltd->clt", g_mlp, errors).reshape(len(cotangents), -1)
+        from_tokens = jnp.einsum("ctd,td->ct", g_embed, prompt.embed)
+        return values, jnp.concatenate([from_features, from_errors, from_tokens], axis=1)
+
+    n_targets = len(features) + len(logit_tokens)
+    chunk_size = max(1, min(chunk_size, n_targets))
+    blocks, values = [], None
+    for start in range(0, n_targets, chunk_size):
+        index = np.arange(start, start + chunk_size)
+        cot = jax.nn.one_hot(np.minimum(index, n_targets - 1), n_targets)
+        cot = cot * (index < n_targets)[:, None]
+        values, block = rows(cot)
+        blocks.append(np.asarray(block)[: n_targets - start])
+    target_rows = np.concatenate(blocks)  # (n_targets, n_sources)
+
+    graph = AttributionGraph(
+        adjacency=np.zeros(()), features=features, activations=activations, tokens=tokens,
+        logit_tokens=np.asarray(logit_tokens), logit_probabilities=np.asarray(probs),
+        n_layers=model.config.n_layers, target_values=np.asarray(values, np.float64),
+        target_bias=np.zeros(()), token_strings=token_strings)
+    adjacency = np.zeros((graph.n_nodes, graph.n_nodes))
+    n_sources = target_rows.shape[1]
+    adjacency[:graph.n_features, :n_sources] = target_rows[:graph.n_features]
+    adjacency[graph.n_nodes - graph.n_logits:, :n_sources] = target_rows[graph.n_features:]
+    graph.adjacency = adjacency
+    graph.target_bias = graph.target_values - target_rows.sum(axis=1)
+    return graph
+
+
+# ---------------------------------------------------------------------------------------
+# Influence, scores, pruning (plain numpy, float64).
+
+
+def normalize_matrix(adjacency: np.ndarray) -> np.ndarray:
+    """``|A|`` with each row divided by its sum (rows summing to 0 stay 0)."""
+    absolute = np.abs(np.asarray(adjacency, np.float64))
+    sums = absolute.sum(axis=1, keepdims=True)
+    return np.divide(absolute, sums, out=np.zeros_like(absolute), where=sums > 0)
+
+
+def influence(normalized: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``w^T (Â + Â^2 + ...) = w^T ((1 - Â)^{-1} - 1)``: each node's total (normalized,
+    indirect and direct) influence on the weighted targets."""
+    n = len(normalized)
+    total = np.linalg.solve((np.eye(n) - normalized).T, weights)
+    return total - weights
+
+
+def cumulative_threshold(scores: np.ndarray, share: float) -> float:
+    """The smallest score kept when keeping the largest scores until their sum reaches
+    ``share`` of the total."""
+    ordered = np.sort(np.asarray(scores, np.float64).ravel())[::-1]
+    total = ordered.sum()
+    if total <= 0:
+        return np.inf
+    index = int(np.searchsorted(np.cumsum(ordered) / total, share))
+    return float(ordered[min(index, len(ordered) - 1)])
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphScores:
+    replacement: float
+    completeness: float
+
+
+def graph_scores(graph: AttributionGraph) -> GraphScores:
+    """Replacement and completeness scores (module docstring)."""
+    normalized = normalize_matrix(graph.adjacency)
+    weights = graph.logit_weights()
+    infl = influence(normalized, weights)
+    errors = slice(graph.n_features, graph.n_features + graph.n_errors)
+    token_start = graph.n_features + graph.n_errors
+    token_infl = infl[token_start: token_start + graph.n_pos].sum()
+    error_infl = infl[errors].sum()
+    non_error = 1.0 - normalized[:, errors].sum(axis=1)
+    output = infl + weights
+    return GraphScores(replacement=float(token_infl / (token_infl + error_infl)),
+                       completeness=float((non_error * output).sum() / output.sum()))
+
+
+@dataclasses.dataclass
+class PrunedGraph:
+    """Boolean ``node_mask`` (n_nodes,) and ``edge_mask`` (n_nodes, n_nodes) over the
+    graph's nodes and ``adjacency`` entries, and every node's ``influence`` on the logits
+    (unpruned graph)."""
+
+    graph: AttributionGraph
+    node_mask: np.ndarray
+    edge_mask: np.ndarray
+    influence: np.ndarray
+
+
+def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98
+          ) -> PrunedGraph:
+    """Prune by cumulative influence (module docstring; circuit-tracer's defaults)."""
+    for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"{name} must be in (0, 1], got {value}")
+    weights = graph.logit_weights()
+    node_infl = influence(normalize_matrix(graph.adjacency), weights)
+    always = graph.n_features + graph.n_errors  # tokens and logits from here on
+    node_mask = node_infl >= cumulative_threshold(node_infl[:always], node_threshold)
+    node_mask[always:] = True
+
+    pruned = graph.adjacency * node_mask[:, None] * node_mask[None, :]
+    normalized = normalize_matrix(pruned)
+    target_infl = influence(normalized, weights) + weights
+    edge_scores = normalized * target_infl[:, None]
+    edge_mask = (edge_scores >= cumulative_threshold(edge_scores, edge_threshold)) & (pruned != 0)
+
+    while True:
+        keep = node_mask.copy()
+        keep[:always] &= edge_mask[:, :always].any(axis=0)  # has a kept outgoing edge
+        keep[:graph.n_features] &= edge_mask[:graph.n_features].any(axis=1)  # and an incoming
+        edge_mask &= keep[:, None] & keep[None, :]
+        if (keep == node_mask).all():
+            break
+        node_mask = keep
+    return PrunedGraph(graph, node_mask, edge_mask, node_infl)
+
+
+# ---------------------------------------------------------------------------------------
+# Feature interventions: the graph's prediction against the model.
+
+
+def predicted_logit_effects(graph: AttributionGraph, feature_nodes: Sequence[int],
+                            deltas: Sequence[float], propagate: bool = True) -> np.ndarray:
+    """Change of each target's demeaned logit predicted by the graph when the activations
+    of ``feature_nodes`` change by ``deltas``.
+
+    Per unit of activation, source ``s`` moves target ``t`` by ``J[t, s] = A[t, s] / a_s``.
+    With ``propagate`` the change flows through downstream features, assumed to stay active
+    with slope 1 (the local replacement model): ``d = (1 - J_ff)^{-1} d0``; the logit change
+    is ``J_lf d``. Without it only the direct edges count.
+    """
+    nf = graph.n_features
+    jac = graph.adjacency[:, :nf] / graph.activations[None, :]
+    change = np.zeros(nf)
+    change[list(feature_nodes)] = deltas
+    if propagate:
+        change = np.linalg.solve(np.eye(nf) - jac[:nf], change)
+    return jac[graph.n_nodes - graph.n_logits:] @ change
+
+
+def actual_logit_effects(model, params, graph: AttributionGraph, tc_params,
+                         feature_nodes: Sequence[int], deltas: Sequence[float]) -> np.ndarray:
+    """Change of each target's demeaned logit (last position) in the real decoder when
+    ``delta * w_dec`` of each feature is added to its layer's MLP output at its position
+    (:func:`mechinterp.transcoders.steer_features`)."""
+    tokens = jnp.asarray(graph.tokens)[None]
+    shape = (graph.n_layers, 1, graph.n_pos, tc_params["W_dec"].shape[-1])
+    features = [tuple(int(v) for v in graph.features[i]) for i in feature_nodes]
+    steer = steer_features(tc_params, features, deltas, shape)
+    base = api.intervene(model, params, tokens, interventions={})[0, -1]
+    steered = api.intervene(model, params, tokens, interventions=steer)[0, -1]
+
+    def demeaned(logits):
+        return np.asarray(logits[graph.logit_tokens] - jnp.mean(logits), np.float64)
+    return demeaned(steered) - demeaned(base)
+
+
+# ---------------------------------------------------------------------------------------
+# Export.
+
+
+def _node(node_id: str, layer: int, pos: int, label: str, feature: int | None = None,
+          activation: float | None = None) -> dict[str, Any]:
+    return {"node_id": node_id, "layer": layer, "pos": pos, "feature": feature,
+            "activation": activation, "label": label}
+
+
+def _node_label(graph: AttributionGraph, i: int, kind: str) -> dict[str, Any]:
+    if kind == "feature":
+        layer, pos, feature = (int(v) for v in graph.features[i])
+        return _node(f"f{layer}.{pos}.{feature}", layer, pos, f"L{layer} #{feature}",
+                     feature, float(graph.activations[i]))
+    if kind == "error":
+        layer, pos = divmod(i - graph.n_features, graph.n_pos)
+        return _node(f"e{layer}.{pos}", layer, pos, f"err L{layer}")
+    if kind == "token":
+        pos = i - graph.n_features - graph.n_errors
+        words = graph.token_strings
+        return _node(f"t{pos}", -1, pos, words[pos] if words else str(int(graph.tokens[pos])))
+    k = i - (graph.n_nodes - graph.n_logits)
+    token = int(graph.logit_tokens[k])
+    return _node(f"l{token}", graph.n_layers, graph.n_pos - 1, f"logit {token}",
+                 activation=float(graph.logit_probabilities[k]))
+
+
+def to_json(pruned: PrunedGraph, scores: GraphScores | None = None,
+            vocabulary: Callable[[int], str] | None = None) -> dict[str, Any]:
+    """The pruned graph as plain data a browser viewer can read::
+
+        {"metadata": {"schema": "mechinterp.attribution_graph/1", "prompt_tokens": [ids],
+                      "prompt_strings": [..] | null, "n_layers", "logit_tokens",
+                      "logit_probabilities", "scores": {"replacement", "completeness"},
+                      "n_nodes_total", "n_edges_total"},
+         "nodes": [{"node_id", "kind": feature|error|token|logit, "layer" (-1 for tokens,
+                    n_layers for logits), "pos", "feature" (or null), "activation"
+                    (feature activation; probability for logits; null otherwise),
+                    "influence", "label"}],
+         "links": [{"source": node_id, "target": node_id, "weight": direct effect}]}
+    """
+    graph = pruned.graph
+    kinds = graph.kinds()
+    kept = np.flatnonzero(pruned.node_mask)
+    nodes = []
+    for i in kept:
+        node = {"kind": str(kinds[i]), **_node_label(graph, int(i), str(kinds[i])),
+                "influence": float(pruned.influence[i])}
+        if kinds[i] == "logit" and vocabulary is not None:
+            node["label"] = vocabulary(int(graph.logit_tokens[i - graph.n_nodes + graph.n_logits]))
+        nodes.append(node)
+    ids = {int(i): n["node_id"] for i, n in zip(kept, nodes, strict=True)}
+    targets, sources = np.nonzero(pruned.edge_mask)
+    links = [{"source": ids[int(s)], "target": ids[int(t)],
+              "weight": float(graph.adjacency[t, s])} for t, s in zip(targets, sources)]
+    metadata = {
+        "schema": SCHEMA,
+        "prompt_tokens": [int(t) for t in graph.tokens],
+        "prompt_strings": graph.token_strings,
+        "n_layers": graph.n_layers,
+        "logit_tokens": [int(t) for t in graph.logit_tokens],
+        "logit_probabilities": [float(p) for p in graph.logit_probabilities],
+        "scores": dataclasses.asdict(scores) if scores else None,
+        "n_nodes_total": graph.n_nodes,
+        "n_edges_total": int(np.count_nonzero(graph.adjacency)),
+    }
+    return {"metadata": metadata, "nodes": nodes, "links": links}
+
+
+def save_json(data: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(data, indent=1))
+
+
+def plot(data: dict[str, Any], path: str | Path, title: str = "") -> None:
+    """A static PNG of an exported graph: x = token position, y = layer (tokens at the
+    bottom, logits on top); edge colour = sign (blue +, red -), width ~ |weight|."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta = data["metadata"]
+    n_layers, n_pos = meta["n_layers"], len(meta["prompt_tokens"])
+    slots: dict[tuple[int, int], int] = {}
+    where = {}
+    for node in data["nodes"]:
+        cell = (node["layer"], node["pos"])
+        k = slots[cell] = slots.get(cell, 0) + 1
+        where[node["node_id"]] = (node["pos"] + 0.12 * (k - 1), node["layer"] + 1 + 0.06 * (k - 1))
+    fig, ax = plt.subplots(figsize=(1.2 * n_pos + 2, 0.9 * (n_layers + 2) + 1))
+    largest = max((abs(link["weight"]) for link in data["links"]), default=1.0) or 1.0
+    for link in data["links"]:
+        (x0, y0), (x1, y1) = where[link["source"]], where[link["target"]]
+        ax.plot([x0, x1], [y0, y1], color="tab:blue" if link["weight"] > 0 else "tab:red",
+                alpha=0.5, lw=0.3 + 3 * abs(link["weight"]) / largest, zorder=1)
+    colours = {"feature": "tab:orange", "error": "tab:gray", "token": "tab:green",
+               "logit": "tab:purple"}
+    for node in data["nodes"]:
+        x, y = where[node["node_id"]]
+        ax.scatter([x], [y], s=60, color=colours[node["kind"]], zorder=2)
+        if node["kind"] in ("token", "logit"):
+            ax.annotate(node["label"], (x, y), textcoords="offset points", xytext=(0, 7),
+                        ha="center", fontsize=8)
+    ax.set_yticks(range(n_layers + 2),
+                  ["tokens", *(f"L{i}" for i in range(n_layers)), "logits"])
+    ax.set_xticks(range(n_pos), meta["prompt_strings"] or [str(t) for t in meta["prompt_tokens"]],
+                  rotation=45, fontsize=8)
+    scores = meta.get("scores")
+    if scores:
+        title = (f"{title}  replacement {scores['replacement']:.2f}, completeness "
+                 f"{scores['completeness']:.2f}").strip()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
