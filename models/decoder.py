@@ -91,6 +91,14 @@ class DecoderConfig:
     ``router_z_loss_coef`` weight the balance loss and router z-loss sown into the
     ``'aux_loss'`` collection (0 = not computed). ``moe_impl`` is ``"dense"`` (every expert
     on every token, the reference) or ``"ragged"`` (sorted tokens + ``ragged_dot``).
+
+    Dropped sublayers (:mod:`mechinterp.llm_drop`): ``attn_layers`` / ``mlp_layers`` are the
+    sorted indices of the layers that keep their attention / MLP (``None``: every layer; a
+    tuple naming every layer is stored as ``None``). A layer without one has neither its
+    parameters nor its norm, and passes the residual through (``resid_mid`` equals
+    ``resid_pre``, or ``resid_post`` equals ``resid_mid``). ``scan_layers=True`` needs
+    every layer to have the same sublayers; Hugging Face formats cannot express the rest, so
+    :func:`~mechinterp.models.save_hf` refuses such a model.
     """
 
     vocab_size: int
@@ -124,6 +132,8 @@ class DecoderConfig:
     router_aux_loss_coef: float = 0.0
     router_z_loss_coef: float = 0.0
     moe_impl: str = "dense"
+    attn_layers: tuple[int, ...] | None = None
+    mlp_layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -152,6 +162,7 @@ class DecoderConfig:
             raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
         set_("rope_scaling", check_rope_scaling(self.rope_scaling))
         self._check_moe()
+        self._check_kept_layers()
         if isinstance(self.eos_token_id, list):
             set_("eos_token_id", tuple(self.eos_token_id))
         set_("dtype", jnp.dtype(self.dtype))
@@ -181,6 +192,36 @@ class DecoderConfig:
                         f"architecture={self.architecture!r} needs {feature}={needed!r}, got "
                         f"{getattr(self, feature)!r}; fix {feature} or set architecture=None"
                     )
+
+    def _check_kept_layers(self):
+        for name in ("attn_layers", "mlp_layers"):
+            kept = getattr(self, name)
+            if kept is None:
+                continue
+            kept = tuple(kept)
+            if (any(not isinstance(i, int) or not 0 <= i < self.n_layers for i in kept)
+                    or list(kept) != sorted(set(kept))):
+                raise ValueError(f"{name} must be sorted distinct layer indices in "
+                                 f"[0, {self.n_layers}) or None (every layer), got {kept!r}")
+            object.__setattr__(self, name, None if len(kept) == self.n_layers else kept)
+        if self.scan_layers and not self.uniform_layers:
+            raise ValueError(
+                f"scan_layers=True needs every layer to have the same sublayers, but "
+                f"attn_layers={self.attn_layers}, mlp_layers={self.mlp_layers}; set "
+                "scan_layers=False (unrolled layers)")
+
+    def has_attention(self, layer: int) -> bool:
+        """Whether layer ``layer`` keeps its attention sublayer."""
+        return self.attn_layers is None or layer in self.attn_layers
+
+    def has_mlp(self, layer: int) -> bool:
+        """Whether layer ``layer`` keeps its MLP (or MoE) sublayer."""
+        return self.mlp_layers is None or layer in self.mlp_layers
+
+    @property
+    def uniform_layers(self) -> bool:
+        """Whether every layer has the same sublayers (needed by ``scan_layers=True``)."""
+        return all(kept in (None, ()) for kept in (self.attn_layers, self.mlp_layers))
 
     def _check_moe(self):
         if not isinstance(self.n_experts, int) or self.n_experts < 0:
@@ -284,9 +325,13 @@ class Block(nn.Module):
 
     ``__call__(x, rope, mask, cache, cache_index) -> (x, new_cache)``, the signature
     ``nn.scan`` needs (carry first; ``cache`` is this layer's ``(k, v)`` or ``None``).
+    Without ``has_attn`` / ``has_mlp`` that sublayer (and its norm) is absent: the residual
+    passes through and the cache comes back unchanged.
     """
 
     config: DecoderConfig
+    has_attn: bool = True
+    has_mlp: bool = True
 
     @nn.compact
     def __call__(self, x, rope, mask, cache, cache_index):
@@ -311,11 +356,15 @@ class Block(nn.Module):
             out_site = "mlp_out"
 
         x = site(self, "resid_pre", x)
-        attn_out, new_cache = attention(norm(name="attn_norm")(x), rope, mask, cache,
-                                        cache_index)
-        x = site(self, "resid_mid", x + site(self, "attn_out", attn_out))
-        mlp_out = site(self, out_site, mlp(norm(name="mlp_norm")(x)))
-        x = site(self, "resid_post", x + mlp_out)
+        new_cache = cache
+        if self.has_attn:
+            attn_out, new_cache = attention(norm(name="attn_norm")(x), rope, mask, cache,
+                                            cache_index)
+            x = x + site(self, "attn_out", attn_out)
+        x = site(self, "resid_mid", x)
+        if self.has_mlp:
+            x = x + site(self, out_site, mlp(norm(name="mlp_norm")(x)))
+        x = site(self, "resid_post", x)
         x = nn.with_logical_constraint(x, RESIDUAL_AXES)
         return x, new_cache
 
@@ -429,13 +478,14 @@ class Decoder(nn.Module):
                 in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 length=c.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, name="layers")
+            )(c, has_attn=c.has_attention(0), has_mlp=c.has_mlp(0), name="layers")
             x, new_layer_cache = layers(x, rope, attend, layer_cache, index)
         else:
             per_layer = []
             for i in range(c.n_layers):
                 this = None if cache is None else jax.tree.map(lambda a: a[i], layer_cache)
-                x, new = Block(c, name=f"layers_{i}")(x, rope, attend, this, index)
+                x, new = Block(c, has_attn=c.has_attention(i), has_mlp=c.has_mlp(i),
+                               name=f"layers_{i}")(x, rope, attend, this, index)
                 per_layer.append(new)
             new_layer_cache = (None if cache is None
                                else jax.tree.map(lambda *a: jnp.stack(a), *per_layer))

@@ -468,6 +468,12 @@ def save_hf(model: Decoder, params, path) -> None:
     ``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads the result.
     """
     config = model.config
+    if config.attn_layers is not None or config.mlp_layers is not None:
+        raise ValueError(
+            f"this model has dropped sublayers (attn_layers={config.attn_layers}, mlp_layers="
+            f"{config.mlp_layers}); Hugging Face formats need every layer to have attention "
+            "and an MLP, so it cannot be saved with save_hf (save its params with Orbax, or "
+            "drop whole blocks, which gives a plain model with fewer layers)")
     params = dict(nn.meta.unbox(params))
     if "layers" in params:
         layers = params.pop("layers")
