@@ -13,6 +13,9 @@ from mechinterp.models.kernels import (
     fused_router,
     fused_router_pallas,
     fused_router_reference,
+    gmm,
+    gmm_ragged,
+    gmm_reference,
 )
 
 # (logits shape, k, router, norm_topk_prob, block_tokens, how the logits are made)
@@ -102,3 +105,48 @@ def test_fused_router_dispatch_dtype_and_bad_input():
         fused_router(logits, 2, impl="triton")
     with pytest.raises(ValueError, match="block_tokens"):
         fused_router_pallas(logits, 2, block_tokens=12)
+
+
+# --------------------------------------------------------------------------- grouped matmul
+
+# (M, K, N, group sizes): an empty middle group and uneven loads; one expert takes every row
+# (empty first and last groups, 128-wide tiles); fewer rows in groups than M (the rest are 0)
+GMM_CASES = [(40, 16, 24, [10, 0, 25, 5]), (200, 32, 128, [0, 200, 0]),
+             (30, 8, 12, [3, 3, 0, 3, 6])]
+
+
+@pytest.mark.parametrize("impl", ["ragged", "megablox"])
+@pytest.mark.parametrize("m,k,n,sizes", GMM_CASES)
+def test_grouped_matmul_matches_reference(impl, m, k, n, sizes):
+    sizes = jnp.array(sizes, jnp.int32)
+    k1, k2, k3 = jax.random.split(jax.random.key(m), 3)
+    lhs = jax.random.normal(k1, (m, k))
+    rhs = jax.random.normal(k2, (len(sizes), k, n))
+    dout = jax.random.normal(k3, (m, n))
+
+    def out_and_grads(fn):
+        out, vjp = jax.vjp(lambda a, b: fn(a, b, sizes), lhs, rhs)
+        return out, *vjp(dout)
+
+    got = jax.jit(lambda: out_and_grads(lambda *a: gmm(*a, impl=impl)))()
+    want = jax.jit(lambda: out_and_grads(gmm_reference))()
+    # float64 numpy per-row check of the reference itself
+    ends = np.cumsum(sizes)
+    rows = [np.asarray(lhs[r], np.float64) @ np.asarray(rhs[np.searchsorted(ends, r, "right")])
+            if r < ends[-1] else np.zeros(n) for r in range(m)]
+    np.testing.assert_allclose(want[0], np.stack(rows), rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+    assert (np.asarray(got[0])[int(ends[-1]):] == 0).all()
+
+
+def test_grouped_matmul_dispatch_and_bad_input():
+    lhs, rhs = jnp.ones((6, 4)), jnp.ones((2, 4, 3))
+    sizes = jnp.array([2, 4], jnp.int32)
+    np.testing.assert_array_equal(gmm(lhs, rhs, sizes), gmm_ragged(lhs, rhs, sizes))
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        gmm(lhs, rhs, sizes, impl="cuda")
+    with pytest.raises(ValueError, match="group_sizes"):
+        gmm(lhs, rhs, jnp.array([6], jnp.int32))
+    with pytest.raises(ValueError, match="K=5"):
+        gmm(jnp.ones((6, 5)), rhs, sizes)

@@ -1,5 +1,8 @@
 """Pallas kernels (installed as ``mechinterp.models.kernels``).
 
+Fused router (:mod:`.router`), grouped matmul over experts (:mod:`.gmm`: ``ragged_dot`` and
+the megablox TPU kernel) and gating kernels (:mod:`.gating`).
+
 Each kernel has a plain ``jnp`` reference, a Pallas implementation and a dispatcher that picks
 by backend (``impl=None``: Pallas on GPU/TPU, the reference on CPU; ``impl="pallas"`` on CPU
 runs Pallas with ``interpret=True``, as the tests do). Differentiated kernels carry a
@@ -17,6 +20,7 @@ from .gating import (
     threshold_gain_pallas,
     threshold_gain_reference,
 )
+from .gmm import gmm, gmm_megablox, gmm_ragged, gmm_reference
 from .router import (
     RoutingPlan,
     fused_router,
@@ -29,6 +33,10 @@ __all__ = [
     "fused_router",
     "fused_router_pallas",
     "fused_router_reference",
+    "gmm",
+    "gmm_megablox",
+    "gmm_ragged",
+    "gmm_reference",
     "swiglu",
     "swiglu_pallas",
     "swiglu_reference",
