@@ -1,0 +1,178 @@
+"""How a decoder uses its depth: contributions, layer skipping, logit lens, residual maps.
+
+After "Do Language Models Use Their Depth Efficiently?" (Csordás, Manning and Potts,
+2025). With the pre-norm residual ``h_{l+1} = h_l + a_l + m_l`` (``h_l`` = ``resid_pre``,
+``a_l`` = ``attn_out``, ``m_l`` = ``mlp_out``), averaged over tokens:
+
+- :func:`layer_contributions`: relative contribution ``||a_l + m_l|| / ||h_l||`` (and
+  ``||a_l|| / ||h_l||``, ``||m_l|| / ||h_l||``), and the cosines ``cos(a_l, h_l)``,
+  ``cos(m_l, h_l)``, ``cos(a_l + m_l, h_l)`` (negative: the layer erases what is there).
+- :func:`skip_effects`: skip layer ``s`` (``a_s`` and ``m_s`` zeroed, so ``h_{s+1} =
+  h_s``) and measure the relative change ``||c'_l - c_l|| / ||c_l||`` of every later layer's
+  contribution ``c_l = a_l + m_l`` (the paper's heatmap), and the change of the output
+  distribution: ``KL(p || p_skip)`` and top-1 agreement.
+- :func:`logit_lens`: the final norm and unembedding applied to the stream after each
+  layer: ``KL(p_final || p_l)`` and the overlap of the top-k tokens.
+- :func:`residual_map_r2`: ridge maps from model A's stream after layer ``i`` to model B's
+  after layer ``j`` on the same tokens, ``R^2`` on held-out tokens.
+
+Everything reads or edits sites (:func:`mechinterp.capture` / interventions), so it works
+on any decoder with these sites; the logit lens feeds ``h_l`` through the model's own
+final norm and unembedding by patching the last layer's ``resid_post`` to it. The paper's
+skip measure is a maximum over positions; ours is the mean (one number per token pair).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mechinterp.api import capture, intervene, list_sites
+from mechinterp.interventions import Intervention
+from mechinterp.llm_drop import cosine, mlp_out_site, token_batches
+
+
+def _masked_mean(values, mask) -> np.ndarray:
+    """Mean of ``values`` (..., batch, pos) over the positions where ``mask`` is true."""
+    weight = jnp.asarray(mask, jnp.float32)
+    return np.asarray((values * weight).sum((-2, -1)) / weight.sum(), np.float64)
+
+
+def layer_contributions(model, params, tokens, token_mask=None, batch_size: int = 64):
+    """Per-layer relative norms and cosines (see the module docstring), each an array of
+    length ``n_layers``: ``rel_layer``, ``rel_attn``, ``rel_mlp``, ``cos_layer``,
+    ``cos_attn``, ``cos_mlp``."""
+    totals, count = {}, 0
+    for batch, mask in token_batches(tokens, token_mask, batch_size):
+        mlp = mlp_out_site(list_sites(model, batch))
+        _, acts = capture(model, params, batch, sites=("resid_pre", "attn_out", mlp))
+        h = acts["resid_pre"].astype(jnp.float32)
+        parts = {"attn": acts["attn_out"].astype(jnp.float32),
+                 "mlp": acts[mlp].astype(jnp.float32)}
+        parts["layer"] = parts["attn"] + parts["mlp"]
+        h_norm = jnp.maximum(jnp.linalg.norm(h, axis=-1), 1e-12)
+        n = int(mask.sum())
+        for name, out in parts.items():
+            for key, value in ((f"rel_{name}", jnp.linalg.norm(out, axis=-1) / h_norm),
+                               (f"cos_{name}", cosine(out, h))):
+                totals[key] = totals.get(key, 0.0) + _masked_mean(value, mask) * n
+        count += n
+    return {key: total / count for key, total in totals.items()}
+
+
+def _skip(sites, layer: int) -> dict[str, Intervention]:
+    """Zero the attention and MLP outputs of ``layer`` (the layer becomes the identity)."""
+    n_layers = sites["resid_pre"].shape[0]
+    mask = (jnp.arange(n_layers) == layer).astype(jnp.float32)[:, None, None, None]
+    return {name: Intervention(scale=0.0, add=0.0, mask=mask)
+            for name in ("attn_out", mlp_out_site(sites))}
+
+
+def _kl(log_p, log_q):
+    """``KL(p || q)`` over the last axis from log-probabilities."""
+    return (jnp.exp(log_p) * (log_p - log_q)).sum(-1)
+
+
+def skip_effects(model, params, tokens, token_mask=None):
+    """Effects of skipping each layer ``s``: ``contribution_change`` (s, l), the mean
+    relative change of layer ``l``'s contribution (NaN for ``l <= s``, which skipping ``s``
+    cannot change or removes), ``output_kl`` (s,) = mean ``KL(p || p_skip s)`` of the next-token
+    distributions and ``top1_agreement`` (s,)."""
+    (batch, mask), = token_batches(tokens, token_mask, batch_size=len(tokens))
+    sites = list_sites(model, batch)
+    mlp = mlp_out_site(sites)
+    n_layers = sites["resid_pre"].shape[0]
+
+    def run(interventions):
+        logits, acts = capture(model, params, batch, sites=("attn_out", mlp),
+                               interventions=interventions)
+        out = acts["attn_out"].astype(jnp.float32) + acts[mlp].astype(jnp.float32)
+        return jax.nn.log_softmax(logits.astype(jnp.float32), -1), out
+
+    log_p, base = run({})
+    base_norm = jnp.maximum(jnp.linalg.norm(base, axis=-1), 1e-12)
+    change = np.full((n_layers, n_layers), np.nan)
+    kl, agree = np.zeros(n_layers), np.zeros(n_layers)
+    for s in range(n_layers):
+        log_q, out = run(_skip(sites, s))
+        rel = jnp.linalg.norm(out - base, axis=-1) / base_norm  # (layer, batch, pos)
+        change[s, s + 1:] = _masked_mean(rel, mask)[s + 1:]
+        kl[s] = _masked_mean(_kl(log_p, log_q), mask)
+        agree[s] = _masked_mean((log_p.argmax(-1) == log_q.argmax(-1)).astype(jnp.float32),
+                                mask)
+    return {"contribution_change": change, "output_kl": kl, "top1_agreement": agree}
+
+
+def residual_states(model, params, tokens, token_mask=None):
+    """The stream after each layer, embeddings first: ``(n_layers + 1, n_tokens, d_model)``
+    over the positions where ``token_mask`` is true (float32)."""
+    (batch, mask), = token_batches(tokens, token_mask, batch_size=len(tokens))
+    _, acts = capture(model, params, batch, sites=("resid_pre", "resid_post"))
+    states = jnp.concatenate([acts["resid_pre"][:1], acts["resid_post"]]).astype(jnp.float32)
+    return np.asarray(states)[:, mask]
+
+
+def logit_lens(model, params, tokens, token_mask=None, k: int = 5):
+    """Logit lens after each layer (embeddings first, ``n_layers + 1`` entries): ``kl`` =
+    mean ``KL(p_final || p_l)`` and ``topk_overlap`` = mean share of the final top-``k``
+    tokens among layer ``l``'s top-``k``. ``p_l`` is the model's final norm and unembedding
+    applied to the stream after layer ``l`` (the last layer's ``resid_post`` patched to it)."""
+    (batch, mask), = token_batches(tokens, token_mask, batch_size=len(tokens))
+    sites = list_sites(model, batch)
+    n_layers = sites["resid_pre"].shape[0]
+    logits, acts = capture(model, params, batch, sites=("resid_pre", "resid_post"))
+    states = jnp.concatenate([acts["resid_pre"][:1], acts["resid_post"]])
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    top_final = jax.lax.top_k(log_p, k)[1]
+    last = (jnp.arange(n_layers) == n_layers - 1).astype(jnp.float32)[:, None, None, None]
+    kl, overlap = np.zeros(n_layers + 1), np.zeros(n_layers + 1)
+    for layer, state in enumerate(states):
+        lens = intervene(model, params, batch, interventions={
+            "resid_post": Intervention(scale=0.0, add=state, mask=last)})
+        log_q = jax.nn.log_softmax(lens.astype(jnp.float32), -1)
+        top = jax.lax.top_k(log_q, k)[1]
+        shared = (top_final[..., :, None] == top[..., None, :]).any(-1).mean(-1)
+        kl[layer] = _masked_mean(_kl(log_p, log_q), mask)
+        overlap[layer] = _masked_mean(shared, mask)
+    return {"kl": kl, "topk_overlap": overlap}
+
+
+def ridge_r2(x, y, ridge: float = 1e-3, test_fraction: float = 0.25, seed: int = 0) -> float:
+    """``R^2`` on held-out rows of the ridge map ``x -> y`` (rows are tokens).
+
+    Fit on a random ``1 - test_fraction`` of the rows, centred, with penalty ``ridge *
+    trace(X^T X) / d_x`` (scale-free), in float64; ``R^2 = 1 - SSE / SST`` summed over
+    ``y``'s dimensions on the test rows."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must be (tokens, features) with the same tokens, got "
+                         f"{x.shape} and {y.shape}")
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = round(test_fraction * len(x))
+    if n_test < 1 or len(x) - n_test < 2:
+        raise ValueError(f"{len(x)} tokens are too few to fit and test a map "
+                         f"(test_fraction={test_fraction})")
+    test, train = order[:n_test], order[n_test:]
+    x_mean, y_mean = x[train].mean(0), y[train].mean(0)
+    xt, yt = x[train] - x_mean, y[train] - y_mean
+    gram = xt.T @ xt
+    penalty = ridge * np.trace(gram) / gram.shape[0]
+    weights = np.linalg.solve(gram + penalty * np.eye(gram.shape[0]), xt.T @ yt)
+    predicted = (x[test] - x_mean) @ weights + y_mean
+    sst = ((y[test] - y[test].mean(0)) ** 2).sum()
+    return float(1.0 - ((y[test] - predicted) ** 2).sum() / max(sst, 1e-300))
+
+
+def residual_map_r2(model_a, params_a, model_b, params_b, tokens, token_mask=None, **ridge):
+    """``R^2[i, j]`` of ridge maps from model A's stream after layer ``i`` to model B's after
+    layer ``j`` (embeddings = 0), both run on the same ``tokens``; see :func:`ridge_r2`."""
+    vocab = {name: list_sites(m, np.asarray(tokens)[:1])["logits"].shape[-1]
+             for name, m in (("A", model_a), ("B", model_b))}
+    if vocab["A"] != vocab["B"]:
+        raise ValueError(f"the models have different vocabularies ({vocab['A']} vs "
+                         f"{vocab['B']} logits), so the same token ids mean different things; "
+                         "compare models trained on the same tokenizer")
+    states_a = residual_states(model_a, params_a, tokens, token_mask)
+    states_b = residual_states(model_b, params_b, tokens, token_mask)
+    return np.array([[ridge_r2(a, b, **ridge) for b in states_b] for a in states_a])
