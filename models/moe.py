@@ -12,6 +12,26 @@ Routing (``x`` one token, ``W_r`` the router, ``E`` experts, top ``k``):
   with ``norm_topk_prob`` ``w_i = p_i / sum_{j in S} p_j`` (Mixtral always renormalizes).
 - ``router="sigmoid"`` (DeepSeek-V3 style gating): ``p = sigmoid(l)``, the same top-k, and
   ``w_i = p_i`` or, with ``norm_topk_prob``, ``p_i / sum_{j in S} p_j``.
+- ``router="centroid"`` (Moirai-MoE, Liu et al. 2024): the logits are negative squared
+  distances to fixed centroids ``c_i`` (given, e.g. k-means of a pretrained model's
+  token representations; never trained): ``l_i = -||x - c_i||^2``; then as softmax, so the
+  ``k`` nearest centroids are selected.
+- ``router="expert_choice"`` (Zhou et al. 2022): ``P = softmax(X W_r)`` over experts for all
+  ``N = batch * pos`` tokens, and each expert takes its ``C`` highest-scoring tokens
+  (``G, I = TopK(P^T, C)``): ``w_{t,i} = P_{t,i}`` if ``t`` is in expert ``i``'s pick, else 0.
+  A token may get any number of experts (0 included: it then passes through the residual).
+  Tokens of the whole batch, all positions, compete (not causal). Executed densely.
+
+Capacity (``capacity_factor``; ``None`` = dropless): expert capacity
+``C = ceil(capacity_factor * N * k / E)``, at most ``N`` (for expert choice the tokens each
+expert takes, with ``k`` the average experts per token and ``None`` meaning factor 1). With token-choice routers each expert keeps its first ``C`` assignments in
+priority order -- every token's first choice in token order, then every second choice
+(GShard) -- and a dropped assignment's weight becomes 0 (the others are not renormalized);
+a token with every choice dropped passes through the residual stream unchanged.
+
+Jitter (Switch Transformer): with ``jitter_noise = eps > 0`` and a ``'dropout'`` rng (the
+train step passes one; analysis runs do not), the router sees ``x * u``,
+``u ~ Uniform(1 - eps, 1 + eps)`` elementwise; the experts see ``x``.
 
 Output: ``y = sum_i w_i E_i(x) + s(x) * S(x)`` where ``E_i(x) = down_i(silu(x gate_i) *
 (x up_i))`` and ``S`` is the shared expert (a SwiGLU MLP of width ``d_shared``; DeepSeek's
@@ -27,6 +47,9 @@ Auxiliary losses are sown, already weighted, into the ``'aux_loss'`` collection
   ``sum_i f_i = k``, as transformers' ``load_balancing_loss_func``) and ``P_i`` the mean
   router probability of expert ``i``; ``alpha = aux_loss_coef``. It is computed per layer
   over every token of the batch, padding included.
+- with ``balance_loss_form="dit"`` instead, DiT-MoE's (Fei et al. 2024; DeepSeekMoE eq. 12)
+  ``alpha * sum_i f'_i P_i`` with ``f'_i = E / (k N) * count_i`` (``1`` per expert under a
+  uniform load), i.e. the Switch form divided by ``k``;
 - router z-loss (ST-MoE eq. 5): ``beta * mean_tokens(logsumexp(l)^2)``,
   ``beta = z_loss_coef``.
 
@@ -34,7 +57,11 @@ Execution is dropless (no capacity, no token ever dropped). ``impl="dense"`` eva
 every expert on every token and combines with the dense (batch, pos, expert) weights: the
 reference, exact and simple, ``E`` times the FLOPs. ``impl="ragged"`` sorts the ``k`` copies
 of each token by expert and runs the three matmuls with :func:`jax.lax.ragged_dot`
-(FLOPs of ``k`` experts per token). Reading ``moe.expert_out`` or editing ``moe.weights``
+(FLOPs of ``k`` experts per token; dropped assignments are computed with weight 0).
+``router_impl`` picks how top-k routing and the sort are computed: ``"jnp"`` (default,
+:func:`route`), ``"fused"`` (:func:`~mechinterp.models.kernels.router.fused_router`: the
+fused Pallas router on GPU, its jnp reference elsewhere) or ``"pallas"`` (the Pallas kernel
+everywhere, interpreted on CPU); all give the same routing. Reading ``moe.expert_out`` or editing ``moe.weights``
 or ``moe.expert_out`` always uses the dense path (an edit may give weight to an expert the
 router did not select), so with ``impl="ragged"`` such runs agree with plain runs to float
 rounding, not bit for bit; with ``impl="dense"`` a no-op edit of ``moe.expert_out``,
@@ -53,6 +80,7 @@ each expert's write, computed only when read or edited and folded back as a diff
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -61,6 +89,7 @@ import jax.numpy as jnp
 
 from mechinterp.sites import INTERVENTIONS, site, site_is_used
 
+from .kernels.router import check_routing, fused_router, topk_reference
 from .layers import logical_param
 
 Array = jax.Array
@@ -68,29 +97,22 @@ DType = Any
 
 #: The collection auxiliary losses are sown into (``train.step.AUX_LOSS`` has this value).
 AUX_LOSS = "aux_loss"
-ROUTERS = ("softmax", "sigmoid")
+ROUTERS = ("softmax", "sigmoid", "centroid", "expert_choice")
 IMPLS = ("dense", "ragged")
+ROUTER_IMPLS = ("jnp", "fused", "pallas")
+BALANCE_FORMS = ("switch", "dit")
 
 
 def route(logits: Array, k: int, router: str = "softmax",
           norm_topk_prob: bool = False) -> tuple[Array, Array, Array]:
-    """``(probs, topk_weights, topk_indices)`` from router logits (..., experts).
+    """``(probs, topk_weights, topk_indices)`` from router logits (..., experts) for the
+    token-choice routers ``"softmax"`` and ``"sigmoid"``.
 
     ``probs`` is float32 (softmax or sigmoid of the logits); ``topk_weights`` (..., k) are
     the selected probabilities, renormalized to sum to 1 when ``norm_topk_prob``.
     """
-    n_experts = logits.shape[-1]
-    if not 1 <= k <= n_experts:
-        raise ValueError(f"top-k={k} must be between 1 and the number of experts "
-                         f"({n_experts})")
-    if router not in ROUTERS:
-        raise ValueError(f"router={router!r} is not supported; supported: {ROUTERS}")
-    scores = logits.astype(jnp.float32)
-    probs = jax.nn.softmax(scores, axis=-1) if router == "softmax" else jax.nn.sigmoid(scores)
-    weights, indices = jax.lax.top_k(probs, k)
-    if norm_topk_prob:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return probs, weights, indices
+    check_routing(logits.shape[-1], k, router)
+    return topk_reference(logits, k, router, norm_topk_prob)
 
 
 def dense_weights(weights: Array, indices: Array, n_experts: int) -> Array:
@@ -99,14 +121,52 @@ def dense_weights(weights: Array, indices: Array, n_experts: int) -> Array:
     return jnp.einsum("...k,...ke->...e", weights, one_hot)
 
 
-def balance_loss(probs: Array, indices: Array, n_experts: int) -> Array:
-    """``E * sum_i f_i P_i`` over all tokens (Switch Transformer eq. 4, top-k counts)."""
+def balance_loss(probs: Array, indices: Array, n_experts: int, form: str = "switch") -> Array:
+    """``E * sum_i f_i P_i`` over all tokens (Switch Transformer eq. 4, top-k counts), or
+    with ``form="dit"`` DiT-MoE's ``sum_i f'_i P_i``, ``f'_i = E / (k N) count_i``."""
+    if form not in BALANCE_FORMS:
+        raise ValueError(f"balance_loss_form={form!r} is not supported; supported: "
+                         f"{BALANCE_FORMS}")
     probs = probs.reshape(-1, n_experts)
-    counts = jax.nn.one_hot(indices.reshape(probs.shape[0], -1), n_experts,
-                            dtype=jnp.float32).sum(axis=1)
+    indices = indices.reshape(probs.shape[0], -1)
+    counts = jax.nn.one_hot(indices, n_experts, dtype=jnp.float32).sum(axis=1)
     f = counts.mean(axis=0)
     p = probs.mean(axis=0)
-    return n_experts * jnp.sum(f * p)
+    scale = n_experts if form == "switch" else n_experts / indices.shape[1]
+    return scale * jnp.sum(f * p)
+
+
+def expert_capacity(n_tokens: int, n_experts: int, k: int, capacity_factor: float) -> int:
+    """``C = ceil(capacity_factor * n_tokens * k / n_experts)``, at most ``n_tokens``."""
+    return min(n_tokens, math.ceil(capacity_factor * n_tokens * k / n_experts))
+
+
+def capacity_keep(indices: Array, n_experts: int, capacity: int) -> Array:
+    """Which top-k assignments (..., k) fit their expert's capacity: each expert keeps its
+    first ``capacity`` assignments, all first choices in token order before all second
+    choices (GShard priority)."""
+    k = indices.shape[-1]
+    flat = indices.reshape(-1, k)
+    slot_major = jax.nn.one_hot(flat.T, n_experts, dtype=jnp.int32).reshape(-1, n_experts)
+    rank = jnp.cumsum(slot_major, axis=0) - slot_major                 # earlier assignments
+    rank = jnp.sum(rank * slot_major, axis=-1).reshape(k, -1).T        # (tokens, k)
+    return (rank < capacity).reshape(indices.shape)
+
+
+def centroid_logits(x: Array, centroids: Array) -> Array:
+    """``-||x - c_i||^2`` (..., d) x (E, d) -> (..., E) in float32 (Moirai-MoE)."""
+    diff = x.astype(jnp.float32)[..., None, :] - centroids.astype(jnp.float32)
+    return -jnp.sum(diff * diff, axis=-1)
+
+
+def expert_choice_weights(probs: Array, capacity: int) -> Array:
+    """Dense combine weights (..., E): each expert keeps the probabilities of its
+    ``capacity`` highest-scoring tokens over all leading axes (ties: the earlier token)."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    values, tokens = jax.lax.top_k(flat.T, capacity)                   # (E, C)
+    experts = jnp.broadcast_to(jnp.arange(flat.shape[1])[:, None], tokens.shape)
+    dense = jnp.zeros_like(flat).at[tokens, experts].set(values)
+    return dense.reshape(probs.shape)
 
 
 def z_loss(logits: Array) -> Array:
@@ -123,17 +183,20 @@ def experts_dense(x: Array, gate: Array, up: Array, down: Array) -> Array:
 
 
 def experts_ragged(x: Array, gate: Array, up: Array, down: Array, weights: Array,
-                   indices: Array) -> Array:
+                   indices: Array, order: Array | None = None,
+                   sizes: Array | None = None) -> Array:
     """``sum_k weights_k E_{indices_k}(x)`` with tokens sorted by expert and
-    :func:`jax.lax.ragged_dot` (dropless; FLOPs of ``k`` experts per token)."""
+    :func:`jax.lax.ragged_dot` (dropless; FLOPs of ``k`` experts per token). ``order`` and
+    ``sizes`` (the router's dispatch plan) are computed here when not given."""
     b, t, d = x.shape
     k = indices.shape[-1]
     n_experts = gate.shape[0]
     tokens = x.reshape(b * t, d)
     flat = indices.reshape(-1)                                 # (b*t*k,)
-    order = jnp.argsort(flat, stable=True)
+    if order is None:
+        order = jnp.argsort(flat, stable=True)
+        sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
     rows = tokens[order // k]
-    sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
     pre = jax.lax.ragged_dot(rows, gate, sizes)
     hidden = nn.silu(pre) * jax.lax.ragged_dot(rows, up, sizes)
     out = jax.lax.ragged_dot(hidden, down, sizes)              # (b*t*k, d), sorted
@@ -143,7 +206,7 @@ def experts_ragged(x: Array, gate: Array, up: Array, down: Array, weights: Array
 
 
 class MoE(nn.Module):
-    """Mixture of SwiGLU experts with a top-k router and an optional shared expert.
+    """Mixture of SwiGLU experts with a router and an optional shared expert.
 
     See the module docstring for the equations, the losses and the sites. ``x``:
     (batch, pos, d_model) -> (batch, pos, d_model). ``d_shared=0`` means no shared expert.
@@ -159,38 +222,101 @@ class MoE(nn.Module):
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
     impl: str = "dense"
+    router_impl: str = "jnp"
+    centroids: Any = None            # (n_experts, d_model) array for router="centroid"
+    capacity_factor: float | None = None
+    jitter_noise: float = 0.0
+    balance_loss_form: str = "switch"
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl={self.impl!r} is not supported; supported: {IMPLS}")
+    def _check(self, d_model: int) -> None:
+        for name, value, allowed in (("impl", self.impl, IMPLS),
+                                     ("router", self.router, ROUTERS),
+                                     ("router_impl", self.router_impl, ROUTER_IMPLS),
+                                     ("balance_loss_form", self.balance_loss_form,
+                                      BALANCE_FORMS)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not supported; supported: {allowed}")
+        if not 1 <= self.n_experts_per_tok <= self.n_experts:
+            raise ValueError(f"top-k={self.n_experts_per_tok} must be between 1 and the "
+                             f"number of experts ({self.n_experts})")
         if self.shared_expert_gated and self.d_shared <= 0:
             raise ValueError("shared_expert_gated=True needs a shared expert (d_shared > 0)")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got "
+                             f"{self.capacity_factor!r}")
+        if self.jitter_noise < 0:
+            raise ValueError(f"jitter_noise must be >= 0, got {self.jitter_noise!r}")
+        if (self.router == "centroid") != (self.centroids is not None):
+            raise ValueError("router='centroid' needs centroids (n_experts, d_model), and "
+                             "centroids are used only by router='centroid'")
+        if self.router == "centroid" and jnp.shape(self.centroids) != (self.n_experts, d_model):
+            raise ValueError(f"centroids must have shape (n_experts, d_model) = "
+                             f"({self.n_experts}, {d_model}), got {jnp.shape(self.centroids)}")
+        if self.router == "expert_choice" and self.aux_loss_coef:
+            raise ValueError("expert-choice routing is balanced by construction: set "
+                             "aux_loss_coef=0")
+        if self.router == "expert_choice" and self.router_impl != "jnp":
+            raise ValueError("expert-choice routing has no top-k kernel: use router_impl='jnp'")
+
+    def _router_logits(self, x: Array) -> Array:
+        if self.router == "centroid":
+            return centroid_logits(x, jnp.asarray(self.centroids))
+        w_router = logical_param(self, "router", ("embed", "experts"),
+                                 (x.shape[-1], self.n_experts))
+        if self.jitter_noise > 0 and self.has_rng("dropout"):
+            eps = self.jitter_noise
+            x = x * jax.random.uniform(self.make_rng("dropout"), x.shape, x.dtype,
+                                       1 - eps, 1 + eps)
+        return jnp.einsum("bte,ex->btx", x, w_router)
+
+    def _token_choice(self, logits: Array):
+        """``(probs, top_w, top_i, plan)``; ``plan`` is ``(order, sizes)`` or ``None``."""
+        kind = "softmax" if self.router == "centroid" else self.router
+        k = self.n_experts_per_tok
+        if self.router_impl == "jnp":
+            return (*route(logits, k, kind, self.norm_topk_prob), None)
+        plan = fused_router(logits, k, kind, self.norm_topk_prob,
+                            impl="pallas" if self.router_impl == "pallas" else None)
+        return plan.probs, plan.weights, plan.indices, (plan.order, plan.group_sizes)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
         d_model = x.shape[-1]
-        n, m = self.n_experts, self.d_expert
-        w_router = logical_param(self, "router", ("embed", "experts"), (d_model, n))
+        self._check(d_model)
+        n, m, k = self.n_experts, self.d_expert, self.n_experts_per_tok
+        n_tokens = x.shape[0] * x.shape[1]
+        logits = site(self, "moe.router_logits", self._router_logits(x))
         gate = logical_param(self, "gate", ("experts", "embed", "mlp"), (n, d_model, m))
         up = logical_param(self, "up", ("experts", "embed", "mlp"), (n, d_model, m))
         down = logical_param(self, "down", ("experts", "mlp", "embed"), (n, m, d_model))
 
-        logits = site(self, "moe.router_logits", jnp.einsum("bte,ex->btx", x, w_router))
-        probs, top_w, top_i = route(logits, self.n_experts_per_tok, self.router,
-                                    self.norm_topk_prob)
-        probs = site(self, "moe.router_probs", probs.astype(self.dtype))
-        # As transformers: the combine weights are cast to the compute dtype.
-        top_w = top_w.astype(self.dtype)
-        weights = dense_weights(top_w, top_i, n)
+        top_i = plan = None
+        if self.router == "expert_choice":
+            probs = site(self, "moe.router_probs",
+                         jax.nn.softmax(logits.astype(jnp.float32), -1).astype(self.dtype))
+            capacity = expert_capacity(n_tokens, n, k, self.capacity_factor or 1.0)
+            weights = expert_choice_weights(probs, capacity)
+        else:
+            probs, top_w, top_i, plan = self._token_choice(logits)
+            probs = site(self, "moe.router_probs", probs.astype(self.dtype))
+            # As transformers: the combine weights are cast to the compute dtype.
+            top_w = top_w.astype(self.dtype)
+            if self.capacity_factor is not None:
+                capacity = expert_capacity(n_tokens, n, k, self.capacity_factor)
+                top_w = jnp.where(capacity_keep(top_i, n, capacity), top_w, 0)
+            weights = dense_weights(top_w, top_i, n)
         weights = site(self, "moe.weights", weights)
 
         if self.aux_loss_coef:
-            self.sow(AUX_LOSS, "moe_balance_loss",
-                     self.aux_loss_coef * balance_loss(probs, top_i, n))
+            self.sow(AUX_LOSS, "moe_balance_loss", self.aux_loss_coef
+                     * balance_loss(probs, top_i, n, self.balance_loss_form))
         if self.z_loss_coef:
             self.sow(AUX_LOSS, "moe_router_z_loss", self.z_loss_coef * z_loss(logits))
 
-        needs_dense = (self.impl == "dense" or site_is_used(self, "moe.expert_out")
+        needs_dense = (self.impl == "dense" or top_i is None
+                       or site_is_used(self, "moe.expert_out")
                        or self.has_variable(INTERVENTIONS, "moe.weights"))
         if needs_dense:
             per_expert = experts_dense(x, gate, up, down)
@@ -201,7 +327,7 @@ class MoE(nn.Module):
                 edited = site(self, "moe.expert_out", written)
                 out = out + (edited - written).sum(axis=2)
         else:
-            out = experts_ragged(x, gate, up, down, top_w, top_i)
+            out = experts_ragged(x, gate, up, down, top_w, top_i, *(plan or ()))
 
         if self.d_shared > 0:
             s_gate = logical_param(self, "shared_gate", ("embed", "mlp"),
