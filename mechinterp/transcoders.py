@@ -36,6 +36,7 @@ which makes the spliced model reproduce the original exactly (to float rounding)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -186,6 +187,7 @@ class Transcoder(nn.Module):
         return self.decode(a), a
 
 
+@functools.partial(jax.jit, static_argnames=("transcoder", "n_layers"))
 def init_layers(transcoder: Transcoder, key: Array, n_layers: int) -> dict:
     """Parameters of ``n_layers`` independent transcoders, stacked on a leading layer axis."""
     x = jnp.zeros((1, transcoder.d_in))
@@ -193,6 +195,7 @@ def init_layers(transcoder: Transcoder, key: Array, n_layers: int) -> dict:
     return jax.vmap(lambda k: transcoder.init(k, x)["params"])(keys)
 
 
+@functools.partial(jax.jit, static_argnames=("transcoder", "method"))
 def apply_layers(transcoder: Transcoder, tc_params, x: Array, method: str = "__call__"):
     """Apply every layer's transcoder to its own slice of ``x`` (layer, ..., d_in)."""
     def one(p, xi):
