@@ -85,6 +85,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.async_checkpoints = True
     c.train.peak_flops = 0.0  # per device; 0 looks the device up (flops.PEAK_FLOPS)
     c.train.progress = True
+    c.train.tensorboard = True  # also write metrics to WORKDIR/tensorboard (tensorboardX)
     return c
 
 

@@ -6,12 +6,15 @@ and the synthetic-task data from a config first. A run folder holds::
 
     config.json       the resolved config
     metrics.jsonl     one record per log / eval point ({"kind": "train"|"eval", "step", ...})
+    tensorboard/      the same metrics as TensorBoard scalars "train/loss", "eval/accuracy",
+                      ... (tensorboardX; off with config.train.tensorboard = False)
     checkpoints/      Orbax checkpoints (state + data-iterator position)
     data/             generated datasets (unless config.data.dir is set)
     report.md         a short summary to read first
 
 Starting :func:`fit` on a folder that has checkpoints resumes from the latest one (the
-metrics log is cut back to that step), so a preempted job is simply started again.
+metrics log is cut back to that step; TensorBoard is told to drop later events with a
+``purge_step``), so a preempted job is simply started again.
 SIGTERM (or, multi-host, JAX's preemption notice) checkpoints and stops after the current
 step. A NaN/inf loss or gradient norm stops the run with an error naming the step; every
 step's metrics are checked before a checkpoint is written, so no state past the last
@@ -67,20 +70,43 @@ class FitResult:
 
 
 class MetricsLog:
-    """Append-only JSONL metrics; on resume, records past ``resume_step`` are dropped."""
+    """Append-only JSONL metrics; on resume, records past ``resume_step`` are dropped.
 
-    def __init__(self, path: Path, resume_step: int = 0):
+    With ``tensorboard_dir``, every record is also written there as TensorBoard scalars
+    tagged ``KIND/NAME`` (flushed at each write; events past ``resume_step`` are purged).
+    Use as a context manager to close the TensorBoard writer.
+    """
+
+    def __init__(self, path: Path, resume_step: int = 0, tensorboard_dir: Path | None = None):
         self.path = path
-        if path.exists() and jax.process_index() == 0:
-            kept = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+        self.writer = None
+        if jax.process_index() == 0:
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines()
+                        if line and json.loads(line)["step"] <= resume_step]
+                path.write_text("".join(line + "\n" for line in kept))
+            if tensorboard_dir is not None:
+                # Imported here: tensorboardX imports torch when it is installed (seconds).
+                from tensorboardX import SummaryWriter
+
+                self.writer = SummaryWriter(str(tensorboard_dir), purge_step=resume_step + 1)
 
     def write(self, kind: str, step: int, metrics: Mapping[str, float]) -> None:
         record = {"kind": kind, "step": step, **{k: float(v) for k, v in metrics.items()}}
         if jax.process_index() == 0:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name, value in metrics.items():
+                self.writer.add_scalar(f"{kind}/{name}", float(value), step)
+            self.writer.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def build_optimizer(config: ml_collections.ConfigDict):
@@ -165,9 +191,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str | Path, model: nn.Module
         evaluate_now = None if eval_source is None else functools.partial(
             evaluate, eval_step, source=eval_source, batch_size=config.data.eval_batch_size,
             mesh=mesh, rules=rules, max_batches=t.eval_batches)
-        state, stopped = loop.run(state, train_step, train_iter,
-                                  lambda local: global_batch(local, mesh, rules),
-                                  evaluate_now, on_step)
+        with loop.log:
+            state, stopped = loop.run(state, train_step, train_iter,
+                                      lambda local: global_batch(local, mesh, rules),
+                                      evaluate_now, on_step)
     return FitResult(state=state, step=loop.step, stopped=stopped, train=loop.last_train,
                      eval=loop.last_eval)
 
@@ -184,7 +211,9 @@ class _Loop:
         self.config, self.train = config, config.train
         self.step = start
         self.checkpointer = checkpointer
-        self.log = MetricsLog(workdir / "metrics.jsonl", resume_step=start)
+        self.log = MetricsLog(workdir / "metrics.jsonl", resume_step=start,
+                              tensorboard_dir=workdir / "tensorboard" if self.train.tensorboard
+                              else None)
         self.tokens_per_example = tokens_per_example
         self.flops_per_token = flops_per_token
         self.peak = self.train.peak_flops or flops_lib.peak_flops()
