@@ -70,12 +70,18 @@ rounding, not bit for bit; with ``impl="dense"`` a no-op edit of ``moe.expert_ou
 agrees to ~1e-6, not bit for bit (seen on jax 0.10.2 CPU).
 
 Sites (per token; inside a decoder they gain leading ``layer, batch, pos`` axes):
-``moe.router_logits`` (expert), ``moe.router_probs`` (expert), ``moe.weights`` (expert: the
+``moe.router_logits`` (expert), ``moe.router_probs`` (expert), ``moe.topk_indices`` (topk:
+the selected experts, best first; int32, so it can be read, not edited -- force a routing
+through ``moe.weights``) and ``moe.topk_weights`` (topk: their weights after capacity
+dropping; token-choice routers only), ``moe.weights`` (expert: the
 combine weight ``w_i``, zero outside the top-k; zeroing entry ``i`` removes expert ``i``
-without renormalizing the others), ``moe.expert_out`` (expert, d_model: ``w_i E_i(x)``,
+without renormalizing the others), ``moe.expert_in`` (expert, d_model: the input each expert
+sees, ``x`` for every expert unless edited; computed only when read or edited),
+``moe.expert_out`` (expert, d_model: ``w_i E_i(x)``,
 each expert's write, computed only when read or edited and folded back as a difference),
 ``moe.shared_out`` (d_model: ``s(x) S(x)``, only with a shared expert) and ``moe_out``
 (d_model: the layer output) -- the last one is recorded by the caller (the decoder block).
+An edit of ``moe.expert_in`` is folded in as ``E_i(x') - E_i(x)`` (exactly 0 for a no-op).
 """
 
 from __future__ import annotations
@@ -179,6 +185,13 @@ def experts_dense(x: Array, gate: Array, up: Array, down: Array) -> Array:
     """Every expert on every token: (b, t, e) x (E, e, m) ... -> (b, t, E, e)."""
     pre = jnp.einsum("bte,xem->btxm", x, gate)
     hidden = nn.silu(pre) * jnp.einsum("bte,xem->btxm", x, up)
+    return jnp.einsum("btxm,xme->btxe", hidden, down)
+
+
+def experts_per_input(x: Array, gate: Array, up: Array, down: Array) -> Array:
+    """Expert ``i`` on its own input ``x[:, :, i]``: (b, t, E, e) -> (b, t, E, e)."""
+    pre = jnp.einsum("btxe,xem->btxm", x, gate)
+    hidden = nn.silu(pre) * jnp.einsum("btxe,xem->btxm", x, up)
     return jnp.einsum("btxm,xme->btxe", hidden, down)
 
 
@@ -301,11 +314,13 @@ class MoE(nn.Module):
         else:
             probs, top_w, top_i, plan = self._token_choice(logits)
             probs = site(self, "moe.router_probs", probs.astype(self.dtype))
+            site(self, "moe.topk_indices", top_i)  # integer: read-only (edits are floats)
             # As transformers: the combine weights are cast to the compute dtype.
             top_w = top_w.astype(self.dtype)
             if self.capacity_factor is not None:
                 capacity = expert_capacity(n_tokens, n, k, self.capacity_factor)
                 top_w = jnp.where(capacity_keep(top_i, n, capacity), top_w, 0)
+            top_w = site(self, "moe.topk_weights", top_w)
             weights = dense_weights(top_w, top_i, n)
         weights = site(self, "moe.weights", weights)
 
@@ -315,11 +330,17 @@ class MoE(nn.Module):
         if self.z_loss_coef:
             self.sow(AUX_LOSS, "moe_router_z_loss", self.z_loss_coef * z_loss(logits))
 
-        needs_dense = (self.impl == "dense" or top_i is None
+        reads_input = site_is_used(self, "moe.expert_in")
+        needs_dense = (self.impl == "dense" or top_i is None or reads_input
                        or site_is_used(self, "moe.expert_out")
                        or self.has_variable(INTERVENTIONS, "moe.weights"))
         if needs_dense:
             per_expert = experts_dense(x, gate, up, down)
+            if reads_input:
+                every = jnp.broadcast_to(x[:, :, None], (*x.shape[:2], n, d_model))
+                edited_in = site(self, "moe.expert_in", every)
+                per_expert = per_expert + (experts_per_input(edited_in, gate, up, down)
+                                           - experts_per_input(every, gate, up, down))
             out = jnp.einsum("btx,btxe->bte", weights, per_expert)
             if site_is_used(self, "moe.expert_out"):
                 # Folded back as a difference (as attn.head_out): a no-op edit adds exact 0.

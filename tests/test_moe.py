@@ -188,6 +188,32 @@ def test_forcing_a_routing_runs_an_unselected_expert(x):
     np.testing.assert_allclose(out, want, atol=1e-5)
 
 
+def test_topk_sites_and_expert_inputs(x):
+    moe = MoE(n_experts=E, n_experts_per_tok=K, d_expert=M, norm_topk_prob=True)
+    p = layer_params(moe, x)
+    plain, sites = mi.capture(moe, p, x)
+    _, want_w, want_i = route(sites["moe.router_logits"], K, norm_topk_prob=True)
+    np.testing.assert_array_equal(sites["moe.topk_indices"], want_i)
+    np.testing.assert_allclose(sites["moe.topk_weights"], want_w, rtol=1e-6)
+    np.testing.assert_array_equal(sites["moe.expert_in"],
+                                  np.broadcast_to(np.asarray(x)[:, :, None], (BATCH, LENGTH, E, D)))
+    # scaling the top-k weights by 2 doubles the routed part of the output
+    doubled = mi.intervene(moe, p, x, interventions={
+        "moe.topk_weights": mi.Intervention(scale=2.0)})
+    np.testing.assert_allclose(doubled, 2 * np.asarray(plain), rtol=1e-5, atol=1e-6)
+    pn, xn = jax.tree.map(np.asarray, p), np.asarray(x, np.float64)
+    # patching expert 2's input with zeros-plus-ones changes only expert 2's write
+    ones = jnp.ones((E, D))
+    mask = (jnp.arange(E) == 2).astype(jnp.float32)[:, None]
+    edited = mi.intervene(moe, p, x, interventions={
+        "moe.expert_in": mi.Intervention.patch(ones, mask=mask)})
+    h2 = (silu(np.ones(D) @ pn["gate"][2]) * (np.ones(D) @ pn["up"][2])) @ pn["down"][2]
+    h2_x = (silu(xn @ pn["gate"][2]) * (xn @ pn["up"][2])) @ pn["down"][2]
+    w2 = np.asarray(sites["moe.weights"])[..., 2:3]
+    np.testing.assert_allclose(edited, np.asarray(plain) + w2 * (h2 - h2_x), atol=1e-5)
+    assert (w2 > 0).any()
+
+
 def test_layer_bad_input():
     x = jnp.zeros((1, 2, D))
     with pytest.raises(ValueError, match="top-k=7"):
@@ -234,7 +260,7 @@ def test_decoder_sites_and_axes(decoder):
     sizes = dict(layer=CONFIG.n_layers, batch=BATCH, pos=LENGTH, query_pos=LENGTH,
                  key_pos=LENGTH, d_model=CONFIG.d_model, head=CONFIG.n_heads,
                  kv_head=CONFIG.n_kv_heads, d_head=CONFIG.d_head, expert=CONFIG.n_experts,
-                 vocab=CONFIG.vocab_size)
+                 vocab=CONFIG.vocab_size, topk=CONFIG.n_experts_per_tok)
     for name, spec in MoEDecoder.SITES.items():
         assert sites[name].shape == tuple(sizes[a] for a in spec.axes), name
     params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
@@ -263,7 +289,8 @@ def test_noop_edits_are_bit_identical_and_ablations_agree(decoder):
     np.testing.assert_array_equal(captured, plain)
     noop = {name: mi.Intervention(mask=0.0)
             for name in ("moe.expert_out", "moe.weights", "moe.router_logits",
-                         "moe.router_probs", "moe_out")}
+                         "moe.router_probs", "moe_out", "moe.topk_weights",
+                         "moe.expert_in")}
     np.testing.assert_array_equal(mi.intervene(model, params, tokens, interventions=noop),
                                   plain)
     # (a no-op edit of moe.shared_out recompiles the layer differently on XLA CPU: ~1e-6)
