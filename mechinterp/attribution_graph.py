@@ -46,12 +46,14 @@ row divided by its sum) and ``w`` the logit nodes' probabilities (0 elsewhere):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,7 +88,7 @@ def _freeze_rms_norms(next_fun, args, kwargs, context):
     return rms_normalize(args[0], jnp.asarray(weight, module.dtype), module.eps, frozen=True)
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class _Prompt:
     """The clean run of one prompt: what the local replacement model freezes."""
 
@@ -222,6 +224,36 @@ def select_logits(logits: Array, max_logits: int = 10, desired_probability: floa
     return keep, probs[keep]
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _target_rows(model, params, tc_params, prompt: _Prompt, errors: Array, feats: Array,
+                 activations: Array, logit_ids: Array, cotangents: Array):
+    """Target values and the rows ``cotangents @ d targets / d sources`` of the adjacency
+    (one ``vmap`` of one ``vjp``); targets = feature pre-activations, then demeaned logits."""
+    weight = mlp_norm_weight(model, params)[:, None, :]
+    eps = model.config.rms_norm_eps
+    encoder = tc_params["W_enc"][feats[:, 0], :, feats[:, 2]]  # (S, d)
+    enc_bias = tc_params["b_enc"][feats[:, 0], feats[:, 2]]
+
+    def targets(embed, mlp_write):
+        resid_mid, logits = replacement_forward(model, params, prompt, embed, mlp_write)
+        mlp_in = rms_normalize(resid_mid, weight, eps, frozen=True)
+        pre = jnp.sum(mlp_in[feats[:, 0], feats[:, 1]] * encoder, -1) + enc_bias
+        return jnp.concatenate([pre, logits[logit_ids] - jnp.mean(logits)])
+
+    values, pullback = jax.vjp(targets, prompt.embed, prompt.mlp_out)
+    g_embed, g_mlp = jax.vmap(pullback)(cotangents)
+    # Each source's written vector: a_s * w_dec,s (features), the error, the embedding.
+    writes = tc_params["W_dec"][feats[:, 0], feats[:, 2]] * activations[:, None]
+    from_features = jnp.einsum("csd,sd->cs", g_mlp[:, feats[:, 0], feats[:, 1]], writes)
+    from_errors = jnp.einsum("cltd,ltd->clt", g_mlp, errors).reshape(len(cotangents), -1)
+    from_tokens = jnp.einsum("ctd,td->ct", g_embed, prompt.embed)
+    return values, jnp.concatenate([from_features, from_errors, from_tokens], axis=1)
+
+
 def attribute(model, params, tokens, transcoder: Transcoder, tc_params, *,
               logit_tokens: Sequence[int] | None = None, max_logits: int = 10,
               desired_probability: float = 0.95, chunk_size: int = 64,
@@ -230,7 +262,8 @@ def attribute(model, params, tokens, transcoder: Transcoder, tc_params, *,
 
     ``logit_tokens``: target token ids (default: :func:`select_logits`). Rows of the
     adjacency are computed ``chunk_size`` targets at a time, each chunk one
-    ``vmap(vjp)`` (the chunk is padded, so one compilation serves every chunk).
+    ``vmap(vjp)``; features and logits are padded to multiples of 32 and 8, so prompts of
+    one length share a few compilations.
     """
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
@@ -241,59 +274,46 @@ def attribute(model, params, tokens, transcoder: Transcoder, tc_params, *,
     errors = prompt.mlp_out - y_hat
     features = np.argwhere(np.asarray(acts) > 0)  # (S, 3): layer, pos, feature
     activations = np.asarray(acts)[tuple(features.T)]
+    all_probs = np.asarray(jax.nn.softmax(prompt.logits.astype(jnp.float32)), np.float64)
     if logit_tokens is None:
         logit_tokens, probs = select_logits(prompt.logits, max_logits, desired_probability)
     else:
         logit_tokens = np.asarray(logit_tokens)
-        all_probs = np.asarray(jax.nn.softmax(prompt.logits.astype(jnp.float32)))
-        probs = all_probs[logit_tokens].astype(np.float64)
+        probs = all_probs[logit_tokens]
 
-    feats = jnp.asarray(features)
-    encoder = tc_params["W_enc"][feats[:, 0], :, feats[:, 2]]  # (S, d)
-    enc_bias = tc_params["b_enc"][feats[:, 0], feats[:, 2]]
-    weight = mlp_norm_weight(model, params)[:, None, :]
-    eps = model.config.rms_norm_eps
-    logit_ids = jnp.asarray(logit_tokens)
-
-    def targets(embed, mlp_write):
-        resid_mid, logits = replacement_forward(model, params, prompt, embed, mlp_write)
-        mlp_in = rms_normalize(resid_mid, weight, eps, frozen=True)
-        pre = jnp.sum(mlp_in[feats[:, 0], feats[:, 1]] * encoder, -1) + enc_bias
-        return jnp.concatenate([pre, logits[logit_ids] - jnp.mean(logits)])
-
-    # Each source's written vector: a_s * w_dec,s (features), the error, the embedding.
-    decoder_rows = tc_params["W_dec"][feats[:, 0], feats[:, 2]] * jnp.asarray(activations)[:, None]
-
-    @jax.jit
-    def rows(cotangents):
-        values, pullback = jax.vjp(targets, prompt.embed, prompt.mlp_out)
-        g_embed, g_mlp = jax.vmap(pullback)(cotangents)
-        from_features = jnp.einsum("csd,sd->cs", g_mlp[:, feats[:, 0], feats[:, 1]],
-                                   decoder_rows)
-        from_errors = jnp.einsum("cltd,ltd->clt", g_mlp, errors).reshape(len(cotangents), -1)
-        from_tokens = jnp.einsum("ctd,td->ct", g_embed, prompt.embed)
-        return values, jnp.concatenate([from_features, from_errors, from_tokens], axis=1)
-
-    n_targets = len(features) + len(logit_tokens)
-    chunk_size = max(1, min(chunk_size, n_targets))
+    n_feat, n_logit = len(features), len(logit_tokens)
+    s_pad, k_pad = _round_up(n_feat, 32), _round_up(n_logit, 8)
+    feats = np.zeros((s_pad, 3), np.int32)
+    feats[:n_feat] = features
+    padded_acts = np.zeros(s_pad, np.float32)
+    padded_acts[:n_feat] = activations
+    logit_ids = np.zeros(k_pad, np.int32)
+    logit_ids[:n_logit] = logit_tokens
+    wanted = np.concatenate([np.arange(n_feat), s_pad + np.arange(n_logit)])
+    chunk_size = max(1, min(chunk_size, len(wanted)))
     blocks, values = [], None
-    for start in range(0, n_targets, chunk_size):
-        index = np.arange(start, start + chunk_size)
-        cot = jax.nn.one_hot(np.minimum(index, n_targets - 1), n_targets)
-        cot = cot * (index < n_targets)[:, None]
-        values, block = rows(cot)
-        blocks.append(np.asarray(block)[: n_targets - start])
-    target_rows = np.concatenate(blocks)  # (n_targets, n_sources)
+    for start in range(0, len(wanted), chunk_size):
+        index = wanted[start:start + chunk_size]
+        cot = np.zeros((chunk_size, s_pad + k_pad), np.float32)
+        cot[np.arange(len(index)), index] = 1.0
+        values, block = _target_rows(model, params, tc_params, prompt, errors,
+                                     jnp.asarray(feats), jnp.asarray(padded_acts),
+                                     jnp.asarray(logit_ids), jnp.asarray(cot))
+        blocks.append(np.asarray(block)[:len(index)])
+    block = np.concatenate(blocks)  # (targets, padded sources)
+    sources = np.concatenate([np.arange(n_feat), s_pad + np.arange(block.shape[1] - s_pad)])
+    target_rows = block[:, sources]
 
     graph = AttributionGraph(
         adjacency=np.zeros(()), features=features, activations=activations, tokens=tokens,
         logit_tokens=np.asarray(logit_tokens), logit_probabilities=np.asarray(probs),
-        n_layers=model.config.n_layers, target_values=np.asarray(values, np.float64),
+        n_layers=model.config.n_layers,
+        target_values=np.asarray(values, np.float64)[wanted],
         target_bias=np.zeros(()), token_strings=token_strings)
     adjacency = np.zeros((graph.n_nodes, graph.n_nodes))
     n_sources = target_rows.shape[1]
-    adjacency[:graph.n_features, :n_sources] = target_rows[:graph.n_features]
-    adjacency[graph.n_nodes - graph.n_logits:, :n_sources] = target_rows[graph.n_features:]
+    adjacency[:n_feat, :n_sources] = target_rows[:n_feat]
+    adjacency[graph.n_nodes - n_logit:, :n_sources] = target_rows[n_feat:]
     graph.adjacency = adjacency
     graph.target_bias = graph.target_values - target_rows.sum(axis=1)
     return graph
