@@ -9,8 +9,8 @@ import pytest
 from mechinterp.models import Decoder, DecoderConfig
 from test_decoder import random_params
 
+from mechinterp import cli, llm_drop
 from mechinterp import depth_efficiency as de
-from mechinterp import llm_drop
 from mechinterp.api import capture
 from mechinterp.llm_drop import Sublayer
 
@@ -158,3 +158,14 @@ def test_bad_input_is_refused(decoder):
         de.ridge_r2(np.zeros((2, 3)), np.zeros((2, 3)))
     with pytest.raises(ValueError, match="calibration set is empty"):
         de.layer_contributions(model, params, TOKENS, np.zeros(TOKENS.shape, bool))
+
+
+@pytest.mark.slow
+def test_smoke_preset_runs_from_the_cli(tmp_path):
+    workdir = tmp_path / "run"
+    assert cli.main(["run", "configs/depth_efficiency.py", "preset=smoke", "progress=False",
+                     f"workdir={workdir}"]) == 0
+    report = (workdir / "report.md").read_text()
+    assert "## Residual maps shallow -> deep" in report and "## Against the paper" in report
+    assert {p.name for p in workdir.glob("*.png")} == {
+        "contributions.png", "skip.png", "logit_lens.png", "residual_maps.png"}

@@ -40,8 +40,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.workdir = "runs/llm_drop"
     c.analysis = ml_collections.ConfigDict()
     c.analysis.n_calibration = 128  # training prompts scored
-    c.analysis.n_eval = 512  # test examples for loss / accuracy
-    c.analysis.timing_repeats = 20
+    c.analysis.n_eval = 256  # test examples for loss / accuracy
+    c.analysis.timing_repeats = 10
     return c
 
 
