@@ -1,0 +1,444 @@
+"""Probe prompting on a small two-hop model, end to end (METHODS.md item 2).
+
+1. Train a LLaMA-style decoder on two-hop fact composition, ``<hop> e5 r0 r1 = e9``: read
+   ``r0`` as "the state containing" and ``r1`` as "the capital of", so the prompt asks for
+   the capital of the state containing city ``e5`` (plus one-hop recall ``e5 r0 = e3`` so
+   the single facts are learned too; :class:`mechinterp.train.tasks.MultiHop`).
+2. Train one transcoder per layer on activations streamed from the model
+   (:mod:`mechinterp.transcoders`); report FVE, L0, dead features and the loss with the
+   transcoders spliced in.
+3. Build attribution graphs (:mod:`mechinterp.attribution_graph`) for a few correctly
+   answered prompts; prune; Replacement and Completeness; JSON + PNG per prompt.
+4. Ablate each graph's most influential features one at a time in the real model and
+   compare with the graph's prediction (sign agreement, correlation).
+5. Probe prompting (:mod:`mechinterp.probe_prompting`): probes swap the city (every other
+   entity) and the relations; signatures, ordered rules, supernodes; geometric baseline;
+   entity-swap transfer by layer between the graphs of prompts with different cities.
+
+Writes ``report.md`` (ours next to the paper's numbers), ``results.json``, and
+``graphs/prompt_*.json|png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from mechinterp import attribution_graph as G
+from mechinterp import probe_prompting as P
+from mechinterp import transcoders as T
+from mechinterp.experiments.recall_reasoning import _get, _set, logits_of, train_family
+from mechinterp.train.data import build_synthetic
+from mechinterp.train.tasks import TaskMixture, mixture_from_config
+
+FUNCTION_WORDS = {"<bos>", "<eos>", "<pad>", "<hop>", "<recall>", "=", ";"}
+PAPER = {"completeness": 0.83, "replacement": 0.54, "consistency_ratio": 2.3,
+         "early_transfer": 0.64}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.job = "mechinterp.experiments.probe_prompting:run"
+    c.workdir = "runs/probe_prompting"
+    c.seed = 0
+    c.preset = "default"  # "default" | "smoke" (CI)
+    c.progress = True
+
+    c.data = ml_collections.ConfigDict()
+    c.data.n_entities = 16
+    c.data.n_relations = 2
+    c.data.hop_weight = 3.0  # sampling weight of two-hop vs one-hop recall (1)
+    c.data.seq_len = 8
+    c.data.num_train = 8192
+    c.data.num_test = 256
+
+    c.model = ml_collections.ConfigDict()
+    c.model.d_model = 64
+    c.model.n_layers = 3
+    c.model.n_heads = 4
+    c.model.d_mlp = 128
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1500
+    c.train.batch_size = 64
+    c.train.learning_rate = 1e-2
+    c.train.warmup_steps = 50
+
+    c.transcoder = ml_collections.ConfigDict()
+    c.transcoder.n_features = 256
+    c.transcoder.activation = "topk"
+    c.transcoder.k = 12
+    c.transcoder.sparsity_coef = 1e-3
+    c.transcoder.learning_rate = 3e-3
+    c.transcoder.steps = 1500
+    c.transcoder.batch_size = 64
+    c.transcoder.eval_batches = 4
+
+    c.graph = ml_collections.ConfigDict()
+    c.graph.n_prompts = 5
+    c.graph.max_logits = 5
+    c.graph.node_threshold = 0.8
+    c.graph.edge_threshold = 0.98
+    c.graph.n_ablated = 10  # most influential features ablated per prompt
+    return c
+
+
+PRESETS = {
+    "default": {},
+    "smoke": {
+        "data.n_entities": 6, "data.num_train": 256, "data.num_test": 32,
+        "model.d_model": 16, "model.n_layers": 2, "model.n_heads": 2, "model.d_mlp": 32,
+        "train.steps": 16, "train.warmup_steps": 2, "train.batch_size": 16,
+        "transcoder.n_features": 32, "transcoder.k": 4, "transcoder.steps": 10,
+        "transcoder.batch_size": 8, "transcoder.eval_batches": 1,
+        "graph.n_prompts": 2, "graph.n_ablated": 2,
+    },
+}
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with its preset applied (keys set away from their default win)."""
+    if config.preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {config.preset!r}")
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    defaults = default_config()
+    for key, value in PRESETS[config.preset].items():
+        if _get(config, key) == _get(defaults, key):
+            _set(resolved, key, value)
+    return resolved
+
+
+def make_mixture(config) -> TaskMixture:
+    d = config.data
+    return mixture_from_config(
+        {"recall": {}, "hop": {"hops": 2, "scratchpad": False, "holdout": 0.0,
+                               "weight": d.hop_weight}},
+        knowledge={"n_entities": d.n_entities, "n_relations": d.n_relations},
+        seq_len=d.seq_len, seed=config.seed)
+
+
+def two_hop_prompts(mixture: TaskMixture, relations=("r0", "r1")):
+    """Every city's prompt ``<bos> <hop> e r_a r_b =``: words, token ids (n, 6), answers."""
+    tokenizer = mixture.tokenizer()
+    table = mixture.knowledge.table(mixture.seed)
+    ra, rb = (int(r[1:]) for r in relations)
+    words = [["<bos>", "<hop>", f"e{e}", *relations, "="]
+             for e in range(mixture.knowledge.n_entities)]
+    tokens = np.stack([tokenizer.encode(w) for w in words]).astype(np.int32)
+    answers = np.array([tokenizer.encode([f"e{table[table[e, ra], rb]}"])[0]
+                        for e in range(len(words))])
+    return words, tokens, answers
+
+
+def probes_for(mixture: TaskMixture, city: int):
+    """The seed prompt's syntax with the city swapped for every entity, and with the
+    relation chain swapped for every other chain: (words, tokens)."""
+    tokenizer = mixture.tokenizer()
+    relations = [f"r{i}" for i in range(mixture.knowledge.n_relations)]
+    words = [["<bos>", "<hop>", f"e{e}", "r0", "r1", "="]
+             for e in range(mixture.knowledge.n_entities)]
+    words += [["<bos>", "<hop>", f"e{city}", a, b, "="] for a in relations for b in relations
+              if (a, b) != ("r0", "r1")]
+    return words, np.stack([tokenizer.encode(w) for w in words]).astype(np.int32)
+
+
+def train_transcoders(config, model, params, mixture: TaskMixture):
+    tc = config.transcoder
+    tokenizer, table = mixture.tokenizer(), mixture.knowledge.table(mixture.seed)
+
+    def source(index):
+        return mixture.example("train", index % config.data.num_train, tokenizer, table)["tokens"]
+
+    training = T.TrainingConfig(
+        n_features=tc.n_features, activation=tc.activation, k=tc.k,
+        sparsity_coef=tc.sparsity_coef, learning_rate=tc.learning_rate, steps=tc.steps,
+        seed=config.seed)
+    batches = T.activation_batches(source, tc.batch_size, tokenizer.pad_id, config.seed)
+    trained = T.train_transcoders(model, params, batches, training,
+                                  log_every=max(1, tc.steps // 10))
+
+    def test_source(index):
+        return mixture.example("test", index % config.data.num_test, tokenizer, table)["tokens"]
+    test = T.activation_batches(test_source, tc.batch_size, tokenizer.pad_id, config.seed + 1)
+    metrics = T.evaluate(model, params, trained.transcoder, trained.params,
+                         [next(test) for _ in range(tc.eval_batches)])
+    return trained, metrics
+
+
+def intervention_agreement(model, params, graph: G.AttributionGraph, pruned: G.PrunedGraph,
+                           tc_params, n_ablated: int) -> list[dict]:
+    """Ablate each of the ``n_ablated`` most influential kept features alone: the graph's
+    predicted change of the top logit (demeaned) against the real model's."""
+    kept = np.flatnonzero(pruned.node_mask[:graph.n_features])
+    order = kept[np.argsort(-pruned.influence[kept])][:n_ablated]
+    rows = []
+    for node in order:
+        delta = [-float(graph.activations[node])]
+        rows.append({
+            "feature": [int(v) for v in graph.features[node]],
+            "predicted": float(G.predicted_logit_effects(graph, [node], delta)[0]),
+            "predicted_direct": float(
+                G.predicted_logit_effects(graph, [node], delta, propagate=False)[0]),
+            "actual": float(G.actual_logit_effects(model, params, graph, tc_params, [node],
+                                                   delta)[0])})
+    return rows
+
+
+def kept_features(graph: G.AttributionGraph, pruned: G.PrunedGraph) -> list[tuple[int, int]]:
+    """``(layer, feature)`` of the features the pruned graph keeps (any position)."""
+    features = graph.features[pruned.node_mask[:graph.n_features]]
+    return [(int(layer), int(feature)) for layer, _, feature in features]
+
+
+def probe_study(model, params, trained, mixture, graph, pruned, city: int) -> dict:
+    """Signatures, rules, supernodes and the geometric baseline for one seed prompt."""
+    vocabulary = mixture.tokenizer().vocab
+    feats = sorted(set(kept_features(graph, pruned)))
+    words, tokens = probes_for(mixture, city)
+    acts = P.probe_activations(model, params, trained.transcoder, trained.params, tokens)
+    sigs = P.signatures(acts, words, feats, FUNCTION_WORDS)
+    say = P.logit_lens_names(model, params, trained.params, feats, vocabulary)
+    labels = [P.classify(s, model.config.n_layers, FUNCTION_WORDS, say_name=n)
+              for s, n in zip(sigs, say, strict=True)]
+    groups = P.supernodes([(c, n) for c, n, _ in labels])
+    decoder = np.stack([np.asarray(trained.params["W_dec"][l, f]) for l, f in feats])
+    geometric = P.geometric_clusters(decoder, len(groups), seed=0)
+    peaks = P.peak_tokens(acts, words, feats)
+    profiles = np.stack([acts[:, l, :, f].ravel() for l, f in feats])
+    return {
+        "features": feats,
+        "labels": [{"feature": list(f), "category": c, "name": n, "rule": r,
+                    **{k: getattr(s, k) for k in ("peak_consistency", "distinct_peaks",
+                                                   "function_share", "sparsity")}}
+                   for f, (c, n, r), s in zip(feats, labels, sigs, strict=True)],
+        "counts": P.category_counts([(c, n) for c, n, _ in labels], [f[0] for f in feats],
+                                    model.config.n_layers),
+        "n_supernodes": len(groups),
+        "consistency": {"supernodes": P.group_peak_consistency(groups.values(), peaks),
+                        "geometric": P.group_peak_consistency(geometric, peaks)},
+        "similarity": {"supernodes": P.group_profile_similarity(groups.values(), profiles),
+                       "geometric": P.group_profile_similarity(geometric, profiles)},
+    }
+
+
+def run(config: ml_collections.ConfigDict, workdir) -> dict:
+    config = resolve(config)
+    workdir = Path(workdir)
+    (workdir / "graphs").mkdir(parents=True, exist_ok=True)
+    (workdir / "config.resolved.json").write_text(json.dumps(config.to_dict(), indent=2))
+    started, timings = time.perf_counter(), {}
+    stages = tqdm(total=5, desc="probe_prompting", disable=not config.progress)
+
+    stages.set_postfix_str("train model")
+    mixture = make_mixture(config)
+    builder = build_synthetic(mixture, num_train=config.data.num_train,
+                              num_test=config.data.num_test, data_dir=workdir / "data")
+    vocabulary = mixture.tokenizer().vocab
+    model, params, info = train_family(config, "llama", builder, len(vocabulary), workdir)
+    words, tokens, answers = two_hop_prompts(mixture)
+    logits = np.asarray(logits_of(model, params, tokens)[:, -1])
+    correct = logits.argmax(-1) == answers
+    timings["model"] = time.perf_counter() - started
+    stages.update(1)
+
+    stages.set_postfix_str("transcoders")
+    t0 = time.perf_counter()
+    trained, tc_metrics = train_transcoders(config, model, params, mixture)
+    timings["transcoders"] = time.perf_counter() - t0
+    stages.update(1)
+
+    stages.set_postfix_str("graphs")
+    t0 = time.perf_counter()
+    order = np.concatenate([np.flatnonzero(correct), np.flatnonzero(~correct)])
+    cities = [int(c) for c in order[:config.graph.n_prompts]]
+    graphs, pruned, scores = [], [], []
+    for city in cities:
+        graph = G.attribute(model, params, tokens[city], trained.transcoder, trained.params,
+                            max_logits=config.graph.max_logits, token_strings=words[city])
+        kept = G.prune(graph, config.graph.node_threshold, config.graph.edge_threshold)
+        score = G.graph_scores(graph)
+        data = G.to_json(kept, score, vocabulary=lambda i: vocabulary[i])
+        G.save_json(data, workdir / "graphs" / f"prompt_e{city}.json")
+        G.plot(data, workdir / "graphs" / f"prompt_e{city}.png", title=" ".join(words[city]))
+        graphs.append(graph)
+        pruned.append(kept)
+        scores.append(score)
+    timings["graphs"] = time.perf_counter() - t0
+    stages.update(1)
+
+    stages.set_postfix_str("interventions")
+    t0 = time.perf_counter()
+    agreement = [row for g, p in zip(graphs, pruned, strict=True)
+                 for row in intervention_agreement(model, params, g, p, trained.params,
+                                                   config.graph.n_ablated)]
+    timings["interventions"] = time.perf_counter() - t0
+    stages.update(1)
+
+    stages.set_postfix_str("probe prompting")
+    t0 = time.perf_counter()
+    studies = [probe_study(model, params, trained, mixture, g, p, city)
+               for g, p, city in zip(graphs, pruned, cities, strict=True)]
+    n = len(graphs)
+    kept = [kept_features(g, p) for g, p in zip(graphs, pruned, strict=True)]
+    transfer = ([P.transfer_by_layer(kept[i], kept[(i + 1) % n], model.config.n_layers)
+                 for i in range(n)] if n > 1 else [])
+    timings["probe_prompting"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - started
+    stages.update(1)
+    stages.close()
+
+    results = {
+        "config": config.to_dict(), "training": info,
+        "accuracy_two_hop": float(correct.mean()), "cities": cities,
+        "transcoders": {k: np.asarray(v).tolist() for k, v in tc_metrics.items()},
+        "transcoder_history_last": {k: np.asarray(v).tolist()
+                                    for k, v in trained.history[-1].items()},
+        "graphs": [{"city": c, "replacement": s.replacement, "completeness": s.completeness,
+                    "n_features_active": g.n_features,
+                    "n_features_kept": int(p.node_mask[:g.n_features].sum()),
+                    "n_edges_kept": int(p.edge_mask.sum())}
+                   for c, s, g, p in zip(cities, scores, graphs, pruned, strict=True)],
+        "agreement": agreement, "probe": studies, "transfer": transfer, "timings_s": timings,
+    }
+    (workdir / "results.json").write_text(json.dumps(results, indent=2, default=_plain))
+    (workdir / "report.md").write_text(report_markdown(config, results))
+    return results
+
+
+def _plain(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, (np.ndarray, jnp.ndarray)):
+        return np.asarray(x).tolist()
+    return str(x)
+
+
+def _mean(values) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def summary(results: dict, n_layers: int) -> dict:
+    """The headline numbers of a run (means over prompts)."""
+    agreement = results["agreement"]
+    predicted = np.array([r["predicted"] for r in agreement])
+    actual = np.array([r["actual"] for r in agreement])
+    studies = results["probe"]
+    early = [layer for layer in range(n_layers) if layer < n_layers / 2] or [0]
+    ratios = [s["consistency"]["supernodes"] / s["consistency"]["geometric"] for s in studies
+              if s["consistency"]["geometric"] > 0]
+    return {
+        "replacement": _mean([g["replacement"] for g in results["graphs"]]),
+        "completeness": _mean([g["completeness"] for g in results["graphs"]]),
+        "sign_agreement": float(np.mean(np.sign(predicted) == np.sign(actual)))
+        if len(actual) else float("nan"),
+        "correlation": float(np.corrcoef(predicted, actual)[0, 1]) if len(actual) > 2
+        else float("nan"),
+        "consistency_supernodes": _mean([s["consistency"]["supernodes"] for s in studies]),
+        "consistency_geometric": _mean([s["consistency"]["geometric"] for s in studies]),
+        "consistency_ratio": _mean(ratios),
+        "similarity_supernodes": _mean([s["similarity"]["supernodes"] for s in studies]),
+        "similarity_geometric": _mean([s["similarity"]["geometric"] for s in studies]),
+        "transfer_by_layer": [_mean([t[layer] for t in results["transfer"]])
+                              for layer in range(n_layers)],
+        "early_transfer": _mean([t[layer] for t in results["transfer"] for layer in early]),
+    }
+
+
+def _f(x) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.3f}"
+
+
+def report_markdown(config, results: dict) -> str:
+    n_layers = config.model.n_layers
+    s = summary(results, n_layers)
+    tc = results["transcoders"]
+    lines = [
+        "# Probe prompting on a two-hop model",
+        "",
+        (f"Preset `{config.preset}`, seed {config.seed}. A {n_layers}-layer decoder "
+        f"(d_model {config.model.d_model}) trained on `<hop> CITY r0 r1 =` (capital of the "
+        f"state containing CITY) plus one-hop recall; two-hop accuracy over all "
+        f"{config.data.n_entities} cities: **{results['accuracy_two_hop']:.3f}**. "
+        f"Total time {results['timings_s']['total']:.0f} s."),
+        "",
+        "## Headline numbers (ours, measured here, next to the paper's)",
+        "",
+        "| quantity | ours | paper |",
+        "|---|---|---|",
+        (f"| Completeness (mean over {len(results['graphs'])} prompts) | "
+        f"{_f(s['completeness'])} | {PAPER['completeness']} |"),
+        f"| Replacement (mean) | {_f(s['replacement'])} | {PAPER['replacement']} |",
+        (f"| peak-token consistency, supernodes / geometric clusters | "
+        f"{_f(s['consistency_ratio'])}x ({_f(s['consistency_supernodes'])} vs "
+        f"{_f(s['consistency_geometric'])}) | {PAPER['consistency_ratio']}x |"),
+        (f"| entity-swap transfer, early layers (< n_layers/2) | {_f(s['early_transfer'])} | "
+        f"{PAPER['early_transfer']} |"),
+        "",
+        ("The paper's numbers are from a pretrained language model, its transcoders and "
+        "natural-language prompts; ours from a tiny synthetic-vocabulary model, so they "
+        "check that the pipeline behaves sensibly; they are not a replication."),
+        "",
+        "## Transcoders (one per layer, test split)",
+        "",
+        (f"{config.transcoder.activation}, {config.transcoder.n_features} features, "
+        f"{config.transcoder.steps} steps."),
+        "",
+        "| layer | FVE | MSE | L0 | dead |",
+        "|---|---|---|---|---|",
+        *[f"| {i} | {tc['fve'][i]:.3f} | {tc['mse'][i]:.4g} | {tc['l0'][i]:.1f} | "
+          f"{tc['dead_fraction'][i]:.3f} |" for i in range(n_layers)],
+        "",
+        (f"Next-token loss: clean {tc['loss_clean']:.3f}, all MLPs spliced (no error term) "
+        f"{tc['loss_spliced']:.3f}, all MLPs zero-ablated {tc['loss_ablated']:.3f}; loss "
+        f"recovered {tc['loss_recovered']:.3f}. With the error term the spliced model equals "
+        "the original."),
+        "",
+        "## Graphs",
+        "",
+        "| city | replacement | completeness | active features | kept features | kept edges |",
+        "|---|---|---|---|---|---|",
+        *[f"| e{g['city']} | {g['replacement']:.3f} | {g['completeness']:.3f} | "
+          f"{g['n_features_active']} | {g['n_features_kept']} | {g['n_edges_kept']} |"
+          for g in results["graphs"]],
+        "",
+        "JSON and PNG per prompt in `graphs/`.",
+        "",
+        "## Feature ablations: graph prediction vs the real model",
+        "",
+        (f"{len(results['agreement'])} single-feature ablations (the most influential kept "
+        f"features of each graph); change of the top logit (demeaned). Sign agreement "
+        f"**{_f(s['sign_agreement'])}**, Pearson r **{_f(s['correlation'])}**."),
+        "",
+        "## Probe prompting",
+        "",
+        "Category counts by layer (summed over prompts):",
+        "",
+        "| category | " + " | ".join(f"L{i}" for i in range(n_layers)) + " |",
+        "|---|" + "---|" * n_layers,
+    ]
+    for category in P.CATEGORIES:
+        counts = np.sum([st["counts"][category] for st in results["probe"]], axis=0)
+        lines.append(f"| {category} | " + " | ".join(str(int(c)) for c in counts) + " |")
+    lines += [
+        "",
+        (f"Activation-profile similarity within groups: supernodes "
+        f"{_f(s['similarity_supernodes'])}, geometric clusters {_f(s['similarity_geometric'])}."),
+        "",
+        "Entity-swap transfer by layer (share of a prompt's kept features also kept for the "
+        "next prompt's city): " + ", ".join(f"L{i} {_f(v)}" for i, v in
+                                            enumerate(s["transfer_by_layer"])) + ".",
+        "",
+        "## Timings (s)",
+        "",
+        ", ".join(f"{k} {v:.0f}" for k, v in results["timings_s"].items()),
+        "",
+    ]
+    return "\n".join(lines)
