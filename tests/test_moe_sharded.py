@@ -1,0 +1,56 @@
+"""Expert parallelism on 8 fake CPU devices: MoE decoder weights sharded over the ``expert``
+mesh axis by the rules in train/mesh.py give the single-device forward and train steps."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax.sharding import PartitionSpec as P
+from mechinterp.models import DecoderConfig, MoEDecoder
+from mechinterp.train.mesh import DEFAULT_RULES, make_mesh
+from mechinterp.train.state import abstract_train_state, shardings_of
+from test_train_step import SINGLE, TX, _assert_same, _initial, _train
+from test_train_support import token_batch
+
+EXPERT_PARALLEL = {"expert": 4, "data": 2}
+CONFIG = DecoderConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1,
+                       d_mlp=16, n_experts=4, n_experts_per_tok=2, d_expert=8,
+                       d_shared_expert=8, router_aux_loss_coef=0.01, router_z_loss_coef=0.001)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    batch = token_batch(batch=8, length=6)
+    model = MoEDecoder(CONFIG)
+    return model, batch, _initial(model, batch)
+
+
+def test_expert_weights_are_sharded_and_the_forward_matches(setup):
+    model, batch, initial = setup
+    mesh = make_mesh(EXPERT_PARALLEL)
+    shardings = shardings_of(abstract_train_state(model, TX, (batch["tokens"],), mesh=mesh,
+                                                  rules=DEFAULT_RULES))
+    params = jax.device_put(initial.params, shardings.params)
+    gate = params["layers"]["moe"]["gate"]
+    assert gate.sharding.spec == P(None, "expert", "fsdp", "tensor")
+    assert {s.data.shape for s in gate.addressable_shards} == {(2, 1, 16, 8)}
+    assert params["layers"]["moe"]["router"].sharding.spec == P(None, "fsdp", "expert")
+
+    want = jax.jit(model.apply)({"params": initial.params}, batch["tokens"])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        got = jax.jit(model.apply)({"params": params}, batch["tokens"])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["dense", "ragged"])
+def test_expert_parallel_train_steps_match_one_device(setup, impl):
+    _, batch, initial = setup
+    model = MoEDecoder(dataclasses.replace(CONFIG, moe_impl=impl))
+    single = _train(model, batch, SINGLE, initial, steps=2)
+    sharded = _train(model, batch, EXPERT_PARALLEL, initial, steps=2)
+    _assert_same(single, sharded)
+    down = sharded[0].params["layers"]["moe"]["down"]
+    assert down.sharding.spec == P(None, "expert", "tensor", "fsdp")
