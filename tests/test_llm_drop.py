@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from mechinterp.models import Decoder, DecoderConfig, load_hf, save_hf
+from mechinterp.models import Decoder, DecoderConfig, generate, load_hf, save_hf
 from test_decoder import random_params
 
 from mechinterp import cli, llm_drop
@@ -79,6 +79,15 @@ def test_drop_builds_a_smaller_model_with_the_logits_of_zeroing(decoder):
                                zeroed_logits(model, params, dropped), rtol=0, atol=1e-5)
     shapes = jax.eval_shape(small.init, jax.random.key(0), TOKENS)["params"]
     assert jax.tree.map(np.shape, nn.unbox(shapes)) == jax.tree.map(np.shape, small_params)
+
+
+def test_a_dropped_model_generates_with_its_kv_cache(decoder):
+    model, params = decoder
+    small, small_params = llm_drop.drop(model, params, [Sublayer("attn", 1), Sublayer("mlp", 0)])
+    out = generate(small, small_params, TOKENS[:2, :4], max_new_tokens=3)
+    # greedy decoding with the cache = the argmax of one causal forward over the result
+    logits = jax.jit(small.apply)({"params": small_params}, out[:, :-1])
+    np.testing.assert_array_equal(out[:, 4:], logits[:, 3:].argmax(-1))
 
 
 def test_dropping_every_attention_keeps_the_scanned_layout(decoder):

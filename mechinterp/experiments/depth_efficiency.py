@@ -170,15 +170,15 @@ def verdicts(results: dict) -> list[str]:
         f"relative contribution ||a+m||/||h|| {first:.3f} (first half) vs {second:.3f} "
         f"(second half): {'less' if second < first else 'not less'} in the second half.")
     change = deep["skip"]["contribution_change"]
-    on_later = [np.nanmean(row) for row in change[:-1]]
-    first, second = halves(on_later + [np.nan])
     k_first, k_second = halves(deep["skip"]["output_kl"])
-    lines.append(
-        f"- Paper: skipping a second-half layer barely changes later layers' computation; "
-        f"skipping affects mostly the output. Deep model: mean relative change of later "
-        f"contributions {first:.3f} when a first-half layer is skipped vs {second:.3f} for "
-        f"a second-half one (the last layer has no later layers); output KL {k_first:.3f} vs "
-        f"{k_second:.3f}.")
+    if len(change) >= 3:  # the last layer has no later layers
+        first, second = halves([np.nanmean(row) for row in change[:-1]])
+        lines.append(
+            f"- Paper: skipping a second-half layer barely changes later layers' computation "
+            f"and acts mostly on the output. Deep model: mean relative change of later "
+            f"contributions {first:.3f} when a layer of the first half is skipped vs "
+            f"{second:.3f} for the second half (layers 0..{len(change) - 2}, the middle one "
+            f"in neither); output KL {k_first:.3f} vs {k_second:.3f}.")
     lens = deep["lens"]
     top1 = [i for i, v in enumerate(lens["topk_overlap"]) if v >= 0.5]
     lines.append(
