@@ -19,13 +19,14 @@ from mechinterp.models.kernels import (
 )
 
 # (logits shape, k, router, norm_topk_prob, block_tokens, how the logits are made)
+SLOW = pytest.mark.slow
 ROUTER_CASES = [
     ((37, 6), 2, "softmax", True, 8, "normal"),         # 5 blocks, the last one partial
-    ((3, 50, 10), 3, "sigmoid", False, 32, "normal"),   # leading axes, 5 blocks
-    ((64, 64), 8, "softmax", False, 128, "normal"),     # 64 experts, one block
+    pytest.param((3, 50, 10), 3, "sigmoid", False, 32, "normal", marks=SLOW),  # leading axes
+    pytest.param((64, 64), 8, "softmax", False, 128, "normal", marks=SLOW),    # 64 experts
     ((40, 5), 2, "softmax", True, 16, "ties"),          # integer logits: many exact ties
     ((48, 8), 2, "sigmoid", True, 16, "uneven"),        # skewed load, experts 5..7 empty
-    ((20, 4), 4, "softmax", False, 8, "normal"),        # k == number of experts
+    pytest.param((20, 4), 4, "softmax", False, 8, "normal", marks=SLOW),       # k == E
 ]
 
 
@@ -111,8 +112,9 @@ def test_fused_router_dispatch_dtype_and_bad_input():
 
 # (M, K, N, group sizes): an empty middle group and uneven loads; one expert takes every row
 # (empty first and last groups, 128-wide tiles); fewer rows in groups than M (the rest are 0)
-GMM_CASES = [(40, 16, 24, [10, 0, 25, 5]), (200, 32, 128, [0, 200, 0]),
-             (30, 8, 12, [3, 3, 0, 3, 6])]
+GMM_CASES = [(40, 16, 24, [10, 0, 25, 5]),
+             pytest.param(200, 32, 128, [0, 200, 0], marks=SLOW),
+             pytest.param(30, 8, 12, [3, 3, 0, 3, 6], marks=SLOW)]
 
 
 @pytest.mark.parametrize("impl", ["ragged", "megablox"])

@@ -20,37 +20,34 @@ CONFIG = DecoderConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_he
                        d_shared_expert=8, router_aux_loss_coef=0.01, router_z_loss_coef=0.001)
 
 
-@pytest.fixture(scope="module")
-def setup():
-    batch = token_batch(batch=8, length=6)
-    model = MoEDecoder(CONFIG)
-    return model, batch, _initial(model, batch)
+MODEL = MoEDecoder(CONFIG)
+BATCH = token_batch(batch=8, length=6)
 
 
-def test_expert_weights_are_sharded_and_the_forward_matches(setup):
-    model, batch, initial = setup
+def test_expert_weights_are_sharded_and_the_forward_matches():
     mesh = make_mesh(EXPERT_PARALLEL)
-    shardings = shardings_of(abstract_train_state(model, TX, (batch["tokens"],), mesh=mesh,
+    shardings = shardings_of(abstract_train_state(MODEL, TX, (BATCH["tokens"],), mesh=mesh,
                                                   rules=DEFAULT_RULES))
-    params = jax.device_put(initial.params, shardings.params)
+    single = nn.unbox(jax.jit(MODEL.init)(jax.random.key(0), BATCH["tokens"])["params"])
+    params = jax.device_put(single, shardings.params)
     gate = params["layers"]["moe"]["gate"]
     assert gate.sharding.spec == P(None, "expert", "fsdp", "tensor")
     assert {s.data.shape for s in gate.addressable_shards} == {(2, 1, 16, 8)}
     assert params["layers"]["moe"]["router"].sharding.spec == P(None, "fsdp", "expert")
 
-    want = jax.jit(model.apply)({"params": initial.params}, batch["tokens"])
+    want = jax.jit(MODEL.apply)({"params": single}, BATCH["tokens"])
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
-        got = jax.jit(model.apply)({"params": params}, batch["tokens"])
+        got = jax.jit(MODEL.apply)({"params": params}, BATCH["tokens"])
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", ["dense", "ragged"])
-def test_expert_parallel_train_steps_match_one_device(setup, impl):
-    _, batch, initial = setup
+def test_expert_parallel_train_steps_match_one_device(impl):
     model = MoEDecoder(dataclasses.replace(CONFIG, moe_impl=impl))
-    single = _train(model, batch, SINGLE, initial, steps=2)
-    sharded = _train(model, batch, EXPERT_PARALLEL, initial, steps=2)
+    initial = _initial(model, BATCH)
+    single = _train(model, BATCH, SINGLE, initial, steps=2)
+    sharded = _train(model, BATCH, EXPERT_PARALLEL, initial, steps=2)
     _assert_same(single, sharded)
     down = sharded[0].params["layers"]["moe"]["down"]
     assert down.sharding.spec == P(None, "expert", "tensor", "fsdp")
