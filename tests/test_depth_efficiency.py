@@ -12,6 +12,7 @@ from test_decoder import random_params
 from mechinterp import cli, llm_drop
 from mechinterp import depth_efficiency as de
 from mechinterp.api import capture
+from mechinterp.experiments.recall_reasoning import logits_of
 from mechinterp.llm_drop import Sublayer
 
 CONFIG = DecoderConfig(vocab_size=40, d_model=16, n_layers=3, n_heads=2, d_mlp=24)
@@ -38,7 +39,7 @@ def kl64(p_logits, q_logits):
 
 def test_layer_contributions_match_a_float64_reference(decoder):
     model, params = decoder
-    got = de.layer_contributions(model, params, TOKENS, MASK, batch_size=4)
+    got = de.layer_contributions(model, params, TOKENS, MASK, batch_size=3)
     _, acts = capture(model, params, TOKENS, sites=["resid_pre", "attn_out", "mlp_out"])
     h, a, m = (np.asarray(acts[k], np.float64)[:, MASK] for k in
                ("resid_pre", "attn_out", "mlp_out"))
@@ -66,7 +67,7 @@ def test_a_zero_layer_contributes_nothing_and_skipping_it_changes_nothing(decode
 def test_skip_effects_equal_the_model_with_that_block_removed(decoder):
     model, params = decoder
     skip = de.skip_effects(model, params, TOKENS, MASK)
-    full = np.asarray(model.apply({"params": params}, TOKENS))
+    full = np.asarray(logits_of(model, params, TOKENS))
     _, base = capture(model, params, TOKENS, sites=["attn_out", "mlp_out"])
     base = np.asarray(base["attn_out"] + base["mlp_out"], np.float64)
     for s in range(3):
@@ -86,13 +87,13 @@ def test_skip_effects_equal_the_model_with_that_block_removed(decoder):
 def test_logit_lens_equals_the_model_truncated_after_each_layer(decoder):
     model, params = decoder
     lens = de.logit_lens(model, params, TOKENS, MASK, k=3)
-    full = np.asarray(model.apply({"params": params}, TOKENS))
+    full = np.asarray(logits_of(model, params, TOKENS))
     assert lens["kl"][-1] == pytest.approx(0.0, abs=1e-6) and lens["topk_overlap"][-1] == 1.0
     top_full = np.argsort(-full, -1)[..., :3]
     for layer in range(3):  # the stream after layer ``layer`` = a model without later blocks
         later = [Sublayer("block", i) for i in range(layer + 1, 3)]
         small, small_params = llm_drop.drop(model, params, later)
-        logits = np.asarray(small.apply({"params": small_params}, TOKENS))
+        logits = np.asarray(logits_of(small, small_params, TOKENS))
         np.testing.assert_allclose(lens["kl"][layer + 1], kl64(full, logits)[MASK].mean(),
                                    rtol=1e-3, atol=1e-7)
         top = np.argsort(-logits, -1)[..., :3]
@@ -139,8 +140,8 @@ def test_a_rotated_copy_of_a_model_maps_with_r2_one(decoder):
     q = jnp.asarray(np.linalg.qr(np.random.default_rng(4).standard_normal((16, 16)))[0],
                     jnp.float32)
     other = rotated(params, q)
-    np.testing.assert_allclose(model.apply({"params": other}, TOKENS),
-                               model.apply({"params": params}, TOKENS), atol=1e-4)
+    np.testing.assert_allclose(logits_of(model, other, TOKENS),
+                               logits_of(model, params, TOKENS), atol=1e-4)
     r2 = de.residual_map_r2(model, params, model, other, TOKENS, ridge=1e-9)
     assert r2.shape == (4, 4)
     np.testing.assert_allclose(np.diag(r2), 1.0, atol=1e-6)

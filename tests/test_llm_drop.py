@@ -14,10 +14,11 @@ from test_decoder import random_params
 
 from mechinterp import cli, llm_drop
 from mechinterp.api import capture, intervene, list_sites
+from mechinterp.experiments.recall_reasoning import logits_of
 from mechinterp.llm_drop import Sublayer
 
 CONFIG = DecoderConfig(vocab_size=48, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_mlp=48)
-TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 48, (5, 7)), jnp.int32)
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 48, (6, 7)), jnp.int32)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def zeroed_logits(model, params, sublayers):
 def test_similarity_scores_match_a_float64_reference_with_a_token_mask(decoder):
     model, params = decoder
     mask = np.random.default_rng(1).random(TOKENS.shape) < 0.6
-    scores = llm_drop.similarity_scores(model, params, TOKENS, mask, batch_size=2)
+    scores = llm_drop.similarity_scores(model, params, TOKENS, mask, batch_size=3)
     _, acts = capture(model, params, TOKENS, sites=["resid_pre", "resid_mid", "resid_post"])
     acts = {k: np.asarray(v, np.float64) for k, v in acts.items()}
     for kind, (x, y) in {"attn": ("resid_pre", "resid_mid"), "mlp": ("resid_mid", "resid_post"),
@@ -56,8 +57,8 @@ def test_an_identity_sublayer_scores_one_and_dropping_it_changes_nothing(decoder
     order = llm_drop.drop_order(model, params, TOKENS, variant="attn", n=1)
     assert order[0][0] == Sublayer("attn", 1)
     small, small_params = llm_drop.drop(model, params, [Sublayer("attn", 1)])
-    np.testing.assert_allclose(small.apply({"params": small_params}, TOKENS),
-                               model.apply({"params": params}, TOKENS), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(logits_of(small, small_params, TOKENS),
+                               logits_of(model, params, TOKENS), rtol=0, atol=1e-5)
 
 
 def test_drop_builds_a_smaller_model_with_the_logits_of_zeroing(decoder):
@@ -75,7 +76,7 @@ def test_drop_builds_a_smaller_model_with_the_logits_of_zeroing(decoder):
         [params["layers"][part] for part in ("attn", "attn_norm", "mlp", "mlp_norm")])) // 3 * 2
     size = lambda tree: sum(np.size(x) for x in jax.tree.leaves(tree))
     assert size(small_params) == size(params) - removed
-    np.testing.assert_allclose(small.apply({"params": small_params}, TOKENS),
+    np.testing.assert_allclose(logits_of(small, small_params, TOKENS),
                                zeroed_logits(model, params, dropped), rtol=0, atol=1e-5)
     shapes = jax.eval_shape(small.init, jax.random.key(0), TOKENS)["params"]
     assert jax.tree.map(np.shape, nn.unbox(shapes)) == jax.tree.map(np.shape, small_params)
@@ -96,7 +97,7 @@ def test_dropping_every_attention_keeps_the_scanned_layout(decoder):
     small, small_params = llm_drop.drop(model, params, dropped)
     assert small.config.scan_layers and small.config.attn_layers == ()
     assert sorted(small_params["layers"]) == ["mlp", "mlp_norm"]
-    np.testing.assert_allclose(small.apply({"params": small_params}, TOKENS),
+    np.testing.assert_allclose(logits_of(small, small_params, TOKENS),
                                zeroed_logits(model, params, dropped), rtol=0, atol=1e-5)
     assert "attn.q" not in list_sites(small, TOKENS)
 
@@ -164,8 +165,12 @@ def test_save_hf_refuses_dropped_sublayers_but_saves_dropped_blocks(decoder, tmp
     save_hf(fewer, fewer_params, tmp_path / "block")
     loaded, loaded_params = load_hf(tmp_path / "block")
     assert loaded.config.n_layers == 2
-    np.testing.assert_allclose(loaded.apply({"params": loaded_params}, TOKENS),
-                               fewer.apply({"params": fewer_params}, TOKENS), atol=1e-5)
+    np.testing.assert_allclose(logits_of(loaded, loaded_params, TOKENS),
+                               logits_of(fewer, fewer_params, TOKENS), atol=1e-5)
+    want = llm_drop.similarity_scores(fewer, fewer_params, TOKENS)  # analyses run unchanged
+    got = llm_drop.similarity_scores(loaded, loaded_params, TOKENS)  # on a load_hf model
+    for kind in llm_drop.KINDS:
+        np.testing.assert_allclose(got[kind], want[kind], atol=1e-6)
 
 
 @pytest.mark.slow

@@ -32,7 +32,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.job = "mechinterp.experiments.depth_efficiency:run"
     c.workdir = "runs/depth_efficiency"
     c.shallow_layers = 3
-    c.train.steps = 800  # two models to train
     c.analysis = ml_collections.ConfigDict()
     c.analysis.n_eval = 256  # test examples
     c.analysis.top_k = 5  # logit lens overlap
@@ -164,11 +163,15 @@ def halves(values) -> tuple[float, float]:
 def verdicts(results: dict) -> list[str]:
     deep = results["deep"]
     lines = []
-    first, second = halves(deep["contributions"]["rel_layer"])
-    lines.append(
-        f"- Paper: the second half of the layers contributes much less. Deep model: mean "
-        f"relative contribution ||a+m||/||h|| {first:.3f} (first half) vs {second:.3f} "
-        f"(second half): {'less' if second < first else 'not less'} in the second half.")
+    rel = deep["contributions"]["rel_layer"]
+    if len(rel) >= 3:
+        first, second = halves(rel[1:])
+        lines.append(
+            f"- Paper: the second half of the layers contributes much less. Deep model, layers "
+            f"1..{len(rel) - 1} (layer 0 reads the raw embeddings, whose norm is tiny, so its "
+            f"ratio {rel[0]:.1f} says little): mean relative contribution ||a+m||/||h|| "
+            f"{first:.3f} (first half) vs {second:.3f} (second half): "
+            f"{'less' if second < first else 'not less'} in the second half.")
     change = deep["skip"]["contribution_change"]
     k_first, k_second = halves(deep["skip"]["output_kl"])
     if len(change) >= 3:  # the last layer has no later layers
