@@ -4,10 +4,11 @@ import json
 import struct
 
 import numpy as np
+import pytest
 from mechinterp.train.config import default_config
 from mechinterp.train.digits import build_digits
 from mechinterp.train.loop import _Loop, fit
-from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.record_writer import masked_crc32c
 from test_train_support import ToyClassifier
 
@@ -41,32 +42,58 @@ def _config(steps):
     config.train.steps = steps
     config.train.log_every = 10
     config.train.eval_every = 20
-    config.train.checkpoint_every = 100
+    config.train.checkpoint_every = 20
     config.train.progress = False
     return config
 
 
-def test_tensorboard_scalars_equal_the_jsonl_metrics(tmp_path):
+def scalars(folder):
+    """``{(tag, step): value}`` as TensorBoard shows it: files in the order written, and a
+    ``SessionLog.START`` at step ``s`` (a writer's ``purge_step``) drops what earlier
+    events logged at steps >= ``s``."""
+    logged = {}
+    for event in read_events(folder):
+        if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+            logged = {key: v for key, v in logged.items() if key[1] < event.step}
+        for value in event.summary.value:
+            logged[value.tag, event.step] = value.simple_value
+    return logged
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_tensorboard_scalars_equal_the_jsonl_metrics_across_a_resume(tmp_path):
     digits = build_digits(data_dir=tmp_path / "data")
     model = ToyClassifier(features=64, hidden=32, classes=10)
-    result = fit(_config(40), tmp_path / "run", model, digits.as_data_source("train"),
-                 digits.as_data_source("test"))
+    train, test = digits.as_data_source("train"), digits.as_data_source("test")
+
+    def crash_after_logging_step_30(step, state):
+        if step == 31:
+            raise Crash
+
+    with pytest.raises(Crash):  # step 30 is logged, the last checkpoint is step 20
+        fit(_config(40), tmp_path / "run", model, train, test,
+            on_step=crash_after_logging_step_30)
+    resumed = _config(40)
+    resumed.train.log_every = 20  # so the crashed run's step 30 must disappear
+    result = fit(resumed, tmp_path / "run", model, train, test)  # resumes at step 20
     assert result.eval["accuracy"] > 0.8  # a tiny MLP learns digits (0.87 measured)
 
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [(r["kind"], r["step"]) for r in records] == [
-        ("train", 10), ("train", 20), ("eval", 20), ("train", 30), ("train", 40),
-        ("eval", 40)]
+        ("train", 10), ("train", 20), ("eval", 20), ("train", 40), ("eval", 40)]
     expected = {(f"{r['kind']}/{name}", r["step"]): value for r in records
                 for name, value in r.items() if name not in ("kind", "step")}
     assert {"train/loss", "train/grad_norm", "train/lr", "eval/accuracy"} <= {
         tag for tag, _ in expected}
 
-    logged = {}
-    for event in read_events(tmp_path / "run" / "tensorboard"):
-        for value in event.summary.value:
-            assert (value.tag, event.step) not in logged
-            logged[value.tag, event.step] = value.simple_value
+    folder = tmp_path / "run" / "tensorboard"
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 2  # one per run
+    assert ("train/loss", 30) in {(v.tag, e.step) for e in read_events(folder)
+                                  for v in e.summary.value}  # written by the crashed run
+    logged = scalars(folder)
     assert logged.keys() == expected.keys()
     for key, value in expected.items():  # TensorBoard stores float32
         assert logged[key] == np.float32(value), key
