@@ -15,19 +15,20 @@ position, mean over the batch. Grids: ``resid_pre`` (layer x pos) and
 What is measured, per side and grid:
 
 - forwards: TransformerLens runs one full forward per grid cell
-  (``generic_activation_patch``). Ours evaluates the same cells, ``chunk`` at a time, as
-  ``ceil(cells / chunk)`` calls of one jitted ``vmap`` of the patched forward.
-- FLOPs: analytic matmul FLOPs (2 per multiply-add) of one forward times the forwards; for
-  TransformerLens cross-checked with ``torch.utils.flop_counter.FlopCounterMode`` on one
-  hooked forward. For ours also XLA's count: ``jax.jit(chunk_fn).lower(...).compile()
-  .cost_analysis()["flops"]`` times the chunk calls (padding included). XLA's cost analysis
-  counts the body of a ``while`` loop once, so a scanned model (``nn.scan`` over layers,
-  load_hf's default) is under-counted about ``n_layers`` times; the XLA count is therefore
-  taken on the same model loaded unrolled (``scan_layers=False``: identical numbers).
-- time: median wall time over ``--runs`` runs (>= 3). Ours is timed three ways: the first
-  public call (trace + compile + run), later public calls, and the compiled chunk function
-  alone (what a call costs when its compilation is cached). Compile time inside each public
-  call is read from JAX's own monitoring events (jaxpr tracing, lowering, backend compile).
+  (``generic_activation_patch``). Ours evaluates the same cells as a few jitted ``vmap``
+  calls: without reuse (``reuse=False``) one full forward per cell with logits only at the
+  answer position; with reuse (``reuse=True``, issue 3 item 5) cells are grouped by layer
+  and block of positions (``--position-blocks``) and each group resumes from the cached
+  corrupted residual stream at its layer, for its positions only, reading earlier
+  positions' keys and values from the cache.
+- FLOPs: matmul FLOPs (2 per multiply-add). TransformerLens: analytic FLOPs of one forward
+  times the forwards, cross-checked with ``torch.utils.flop_counter.FlopCounterMode`` on
+  one hooked forward. Ours: what the sweep executed, counted from the jaxprs it ran
+  (``SweepResult.cost["flops"]``, scans counted per layer, chunk padding included), next to
+  ``cost["naive_flops"]`` (one full forward with full logits per cell).
+- time: median wall time over ``--runs`` runs (>= 3). Ours: the first public call (trace +
+  compile + run, compile time from JAX's own monitoring events) and the median of later
+  calls, which reuse the compilation (the ratio uses these).
 - TransformerLens runs with the torch thread count (1 or all cores) that is fastest for one
   hooked forward on this machine, measured first: on a shared CPU, intra-op threads can
   make small torch ops many times slower.
@@ -37,7 +38,6 @@ What is measured, per side and grid:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -56,10 +56,10 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers import models as tok_models
 
 import mechinterp
-import mechinterp.sweep as mi_sweep
 from mechinterp import patching
 from mechinterp.metrics import logit_diff
 from mechinterp.models import load_hf
+from mechinterp.sweep import DEFAULT_POSITION_BLOCKS
 
 TOL = 1e-4
 FULL = dict(n_layers=4, d_model=256, n_heads=8, n_kv_heads=2, d_mlp=768, vocab=32000,
@@ -117,40 +117,6 @@ def forward_flops(cfg, logit_positions):
     return cfg["n_layers"] * per_layer + 2 * b * logit_positions * d * cfg["vocab"]
 
 
-def reuse_flops(cfg, grid, answer_only_last_layer=False, answer_columns_only=False):
-    """Mean analytic FLOPs per cell if the sweep skipped work a patch cannot change (issue 3,
-    item 5): layers below the patched one, and (causal attention) every position before the
-    patched one, whose keys and values are reused. Optionally also the last layer at
-    positions other than the answer's (the metric reads one position), and the
-    unembedding of all but the two answer columns (logit difference reads two).
-
-    ``resid_pre`` at (layer l, pos p): layers l.. for positions p..; ``attn_head_out_by_pos``
-    at (l, p, h): layer l's MLP at position p only, then layers l+1.. for positions p...
-    A projection of what such an engine would execute, not a measurement.
-    """
-    b, s, d = cfg["batch"], cfg["seq"], cfg["d_model"]
-    h, kv, dh, n_layers = cfg["n_heads"], cfg["n_kv_heads"], d // cfg["n_heads"], cfg["n_layers"]
-    q_o, k_v, mlp = 2 * d * h * dh, 2 * d * kv * dh, 3 * d * cfg["d_mlp"]
-
-    def layer(queries, new_kv):  # attention over all s keys: an upper bound
-        return 2 * b * (queries * (q_o + mlp) + new_kv * k_v) + 4 * b * h * queries * s * dh
-
-    unembed = 2 * b * d * (2 if answer_columns_only else cfg["vocab"])
-    total = 0
-    for l in range(n_layers):
-        for p in range(s):
-            flops = unembed
-            first = l
-            if grid == "attn_head_out_by_pos":
-                flops += 2 * b * mlp
-                first = l + 1
-            for k in range(first, n_layers):
-                last = answer_only_last_layer and k == n_layers - 1
-                flops += layer(1 if last else s - p, s - p)
-            total += flops
-    return total / (n_layers * s)
-
-
 def pick_torch_threads(bridge, tokens, hook_name):
     """The torch thread count (1 or all) with the fastest hooked forward here."""
     def hook(act, hook):
@@ -194,65 +160,6 @@ class CompileClock:
         self.seconds, self.backend_compiles = 0.0, 0
 
 
-class ChunkSpy:
-    """Records what the sweep engine hands its chunk runner (``mechinterp.sweep
-    .map_in_chunks(fn, items, shared, chunk_size, ...)``), so the jitted chunk function can
-    be lowered, costed and timed on its own. If the engine has no such function (it is free
-    to change), the benchmark falls back to analytic FLOPs and public-call timings. With
-    ``run=False`` the chunks are not evaluated (the sweep returns zeros)."""
-
-    def __init__(self, run=True):
-        self.calls = []
-        self.run = run
-        self.original = getattr(mi_sweep, "map_in_chunks", None)
-
-    def __enter__(self):
-        if self.original is not None:
-            def spy(fn, items, shared, chunk_size, *args, **kwargs):
-                self.calls.append((fn, items, tuple(shared), int(chunk_size)))
-                if not self.run:
-                    return np.zeros(len(jax.tree.leaves(items)[0]), np.float32)
-                return self.original(fn, items, shared, chunk_size, *args, **kwargs)
-            mi_sweep.map_in_chunks = spy
-        return self
-
-    def __exit__(self, *exc):
-        if self.original is not None:
-            mi_sweep.map_in_chunks = self.original
-
-
-def balanced(n, chunk_size):
-    """The chunk size the engine uses: ceil(n / chunk_size) chunks of equal size."""
-    return -(-n // -(-n // chunk_size))
-
-
-def chunk_runner(fn, items, shared, chunk_size):
-    """jit(vmap(fn)) compiled for one chunk, and a function running every chunk with it."""
-    items = np.asarray(items)
-    n = len(items)
-    chunk_size = balanced(n, chunk_size)
-    jitted = jax.jit(jax.vmap(fn, in_axes=(0,) + (None,) * len(shared)))
-    start = time.perf_counter()
-    compiled = jitted.lower(items[:chunk_size], *shared).compile()
-    compile_s = time.perf_counter() - start
-    n_chunks = math.ceil(n / chunk_size)
-    padded = np.concatenate([items, np.repeat(items[-1:], n_chunks * chunk_size - n, 0)])
-    chunks = [jnp.asarray(padded[i * chunk_size:(i + 1) * chunk_size]) for i in range(n_chunks)]
-
-    def run_all():
-        outs = [compiled(chunk, *shared) for chunk in chunks]
-        return np.concatenate([np.asarray(o) for o in outs])[:n]
-
-    return compiled, compile_s, n_chunks, run_all
-
-
-def xla_flops(compiled):
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    return None if not cost or "flops" not in cost else float(cost["flops"])
-
-
 def median_time(fn, runs):
     times, out = [], None
     for _ in range(runs):
@@ -274,9 +181,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help=f"small configuration {QUICK}")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per side (>= 3)")
-    parser.add_argument("--chunk-size", type=int, action="append", default=None,
-                        help="also time ours with this many cells per jitted call "
-                             "(repeatable; the engine's memory-budget default always runs)")
+    parser.add_argument("--position-blocks", type=int, action="append", default=None,
+                        help="time reuse with this many position blocks (repeatable; "
+                             f"default {DEFAULT_POSITION_BLOCKS})")
     parser.add_argument("--grids", default=",".join(GRIDS),
                         help="comma-separated subset of " + ", ".join(GRIDS))
     args = parser.parse_args(argv)
@@ -304,7 +211,6 @@ def main(argv=None):
         bridge = TransformerBridge.boot_transformers(folder, dtype=torch.float32, device="cpu")
         bridge.eval()
         model, params = load_hf(folder)
-        model_unrolled, params_unrolled = load_hf(folder, scan_layers=False)
 
     rng = np.random.default_rng(0)
     b, s, vocab = cfg["batch"], cfg["seq"], cfg["vocab"]
@@ -313,7 +219,6 @@ def main(argv=None):
     changed = [s // 4, s // 2]
     corrupted[:, changed] = rng.integers(0, vocab, (b, len(changed)))
     correct, incorrect = rng.integers(0, vocab, b), rng.integers(0, vocab, b)
-
     correct_t, incorrect_t = torch.tensor(correct), torch.tensor(incorrect)
 
     def tl_metric(logits):
@@ -333,14 +238,14 @@ def main(argv=None):
             bridge.run_with_hooks(corrupted_t, fwd_hooks=[])
     tl_forward_measured = counter.get_total_flops()
     tl_forward = forward_flops(cfg, logit_positions=s)
-    our_forward = forward_flops(cfg, logit_positions=1)
     sites = [site for site, _ in (GRIDS[g] for g in grids)]
     _, cache = mechinterp.capture(model, params, clean_j, sites=sites)
-    _, cache_unrolled = mechinterp.capture(model_unrolled, params_unrolled, clean_j,
-                                           sites=sites)
     clock = CompileClock()
+    variants = [("ours, no reuse", dict(reuse=False))] + [
+        (f"ours, reuse, {blocks} position blocks", dict(reuse=True, position_blocks=blocks))
+        for blocks in (args.position_blocks or [DEFAULT_POSITION_BLOCKS])]
 
-    rows, failures, notes = [], [], []
+    rows, failures = [], []
     for grid in grids:
         name = f"get_act_patch_{grid}"
         print(f"\n== {grid} ==")
@@ -354,126 +259,60 @@ def main(argv=None):
         tl_grid = tl_grid.numpy()
         cells = tl_grid.size
         print(f"  TransformerLens: {cells} forwards, median {tl_s:.2f} s")
+        rows.append(dict(side="TransformerLens", grid=grid, cells=cells, groups=None,
+                         flops=cells * tl_forward, median=tl_s, first=None, compile=None,
+                         ratio=None, diff=None, rng=float(np.ptp(tl_grid))))
 
-        # Ours, through the public call: first call, then later calls.
-        def our_call(chunk_size=None, m=model, p=params, c=cache, name=name):
-            return np.asarray(getattr(patching, name)(m, p, corrupted_j, c, metric,
-                                                      progress=False, chunk_size=chunk_size))
+        for label, options in variants:
+            def our_call(name=name, options=options):
+                return getattr(patching, name)(model, params, corrupted_j, cache, metric,
+                                               progress=False, **options)
 
-        clock.reset()
-        with ChunkSpy() as spy:
-            start = time.perf_counter()
-            ours = our_call()
-            first_s = time.perf_counter() - start
-        first_compile = clock.seconds
-        later, later_compile = [], []
-        for _ in range(args.runs):
             clock.reset()
             start = time.perf_counter()
-            again = our_call()
-            later.append(time.perf_counter() - start)
-            later_compile.append(clock.seconds)
-        later_s, later_c = statistics.median(later), statistics.median(later_compile)
-        recompiles = clock.backend_compiles > 0
-        diff = float(np.max(np.abs(ours - tl_grid)))
-        if ours.shape != tl_grid.shape or not diff <= TOL:
-            failures.append(f"{grid}: max |ours - TL| = {diff:.2e} (shapes {ours.shape} vs "
-                            f"{tl_grid.shape})")
-        assert np.array_equal(ours, again)
-        print(f"  ours public call: first {first_s:.2f} s (compile {first_compile:.2f} s), "
-              f"later median {later_s:.2f} s (compile inside {later_c:.2f} s"
-              f"{', recompiled every call' if recompiles else ''})")
-
-        chunk = balanced(cells, spy.calls[0][3]) if spy.calls else None
-        n_calls = math.ceil(cells / chunk) if chunk else None
-        rows.append(dict(side="TransformerLens", grid=grid, cells=cells,
-                         calls=f"{cells} (1 per cell)", flops=cells * tl_forward,
-                         xla=None, median=tl_s, compile=None, ratio=None, diff=None,
-                         rng=float(np.ptp(tl_grid))))
-        rows.append(dict(side="ours: public call", grid=grid, cells=cells,
-                         calls=f"{n_calls} x {chunk}" if chunk else "?",
-                         flops=cells * our_forward, xla=None, median=later_s,
-                         compile=f"{first_compile:.2f} first, {later_c:.2f} later",
-                         first=first_s, ratio=tl_s / later_s, diff=diff, rng=None))
-
-        # Ours, the compiled chunk function alone (compilation cached), per chunk size.
-        if not spy.calls:
-            notes.append("mechinterp.sweep.map_in_chunks not found: no exec-only timing, "
-                         "no XLA FLOP count")
-            continue
-        fn, items, shared, default_chunk = spy.calls[0]
-        with ChunkSpy(run=False) as spy_unrolled:  # only to cost the unrolled twin
-            our_call(m=model_unrolled, p=params_unrolled, c=cache_unrolled)
-        sizes = {balanced(cells, default_chunk): "default"}
-        for size in args.chunk_size or []:
-            sizes.setdefault(balanced(cells, size), "--chunk-size")
-        for size, label in sizes.items():
-            _, compile_s, n_chunks, run_all = chunk_runner(fn, items, shared, size)
-            exec_s, values = median_time(run_all, args.runs)
-            exec_diff = float(np.max(np.abs(values.reshape(ours.shape) - tl_grid)))
-            if not exec_diff <= TOL:
-                failures.append(f"{grid} chunk {size}: max |ours - TL| = {exec_diff:.2e}")
-            xla = None
-            if spy_unrolled.calls:
-                fn_u, items_u, shared_u, _ = spy_unrolled.calls[0]
-                compiled_u = chunk_runner(fn_u, items_u, shared_u, size)[0]
-                per_chunk = xla_flops(compiled_u)
-                xla = None if per_chunk is None else per_chunk * n_chunks
-            print(f"  ours compiled chunk fn, chunk {size} ({label}): compile {compile_s:.2f} s,"
-                  f" {n_chunks} calls, median {exec_s:.2f} s")
-            rows.append(dict(side=f"ours: compiled chunk fn, {label}", grid=grid, cells=cells,
-                             calls=f"{n_chunks} x {size}",
-                             flops=cells * our_forward, xla=xla, median=exec_s,
-                             compile=f"{compile_s:.2f}", ratio=tl_s / exec_s, diff=exec_diff,
-                             rng=None))
+            result = our_call()
+            first_s, first_compile = time.perf_counter() - start, clock.seconds
+            clock.reset()
+            later_s, again = median_time(our_call, args.runs)
+            assert np.array_equal(result.values, again.values)
+            diff = float(np.max(np.abs(result.values - tl_grid)))
+            if result.shape != tl_grid.shape or not diff <= TOL:
+                failures.append(f"{grid}, {label}: max |ours - TL| = {diff:.2e}")
+            print(f"  {label}: first call {first_s:.2f} s (compile {first_compile:.2f} s), "
+                  f"later median {later_s:.2f} s ({clock.backend_compiles} compiles in later "
+                  f"calls), {result.cost['groups']} groups")
+            rows.append(dict(side=label, grid=grid, cells=cells, groups=result.cost["groups"],
+                             flops=result.cost["flops"], naive=result.cost["naive_flops"],
+                             median=later_s, first=first_s, compile=first_compile,
+                             ratio=tl_s / later_s, diff=diff, rng=None))
 
     # ---------------------------------------------------------------- table
-    print("\nFLOPs: analytic matmul FLOPs per forward x forwards (see forward_flops). "
-          f"TransformerLens forward: {tl_forward / 1e9:.3f} GFLOP analytic, "
-          f"{tl_forward_measured / 1e9:.3f} GFLOP by torch FlopCounterMode; ours per cell: "
-          f"{our_forward / 1e9:.3f} GFLOP analytic (a full forward, logits at 1 position). "
-          "'XLA' = cost_analysis of the compiled chunk function (unrolled twin) x calls, "
-          "padding included.")
-    print(f"TransformerLens ran with torch threads = {threads}, under torch.inference_mode. "
-          "'first s' = our first public call (trace + compile + run); 'median s' = later "
-          "calls; GFLOP/s uses the XLA count where there is one.\n")
-    header = (f"{'grid':<21} {'side':<36} {'cells':>6} {'jitted calls':>12} "
-              f"{'FLOPs':>9} {'XLA FLOPs':>9} {'GFLOP/s':>7} {'first s':>7} {'median s':>8} "
-              f"{'compile s':>19} {'TL/ours':>7} {'max|diff|':>9}")
+    print(f"\nFLOPs: TransformerLens = analytic matmul FLOPs of one forward x forwards "
+          f"({tl_forward / 1e9:.3f} GFLOP analytic, {tl_forward_measured / 1e9:.3f} GFLOP by "
+          "torch FlopCounterMode per forward); ours = matmul FLOPs the sweep executed, counted "
+          "from its jaxprs (SweepResult.cost). TransformerLens ran with torch threads = "
+          f"{threads}, under torch.inference_mode. 'first s' = our first public call (trace + "
+          "compile + run); 'median s' = later calls, which reuse the compilation.\n")
+    header = (f"{'grid':<21} {'side':<34} {'cells':>6} {'groups':>6} {'FLOPs':>9} "
+              f"{'TL/ours FLOPs':>13} {'GFLOP/s':>7} {'first s':>7} {'compile s':>9} "
+              f"{'median s':>8} {'TL/ours':>7} {'max|diff|':>9}")
     print(header)
     print("-" * len(header))
+    tl_rows = {r["grid"]: r for r in rows if r["side"] == "TransformerLens"}
     for r in rows:
         tl = r["side"] == "TransformerLens"
-        ratio = "" if r["ratio"] is None else f"{r['ratio']:.1f}x"
-        diff = "" if r["diff"] is None else f"{r['diff']:.1e}"
-        first = f"{r['first']:.2f}" if r.get("first") else "-"
-        rate = (r["xla"] or r["flops"]) / r["median"] / 1e9
-        print(f"{r['grid']:<21} {r['side']:<36} {r['cells']:>6} "
-              f"{'-' if tl else r['calls']:>12} {fmt_flops(r['flops']):>9} "
-              f"{'-' if tl else fmt_flops(r['xla']):>9} {rate:>7.1f} {first:>7} "
-              f"{r['median']:>8.2f} {r['compile'] or '-':>19} {ratio:>7} {diff:>9}")
+        flop_ratio = "" if tl else f"{tl_rows[r['grid']]['flops'] / r['flops']:.1f}x"
+        print(f"{r['grid']:<21} {r['side']:<34} {r['cells']:>6} "
+              f"{'-' if tl else r['groups']:>6} {fmt_flops(r['flops']):>9} {flop_ratio:>13} "
+              f"{r['flops'] / r['median'] / 1e9:>7.1f} "
+              f"{'-' if tl else format(r['first'], '.2f'):>7} "
+              f"{'-' if tl else format(r['compile'], '.2f'):>9} {r['median']:>8.2f} "
+              f"{'' if tl else format(r['ratio'], '.1f') + 'x':>7} "
+              f"{'' if tl else format(r['diff'], '.1e'):>9}")
     for r in rows:
         if r["rng"] is not None:
             print(f"{r['grid']}: TransformerLens grid values span {r['rng']:.3f} "
                   f"(so a 1e-4 agreement is meaningful)")
-    mlp_flops = cfg["n_layers"] * 2 * b * s * 3 * cfg["d_model"] * cfg["d_mlp"]
-    body_flops = forward_flops(cfg, logit_positions=0)
-    print(f"\nWhere our FLOPs go, per cell (analytic): MLPs {mlp_flops / 1e9:.3f} G, attention "
-          f"{(body_flops - mlp_flops) / 1e9:.3f} G, unembedding at the answer position "
-          f"{(our_forward - body_flops) / 1e9:.3f} G. Today every cell runs a full forward.")
-    print("Projected FLOPs per cell if unchanged work were reused (issue item 5; analytic, "
-          "not measured) and the TL/ours FLOP ratio it would give:")
-    for grid in grids:
-        variants = [("layers below + positions before the patch", {}),
-                    ("... + last layer at the answer position only", dict(answer_only_last_layer=True)),
-                    ("... + only the 2 answer columns of the unembedding",
-                     dict(answer_only_last_layer=True, answer_columns_only=True))]
-        for label, kw in variants:
-            per_cell = reuse_flops(cfg, grid, **kw)
-            print(f"  {grid:<21} {label:<52} {per_cell / 1e9:.3f} G  ->  "
-                  f"{tl_forward / per_cell:.1f}x (today {tl_forward / our_forward:.1f}x)")
-    for note in notes:
-        print("note:", note)
     if failures:
         print("\nFAILED (results differ by more than 1e-4):\n  " + "\n  ".join(failures))
         return 1

@@ -112,6 +112,19 @@ class KL(Metric):
         return (jnp.exp(reference) * (reference - patched)).sum(-1)
 
 
+# Metrics are pytrees (their arrays are leaves, ``reduce`` is static), so a sweep passes
+# them to its compiled function as arguments: a new metric instance does not recompile.
+jax.tree_util.register_dataclass(Metric, data_fields=["pos"], meta_fields=["reduce"])
+jax.tree_util.register_dataclass(LogitDiff, data_fields=["pos", "correct_ids", "incorrect_ids"],
+                                 meta_fields=["reduce"])
+jax.tree_util.register_dataclass(LogProb, data_fields=["pos", "answer_ids"],
+                                 meta_fields=["reduce"])
+jax.tree_util.register_dataclass(Accuracy, data_fields=["pos", "answer_ids"],
+                                 meta_fields=["reduce"])
+jax.tree_util.register_dataclass(KL, data_fields=["pos", "reference_logits"],
+                                 meta_fields=["reduce"])
+
+
 def logit_diff(correct_ids, incorrect_ids, pos=-1, reduce="mean") -> LogitDiff:
     return LogitDiff(pos=pos, reduce=reduce, correct_ids=correct_ids, incorrect_ids=incorrect_ids)
 

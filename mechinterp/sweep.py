@@ -1,19 +1,33 @@
-"""The sweep engine: a grid of single-cell interventions as one vmapped computation.
+"""The sweep engine: a grid of single-cell interventions as a few vmapped computations.
 
 A grid names some axes of a site (e.g. ``("layer", "pos")`` of ``resid_pre``). Each grid
 cell is an intervention whose mask is one-hot on those axes and 1 on every other axis. The
 cells are evaluated with ``jax.vmap`` over their integer indices only: each cell builds its
 mask inside the computation, and the large operand (the source cache that values are
 patched from) is shared by all cells (``in_axes=None``). Cells run in equal chunks (the last
-one padded) so memory stays within a budget and one compilation serves the whole grid.
+one padded) so memory stays within a budget.
+
+Reuse of unchanged work. A patch at layer ``l`` and position ``p`` of a causal model leaves
+every layer below ``l``, and every position before ``p`` at every layer, as they were in the
+unpatched run. A model that offers the resume protocol (``model.resume_state(params,
+*inputs, **kwargs)`` once, then ``model.resume(params, state, first_layer, first_pos) ->
+(model, params, kwargs)``, see :meth:`mechinterp.models.decoder.Decoder.resume`; a
+``None`` state means it cannot resume these inputs) lets the sweep group cells by layer and by block of positions and run each group from the cached
+residual stream at its layer, for its positions only, reading the earlier positions' keys
+and values from the cache. ``position_blocks`` sets how many position groups there are
+(more blocks: less work, more compilations; one compilation per group and chunk size,
+cached across calls). Each :class:`SweepResult` reports the matmul FLOPs it executed and
+those of the naive way (one full forward, full-vocabulary logits, per cell).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
-import json
 import itertools
+import json
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -22,11 +36,19 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from mechinterp.api import SiteInfo, intervene, list_sites
+from mechinterp.api import SiteInfo, _CallSignature, _hashable, intervene, list_sites
+from mechinterp.flops import matmul_flops
 from mechinterp.interventions import Intervention
 from mechinterp.metrics import Metric
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of activations for one chunk of cells
+DEFAULT_POSITION_BLOCKS = 4
+# Reuse costs one compilation per group of cells (about a second or two each on a laptop
+# CPU). With reuse=None a grid reuses when its naive work (matmul FLOPs of one full forward
+# per cell) is at least this much per group, i.e. when the compute saved outweighs them.
+REUSE_FLOPS_PER_GROUP = 1e11
+LAYER_AXIS = "layer"
+POSITION_AXES = ("pos", "query_pos")  # a patch there changes this position and later ones
 
 
 @dataclasses.dataclass
@@ -34,11 +56,15 @@ class SweepResult:
     """Metric values over a grid, with axis names and per-axis labels.
 
     ``np.asarray(result)`` gives the values; :meth:`to_pandas` a long-form DataFrame.
+    ``cost`` (when the sweep engine produced it): ``flops``, the matmul FLOPs executed
+    (padding included), ``naive_flops``, those of one full forward with full logits per
+    cell (how TransformerLens evaluates a grid), and ``groups``, the computations run.
     """
 
     values: np.ndarray
     axes: tuple[str, ...]
     labels: dict[str, list] = dataclasses.field(default_factory=dict)
+    cost: dict[str, int] | None = None
 
     def __array__(self, dtype=None, copy=None):
         return self.values if dtype is None else self.values.astype(dtype)
@@ -51,8 +77,9 @@ class SweepResult:
         return self.values
 
     def save(self, path) -> None:
-        """Write values, axes and labels to one ``.npz`` file (``mechinterp plot`` reads it)."""
-        meta = json.dumps({"axes": list(self.axes), "labels": self.labels})
+        """Write values, axes, labels and cost to one ``.npz`` file (``mechinterp plot``
+        reads it)."""
+        meta = json.dumps({"axes": list(self.axes), "labels": self.labels, "cost": self.cost})
         np.savez(path, values=self.values, meta=np.array(meta))
 
     @classmethod
@@ -61,7 +88,7 @@ class SweepResult:
             if "values" not in data or "meta" not in data:
                 raise ValueError(f"{path} is not a saved SweepResult (needs 'values' and 'meta')")
             meta = json.loads(str(data["meta"]))
-            return cls(data["values"], tuple(meta["axes"]), meta["labels"])
+            return cls(data["values"], tuple(meta["axes"]), meta["labels"], meta.get("cost"))
 
     def to_pandas(self):
         import pandas as pd  # optional: only needed for this conversion
@@ -77,15 +104,23 @@ def _accepts_logit_positions(model) -> bool:
     return "logit_positions" in inspect.signature(type(model).__call__).parameters
 
 
-def evaluate_metric(model, params, inputs, kwargs, metric, interventions):
+def _selects_logits(model, metric) -> bool:
+    return isinstance(metric, Metric) and _accepts_logit_positions(model)
+
+
+def evaluate_metric(model, params, inputs, kwargs, metric, interventions,
+                    logit_positions=None):
     """Run ``model`` with ``interventions`` and reduce its logits with ``metric``.
 
     A :class:`~mechinterp.metrics.Metric` on a model that accepts ``logit_positions`` gets
-    only the logits it reads; any other callable gets the full logits.
+    only the logits it reads (at ``logit_positions`` if given, else at the metric's own
+    positions); any other callable gets the full logits.
     """
-    if isinstance(metric, Metric) and _accepts_logit_positions(model):
-        batch, seq_len = inputs[0].shape[:2]
-        kwargs = dict(kwargs, logit_positions=metric.positions(batch, seq_len))
+    if _selects_logits(model, metric):
+        if logit_positions is None:
+            batch, seq_len = inputs[0].shape[:2]
+            logit_positions = metric.positions(batch, seq_len)
+        kwargs = dict(kwargs, logit_positions=logit_positions)
         logits = intervene(model, params, *inputs, interventions=interventions, **kwargs)
         return metric.on_selected(logits)
     return metric(intervene(model, params, *inputs, interventions=interventions, **kwargs))
@@ -108,6 +143,101 @@ def _bytes_per_cell(model, inputs, kwargs) -> int:
     return 2 * sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in sites.values())
 
 
+# ---------------------------------------------------------------------------------------
+# Grouping cells by where they can resume.
+
+
+def _cut(x, axes: Sequence[str], start: tuple[int, int]):
+    """``x`` sliced to a resumed run: ``[first_layer:]`` on the layer axis and
+    ``[first_pos:]`` on position axes (axes of size 1 broadcast and stay)."""
+    first_layer, first_pos = start
+    index = []
+    for dim, axis in enumerate(axes):
+        begin = {LAYER_AXIS: first_layer, **dict.fromkeys(POSITION_AXES, first_pos)}.get(axis, 0)
+        index.append(slice(begin if x.shape[dim] > 1 else 0, None))
+    return x[tuple(index)]
+
+
+def _resume_state(model, params, inputs, model_kwargs, info, grid_axes, reuse, worth_it):
+    """The model's resume state if this grid can (and, with ``reuse=None``, should:
+    ``worth_it``) use it, else ``None``. ``reuse=True`` where it cannot is an error."""
+    if reuse is False or (reuse is None and not worth_it):
+        return None
+    name = type(model).__name__
+    if not hasattr(model, "resume") or not hasattr(model, "resume_state"):
+        why = f"{name} has no resume protocol (resume_state and resume methods)"
+    elif not info.axes or info.axes[0] != LAYER_AXIS or LAYER_AXIS not in grid_axes:
+        why = f"the grid {grid_axes} over site {info.name!r} has no layer axis to start from"
+    else:
+        try:
+            inspect.signature(model.resume_state).bind(params, *inputs, **model_kwargs)
+            why = None
+        except TypeError as error:
+            why = f"{name}.resume_state does not take these arguments ({error})"
+    state = None if why else model.resume_state(params, *inputs, **model_kwargs)
+    if state is None and why is None:
+        why = f"{name}.resume_state returned None for these inputs"
+    if state is None and reuse:
+        raise ValueError(f"reuse=True, but {why}: pass reuse=False (or None to decide)")
+    return state
+
+
+def _group_cells(cells, grid_axes, seq_len, last_first_pos, position_blocks):
+    """``{(first_layer, first_pos): cell rows}``: where each cell's run can start.
+
+    ``first_pos`` is the start of the cell's block of positions, but never after
+    ``last_first_pos`` (the first position the metric reads, or 0 when it reads them all).
+    """
+    layer = cells[:, list(grid_axes).index(LAYER_AXIS)]
+    pos_axes = [k for k, axis in enumerate(grid_axes) if axis in POSITION_AXES]
+    if pos_axes and last_first_pos > 0:
+        starts = np.unique([seq_len * b // position_blocks for b in range(position_blocks)])
+        first = starts[np.searchsorted(starts, cells[:, pos_axes[0]], side="right") - 1]
+        first = np.minimum(first, last_first_pos)
+    else:
+        first = np.zeros(len(cells), np.int64)
+    groups: dict[tuple[int, int], np.ndarray] = {}
+    for key in sorted(set(zip(layer.tolist(), first.tolist()))):
+        groups[key] = np.flatnonzero((layer == key[0]) & (first == key[1]))
+    return groups
+
+
+# ---------------------------------------------------------------------------------------
+# The cell function: one per (site, grid, call signature, start), cached across calls so a
+# repeated sweep reuses its compilation. Everything that is an array is an argument.
+
+
+def _make_cell(model, site_name, info, grid_axes, make_intervention, signature, start,
+               static_metric):
+    def cell(index, params, source, arrays, metric, logit_positions):
+        mask = grid_mask(info, grid_axes, index)
+        if start is not None:
+            mask = _cut(mask, info.axes, start)
+        args, kwargs = signature.rebuild(arrays)
+        return evaluate_metric(
+            model, params, args, kwargs, static_metric if metric is None else metric,
+            {site_name: make_intervention(source, mask)}, logit_positions,
+        )
+
+    return cell
+
+
+_make_cell_cached = functools.lru_cache(maxsize=512)(_make_cell)
+
+
+def _cell_fn(*key):
+    return _make_cell_cached(*key) if _hashable(*key) else _make_cell(*key)
+
+
+def _is_pytree_metric(metric) -> bool:
+    """Metrics registered as pytrees travel as jit arguments (no recompile per instance)."""
+    return isinstance(metric, Metric) and not jax.tree_util.treedef_is_leaf(
+        jax.tree.structure(metric))
+
+
+# ---------------------------------------------------------------------------------------
+
+
 def sweep(
     model,
     params,
@@ -123,17 +253,27 @@ def sweep(
     progress: bool = True,
     model_kwargs: Mapping[str, Any] | None = None,
     labels: Mapping[str, list] | None = None,
+    reuse: bool | None = None,
+    position_blocks: int = DEFAULT_POSITION_BLOCKS,
 ) -> SweepResult:
     """Evaluate ``metric`` with one intervention per cell of a grid over ``site_name``.
 
     ``make_intervention(source, mask)`` builds each cell's intervention (default: patch
-    ``source`` where the mask is 1). ``chunk_size`` cells run at once; by default as many as
-    fit ``memory_budget`` bytes of activations. ``labels`` name the entries of grid axes
-    (e.g. ``{"pos": token_strings}``) for tables and plots. Errors (unknown site or axis, a source of the
-    wrong shape, a metric that does not return a scalar) are raised before any compile.
+    ``source`` where the mask is 1); it must act elementwise (so a cell's intervention,
+    sliced to a resumed run, is the resumed run's intervention). ``chunk_size`` cells run
+    at once; by default as many as fit ``memory_budget`` bytes of activations. ``labels``
+    name the entries of grid axes (e.g. ``{"pos": token_strings}``) for tables and plots.
+    ``reuse=True`` skips work a cell cannot change (see the module docstring) when the
+    model offers the resume protocol, ``reuse=False`` runs every cell from the input, and
+    ``None`` reuses when that saves more than the extra compilations cost (see
+    :data:`REUSE_FLOPS_PER_GROUP`);
+    ``position_blocks`` groups positions for reuse. Errors (unknown site or axis, a source
+    of the wrong shape, a metric that does not return a scalar) are raised before any
+    compile.
     """
     model_kwargs = dict(model_kwargs or {})
     inputs = tuple(inputs)
+    grid_axes = tuple(grid_axes)
     sites = list_sites(model, *inputs, **model_kwargs)
     if site_name not in sites:
         # the same message intervene would give, raised before any compilation
@@ -150,15 +290,21 @@ def sweep(
             f"the source for site {site_name!r} has shape {tuple(np.shape(source))}, expected "
             f"{info.shape} (axes {info.axes}): capture it from inputs of the same shape"
         )
+    if not isinstance(position_blocks, int) or position_blocks < 1:
+        raise ValueError(f"position_blocks must be a positive int, got {position_blocks!r}")
     grid_shape = tuple(info.shape[info.axes.index(axis)] for axis in grid_axes)
+    selects = _selects_logits(model, metric)
+    metric_arg, static_metric = (metric, None) if _is_pytree_metric(metric) else (None, metric)
 
-    def cell(index, params, source):
-        intervention = make_intervention(source, grid_mask(info, grid_axes, index))
-        return evaluate_metric(
-            model, params, inputs, model_kwargs, metric, {site_name: intervention}
-        )
+    def plain_call():
+        signature, arrays = _CallSignature.of(inputs, model_kwargs)
+        fn = _cell_fn(model, site_name, info, grid_axes, make_intervention, signature, None,
+                      static_metric)
+        positions = metric.positions(*inputs[0].shape[:2]) if selects else None
+        return fn, (params, source, arrays, metric_arg, positions)
 
-    probe = jax.eval_shape(cell, jnp.zeros(len(grid_axes), jnp.int32), params, source)
+    fn, shared = plain_call()
+    probe = jax.eval_shape(fn, jnp.zeros(len(grid_axes), jnp.int32), *shared)
     if probe.shape != ():
         raise ValueError(
             f"the patching metric must return a scalar, got shape {probe.shape}; reduce over "
@@ -170,9 +316,37 @@ def sweep(
     )
     if chunk_size is None:
         chunk_size = default_chunk_size(model, inputs, model_kwargs, memory_budget)
-    values = map_in_chunks(cell, cells, (params, source), chunk_size,
-                           desc=f"patch {site_name}", progress=progress)
-    return SweepResult(values.reshape(grid_shape), tuple(grid_axes), dict(labels or {}))
+    naive = len(cells) * _forward_flops(model, params, inputs, model_kwargs)
+    batch, seq_len = (tuple(np.shape(inputs[0])) + (1,))[:2]
+    positions = np.asarray(metric.positions(batch, seq_len)) if selects else None
+    groups = (_group_cells(cells, grid_axes, seq_len, int(positions.min()) if selects else 0,
+                           position_blocks) if LAYER_AXIS in grid_axes else {})
+    state = _resume_state(model, params, inputs, model_kwargs, info, grid_axes, reuse,
+                          naive >= REUSE_FLOPS_PER_GROUP * len(groups))
+    if state is None:
+        runs = {None: (np.arange(len(cells)), fn, shared)}
+    else:
+        runs = {}
+        for start, rows in groups.items():
+            sub_model, sub_params, sub_kwargs = model.resume(params, state, *start)
+            signature, arrays = _CallSignature.of((None,), sub_kwargs)
+            sub_fn = _cell_fn(sub_model, site_name, info, grid_axes, make_intervention,
+                              signature, start, static_metric)
+            sub_positions = None if positions is None else jnp.asarray(positions - start[1])
+            runs[start] = (rows, sub_fn, (sub_params, _cut(source, info.axes, start), arrays,
+                                          metric_arg, sub_positions))
+
+    values = np.zeros(len(cells), np.float32)
+    flops = 0
+    n_chunks = sum(-(-len(rows) // chunk_size) for rows, _, _ in runs.values())
+    with tqdm(total=n_chunks, desc=f"patch {site_name}", disable=not progress,
+              leave=False) as bar:
+        for rows, cell, cell_shared in runs.values():
+            values[rows], group_flops = _run_chunks(cell, cells[rows], cell_shared, chunk_size,
+                                                    bar)
+            flops += group_flops
+    cost = dict(flops=int(flops), naive_flops=int(naive), groups=len(runs))
+    return SweepResult(values.reshape(grid_shape), grid_axes, dict(labels or {}), cost)
 
 
 def default_chunk_size(model, inputs, model_kwargs, memory_budget=DEFAULT_MEMORY_BUDGET) -> int:
@@ -180,23 +354,94 @@ def default_chunk_size(model, inputs, model_kwargs, memory_budget=DEFAULT_MEMORY
     return max(1, memory_budget // _bytes_per_cell(model, inputs, model_kwargs))
 
 
+# ---------------------------------------------------------------------------------------
+# Running chunks with a cached jit(vmap(fn)).
+
+_VMAPPED: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
+
+
+def _jit_vmap(fn, n_shared: int):
+    """``jit(vmap(fn))`` over the first argument, cached for as long as ``fn`` lives, so a
+    cell function that is itself cached compiles once per shape."""
+    per_fn = _VMAPPED.setdefault(fn, {})
+    if n_shared not in per_fn:
+        per_fn[n_shared] = jax.jit(jax.vmap(fn, in_axes=(0,) + (None,) * n_shared))
+    return per_fn[n_shared]
+
+
+def _balanced(n: int, chunk_size: int) -> int:
+    """As many chunks as ``chunk_size`` gives, but equal: padding < 1 item per chunk."""
+    return -(-n // -(-n // int(chunk_size)))
+
+
+def _run_chunks(fn, items, shared, chunk_size, bar, count_flops=True):
+    """``fn`` over ``items`` in equal padded chunks; returns (values, matmul FLOPs run, or
+    ``None`` without ``count_flops``)."""
+    n = len(jax.tree.leaves(items)[0])
+    chunk_size = _balanced(n, chunk_size)
+    run = _jit_vmap(fn, len(shared))
+    values = []
+    for begin in range(0, n, chunk_size):
+        size = min(chunk_size, n - begin)
+
+        def take(leaf, begin=begin, size=size):
+            chunk = leaf[begin:begin + size]
+            return np.concatenate([chunk, np.repeat(chunk[-1:], chunk_size - size, 0)])
+
+        chunk = jax.tree.map(take, items)
+        values.append(np.asarray(run(chunk, *shared))[:size])
+        bar.update(1)
+    flops = _chunk_flops(run, chunk, shared) * len(values) if count_flops else None
+    return np.concatenate(values), flops
+
+
+_FLOPS: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
+
+
+def _shape_key(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((np.shape(x), str(jnp.result_type(x))) for x in leaves)
+
+
+def _chunk_flops(run, chunk, shared) -> int:
+    per_fn = _FLOPS.setdefault(run, {})
+    key = _shape_key((chunk, shared))
+    if key not in per_fn:
+        per_fn[key] = matmul_flops(run, chunk, *shared)
+    return per_fn[key]
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_flops_cached(model, signature, params_key) -> int:
+    specs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in signature.specs]
+    params = jax.tree.unflatten(params_key[0], [jax.ShapeDtypeStruct(s, d)
+                                                for s, d in params_key[1]])
+
+    def forward(params, arrays):
+        args, kwargs = signature.rebuild(arrays)
+        return model.apply({"params": params}, *args, **kwargs)
+
+    return matmul_flops(forward, params, specs)
+
+
+def _forward_flops(model, params, inputs, kwargs) -> int:
+    """Matmul FLOPs of one plain forward (full logits at every position)."""
+    signature, _ = _CallSignature.of(tuple(inputs), dict(kwargs))
+    params_key = _shape_key(params)
+    if _hashable(model, signature):
+        return _forward_flops_cached(model, signature, params_key)
+    return _forward_flops_cached.__wrapped__(model, signature, params_key)
+
+
 def map_in_chunks(fn, items, shared, chunk_size: int, *, desc: str, progress: bool = True):
     """``np.stack([fn(item, *shared) for item in items])``, as ``jit(vmap(fn))`` over chunks.
 
     ``items`` is a pytree whose leaves share a leading axis; ``shared`` is passed unbatched
     (``in_axes=None``), so large operands are not copied per item. The last chunk is padded
-    by repeating its final item, so every chunk has one shape and compiles once.
+    by repeating its final item, so every chunk has one shape and compiles once (per
+    ``fn``: pass the same function object to reuse the compilation across calls).
     """
     n = len(jax.tree.leaves(items)[0])
-    chunk_size = -(-n // -(-n // int(chunk_size)))  # as many chunks, but equal: pad < 1 per chunk
-    run = jax.jit(jax.vmap(fn, in_axes=(0,) + (None,) * len(shared)))
-    values = []
-    for start in tqdm(range(0, n, chunk_size), desc=desc, disable=not progress, leave=False):
-        size = min(chunk_size, n - start)
-
-        def take(leaf):
-            chunk = leaf[start:start + size]
-            return np.concatenate([chunk, np.repeat(chunk[-1:], chunk_size - size, 0)])
-
-        values.append(np.asarray(run(jax.tree.map(take, items), *shared))[:size])
-    return np.concatenate(values)
+    n_chunks = -(-n // _balanced(n, chunk_size))
+    with tqdm(total=n_chunks, desc=desc, disable=not progress, leave=False) as bar:
+        return _run_chunks(fn, items, tuple(shared), chunk_size, bar, count_flops=False)[0]

@@ -389,6 +389,12 @@ class Decoder(nn.Module):
       ``cache.index`` and attend to every earlier real slot.
     - ``logit_positions``: int (batch, k); if given, logits are computed only at these
       positions (a metric that reads one answer position skips the unembedding elsewhere).
+    - ``residual``: (batch, pos, d_model); if given, the stream entering the first layer in
+      place of the token embeddings (``tokens`` may then be ``None``; the ``embed`` site is
+      not reached).
+    - ``prefix``: a :class:`KVCache` read but not returned: the tokens sit at slots
+      ``prefix.index ...`` and attend to the earlier slots' keys and values. Used with
+      ``residual`` to resume a forward part-way (see :meth:`resume`).
 
     Returns logits (batch, pos, vocab), or ``(logits, new_cache)`` when given a cache.
     With a cache, sites see only the tokens of this call, and ``attn.pattern``'s
@@ -436,7 +442,8 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens: Array, attention_mask: Array | None = None,
                  positions: Array | None = None, cache: KVCache | None = None,
-                 logit_positions: Array | None = None):
+                 logit_positions: Array | None = None, residual: Array | None = None,
+                 prefix: KVCache | None = None):
         c = self.config
         if (c.n_experts > 0) != self.MOE:
             raise ValueError(
@@ -444,7 +451,14 @@ class Decoder(nn.Module):
                 f"config.n_experts={c.n_experts}; use "
                 f"{'Decoder' if self.MOE else 'MoEDecoder'} (or decoder_class(config))"
             )
-        batch, length = tokens.shape
+        if prefix is not None:
+            if cache is not None:
+                raise ValueError("pass either cache= (read and returned) or prefix= (read "
+                                 "only), not both")
+            cache = prefix
+        if residual is None and tokens is None:
+            raise ValueError("pass tokens, or residual= (the stream entering the first layer)")
+        batch, length = (tokens if residual is None else residual).shape[:2]
         mask = (jnp.ones((batch, length), bool) if attention_mask is None
                 else jnp.asarray(attention_mask).astype(bool))
         start = 0 if cache is None else cache.next_position[:, None]
@@ -467,7 +481,10 @@ class Decoder(nn.Module):
 
         embedding = logical_param(self, "embedding", ("vocab", "embed"),
                                   (c.vocab_size, c.d_model))
-        x = site(self, "embed", jnp.take(embedding, tokens, axis=0))
+        if residual is None:
+            x = site(self, "embed", jnp.take(embedding, tokens, axis=0))
+        else:
+            x = jnp.asarray(residual, c.dtype)
         x = nn.with_logical_constraint(x, RESIDUAL_AXES)
 
         if c.scan_layers:
@@ -502,7 +519,7 @@ class Decoder(nn.Module):
                                     (c.d_model, c.vocab_size))
             logits = jnp.einsum("bte,ev->btv", x, lm_head)
         logits = site(self, "logits", logits)
-        if cache is None:
+        if cache is None or prefix is not None:
             return logits
 
         last = jnp.max(jnp.where(mask, positions, -1), axis=1) + 1
@@ -512,6 +529,74 @@ class Decoder(nn.Module):
             next_position=jnp.where(mask.any(axis=1), last, cache.next_position),
         )
         return logits, new_cache
+
+    # ------------------------------------------------------------------ resuming a forward
+    # The protocol mechinterp's sweeps use to skip work a patch cannot change: a patch at
+    # layer l, position p leaves every layer below l, and (causal attention) every position
+    # before p at every layer, as they were in the unpatched run.
+
+    def resume_state(self, params, tokens, attention_mask=None, positions=None):
+        """What :meth:`resume` needs from one forward of ``tokens``: the residual stream
+        entering every layer (layer, batch, pos, d_model), every layer's keys (rotated) and
+        values, the key mask and the RoPE positions. ``None`` for a model whose layers
+        differ (dropped sublayers): its sites do not stack into one layer axis."""
+        from mechinterp.api import capture  # the analysis core reads sites; no cycle
+
+        c = self.config
+        if not c.uniform_layers:
+            return None
+        batch, length = tokens.shape
+        mask = (jnp.ones((batch, length), bool) if attention_mask is None
+                else jnp.asarray(attention_mask).astype(bool))
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+        (_, cache), sites = capture(self, params, tokens, mask, positions,
+                                    cache=init_cache(c, batch, length), sites=["resid_pre"])
+        return dict(residual=sites["resid_pre"], k=cache.k, v=cache.v, key_mask=mask,
+                    positions=jnp.asarray(positions, jnp.int32))
+
+    def resume(self, params, state, first_layer: int, first_pos: int):
+        """``(model, params, kwargs)`` computing, from layer ``first_layer`` on and for
+        positions ``first_pos`` on, what this model computes on the inputs ``state`` came
+        from (:meth:`resume_state`): ``model.apply({"params": params}, None, **kwargs)``.
+
+        The returned model has ``n_layers - first_layer`` layers; its per-layer sites are
+        the original ones sliced ``[first_layer:]`` on the layer axis and ``[first_pos:]``
+        on ``pos``/``query_pos`` (``key_pos`` keeps every position); its logits are those
+        of positions ``first_pos ...``.
+        """
+        c = self.config
+        if not 0 <= first_layer < c.n_layers:
+            raise ValueError(f"first_layer={first_layer} is not a layer of this "
+                             f"{c.n_layers}-layer model")
+        length = state["key_mask"].shape[1]
+        if not 0 <= first_pos < length:
+            raise ValueError(f"first_pos={first_pos} is not a position of these "
+                             f"{length}-token inputs")
+        def shifted(kept):  # kept-sublayer indices of a dropped model, renumbered
+            return None if kept is None else tuple(i - first_layer for i in kept
+                                                   if i >= first_layer)
+
+        tail = self.clone(parent=None, config=dataclasses.replace(
+            c, n_layers=c.n_layers - first_layer, attn_layers=shifted(c.attn_layers),
+            mlp_layers=shifted(c.mlp_layers)))
+        params = dict(params)
+        if c.scan_layers:
+            params["layers"] = jax.tree.map(lambda a: a[first_layer:], params["layers"])
+        else:
+            for i in range(c.n_layers):
+                layer = params.pop(f"layers_{i}")
+                if i >= first_layer:
+                    params[f"layers_{i - first_layer}"] = layer
+        prefix = KVCache(
+            k=state["k"][first_layer:], v=state["v"][first_layer:],
+            index=jnp.asarray(first_pos, jnp.int32), key_mask=state["key_mask"],
+            next_position=state["positions"][:, first_pos],
+        )
+        kwargs = dict(residual=state["residual"][first_layer][:, first_pos:],
+                      attention_mask=state["key_mask"][:, first_pos:],
+                      positions=state["positions"][:, first_pos:], prefix=prefix)
+        return tail, params, kwargs
 
 
 _MOE_SITES = {
