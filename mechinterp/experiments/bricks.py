@@ -209,7 +209,10 @@ def verdicts(results: dict) -> list[str]:
     beats = sum(int(drop[home[p], p] > rdrop[home[p], p].mean() + rdrop[home[p], p].std())
                 for p in range(n))
     covered = sorted({tasks[h] for h in home})
-    return [
+    weak = [f"{t} ({b:.2f})" for t, b in zip(tasks, results["base"]) if b < 0.5]
+    floor = ([(f"- Tasks the model solves less than half the time leave little room for a drop: "
+              f"{', '.join(weak)}.")] if weak else [])
+    return floor + [
         (f"- Diagonal dominance: {own_max} of {n} partitions hurt their home task most "
         f"(chance about {n / len(tasks):.1f} of {n})."),
         (f"- {beats} of {n} partitions cut their home task by more than random neuron sets of "
