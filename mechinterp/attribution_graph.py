@@ -534,12 +534,14 @@ def plot(data: dict[str, Any], path: str | Path, title: str = "") -> None:
 
     meta = data["metadata"]
     n_layers, n_pos = meta["n_layers"], len(meta["prompt_tokens"])
-    slots: dict[tuple[int, int], int] = {}
-    where = {}
+    cells: dict[tuple[int, int], list[str]] = {}
     for node in data["nodes"]:
-        cell = (node["layer"], node["pos"])
-        k = slots[cell] = slots.get(cell, 0) + 1
-        where[node["node_id"]] = (node["pos"] + 0.12 * (k - 1), node["layer"] + 1 + 0.06 * (k - 1))
+        cells.setdefault((node["layer"], node["pos"]), []).append(node["node_id"])
+    where = {}  # nodes of one (layer, position) cell spread evenly across the cell
+    for (layer, pos), ids in cells.items():
+        offsets = np.linspace(-0.35, 0.35, len(ids)) if len(ids) > 1 else [0.0]
+        for node_id, dx in zip(ids, offsets, strict=True):
+            where[node_id] = (pos + dx, layer + 1)
     fig, ax = plt.subplots(figsize=(1.2 * n_pos + 2, 0.9 * (n_layers + 2) + 1))
     largest = max((abs(link["weight"]) for link in data["links"]), default=1.0) or 1.0
     for link in data["links"]:

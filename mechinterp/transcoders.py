@@ -458,7 +458,8 @@ def evaluate(model, params, transcoder: Transcoder, tc_params,
     - ``l0``: mean number of active features per token;
     - ``dead_fraction``: share of features that never fired on any evaluated token;
 
-    and, for transcoders, the next-token loss of the clean model, of the model with every
+    and, for transcoders, the next-token loss (positions marked by the batch's
+    ``loss_mask``, else ``valid``) of the clean model, of the model with every
     MLP spliced without the error term (``loss_spliced``; with it the loss is the clean one),
     with every MLP zero-ablated, and ``loss_recovered`` =
     ``(loss_ablated - loss_spliced) / (loss_ablated - loss_clean)``.
@@ -476,14 +477,15 @@ def evaluate(model, params, transcoder: Transcoder, tc_params,
         sums["l0"] += np.asarray(jnp.sum(w[None] * jnp.sum(a > 0, -1), axis=1))
         sums["fired"] += np.asarray(jnp.sum(w_ * (a > 0), axis=1))
         if kind == "transcoder":
-            tokens, valid = jnp.asarray(batch["tokens"]), batch.get("valid")
+            tokens = jnp.asarray(batch["tokens"])
+            scored = batch.get("loss_mask", batch.get("valid"))
             clean = intervene(model, params, tokens, interventions={})
             spliced = spliced_logits(model, params, tokens, transcoder, tc_params,
                                      error_term=False)
             ablated = intervene(model, params, tokens,
                                 interventions={"mlp_out": Intervention.zero()})
             for name, logits in (("clean", clean), ("spliced", spliced), ("ablated", ablated)):
-                losses[name].append(next_token_loss(logits, tokens, valid))
+                losses[name].append(next_token_loss(logits, tokens, scored))
     n = sums["n"]
     sst = sums["yy"] - np.sum(sums["y"] ** 2, axis=-1) / n
     out = {
@@ -515,12 +517,20 @@ def steer_features(tc_params, features: Iterable[tuple[int, int, int]],
     return {"mlp_out": Intervention.steer(add)}
 
 
-def activation_batches(token_source: Callable[[int], np.ndarray], batch_size: int,
-                       pad_id: int | None = None, seed: int = 0) -> Iterator[dict[str, Array]]:
-    """Endless ``{"tokens", "valid"}`` batches from ``token_source(index) -> (T,) tokens``,
-    drawing random indices (``valid`` = not ``pad_id``)."""
+def activation_batches(example_source: Callable[[int], Mapping[str, np.ndarray]],
+                       batch_size: int, pad_id: int | None = None, seed: int = 0
+                       ) -> Iterator[dict[str, Array]]:
+    """Endless batches from ``example_source(index) -> {"tokens": (T,), "loss_mask": (T,)
+    optional}`` at random indices: ``tokens``, ``valid`` (not ``pad_id``: the positions
+    whose activations are trained on) and ``loss_mask`` when the examples have one (the
+    positions scored by the spliced-model loss in :func:`evaluate`)."""
     rng = np.random.default_rng(seed)
     while True:
-        tokens = np.stack([token_source(int(i)) for i in rng.integers(0, 2**31, batch_size)])
+        examples = [example_source(int(i)) for i in rng.integers(0, 2**31, batch_size)]
+        tokens = np.stack([e["tokens"] for e in examples])
         valid = np.ones(tokens.shape, np.float32) if pad_id is None else (tokens != pad_id)
-        yield {"tokens": jnp.asarray(tokens), "valid": jnp.asarray(valid, jnp.float32)}
+        batch = {"tokens": jnp.asarray(tokens), "valid": jnp.asarray(valid, jnp.float32)}
+        if "loss_mask" in examples[0]:
+            batch["loss_mask"] = jnp.asarray(np.stack([e["loss_mask"] for e in examples]),
+                                             jnp.float32)
+        yield batch

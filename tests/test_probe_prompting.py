@@ -2,10 +2,13 @@
 rules on hand-built signatures, supernodes, baseline scores and transfer rates."""
 
 import dataclasses
+import json
+import math
 
 import numpy as np
 import pytest
 
+from mechinterp import cli
 from mechinterp import probe_prompting as P
 
 FUNCTION = {"<bos>", "=", "<hop>"}
@@ -115,3 +118,21 @@ def test_category_counts_and_bad_probes():
     assert counts["Semantic"] == [2, 0, 0] and counts["Say X"] == [0, 0, 1]
     with pytest.raises(ValueError, match="n_probes, length"):
         P.probe_activations(None, None, None, None, np.zeros(5, int))
+
+
+@pytest.mark.slow
+def test_the_smoke_preset_runs_end_to_end(tmp_path):
+    workdir = tmp_path / "run"
+    assert cli.main(["run", "configs/probe_prompting.py", "preset=smoke", "progress=False",
+                     f"workdir={workdir}"]) == 0
+    report = (workdir / "report.md").read_text()
+    assert "| Completeness (mean over 2 prompts) |" in report
+    results = json.loads((workdir / "results.json").read_text())
+    for graph in results["graphs"]:
+        assert 0.0 <= graph["replacement"] <= 1.0 and 0.0 <= graph["completeness"] <= 1.0
+    assert len(results["agreement"]) == 4  # 2 prompts x 2 ablated features
+    clean = results["transcoders"]["loss_clean"]
+    assert math.isfinite(clean) and clean < 5.0  # scored on answer tokens only
+    data = json.loads(next((workdir / "graphs").glob("*.json")).read_text())
+    assert data["metadata"]["schema"] == "mechinterp.attribution_graph/1"
+    assert next((workdir / "graphs").glob("*.png")).stat().st_size > 0

@@ -154,7 +154,7 @@ def train_transcoders(config, model, params, mixture: TaskMixture):
     tokenizer, table = mixture.tokenizer(), mixture.knowledge.table(mixture.seed)
 
     def source(index):
-        return mixture.example("train", index % config.data.num_train, tokenizer, table)["tokens"]
+        return mixture.example("train", index % config.data.num_train, tokenizer, table)
 
     training = T.TrainingConfig(
         n_features=tc.n_features, activation=tc.activation, k=tc.k,
@@ -165,7 +165,7 @@ def train_transcoders(config, model, params, mixture: TaskMixture):
                                   log_every=max(1, tc.steps // 10))
 
     def test_source(index):
-        return mixture.example("test", index % config.data.num_test, tokenizer, table)["tokens"]
+        return mixture.example("test", index % config.data.num_test, tokenizer, table)
     test = T.activation_batches(test_source, tc.batch_size, tokenizer.pad_id, config.seed + 1)
     metrics = T.evaluate(model, params, trained.transcoder, trained.params,
                          [next(test) for _ in range(tc.eval_batches)])
