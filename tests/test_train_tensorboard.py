@@ -64,6 +64,7 @@ class Crash(RuntimeError):
     pass
 
 
+@pytest.mark.slow  # two fits (~15 s of CPU time); 38 s measured on the shared 2 cores
 def test_tensorboard_scalars_equal_the_jsonl_metrics_across_a_resume(tmp_path):
     digits = build_digits(data_dir=tmp_path / "data")
     model = ToyClassifier(features=64, hidden=32, classes=10)
