@@ -2,7 +2,8 @@
 
 The 1,797 8x8 images of ``sklearn.datasets.load_digits`` (shipped with scikit-learn,
 nothing downloaded) are split per class, with a seeded permutation, into a train part and
-a test part (``test_fraction`` of each class). Three splits:
+a test part (``test_fraction`` of each class; a class's split depends only on the seed,
+not on which classes are seen). Three splits:
 
     train     train-part images of the seen ``classes``
     test      test-part images of the seen ``classes``
@@ -42,7 +43,8 @@ def rotate_image(image: np.ndarray, degrees: float) -> np.ndarray:
     """``image`` (H, W) rotated counterclockwise by ``degrees`` about its center.
 
     Multiples of 90 degrees are exact (``np.rot90``); other angles are bilinear
-    (``scipy.ndimage.rotate(order=1, reshape=False)``, zeros outside the frame).
+    (``scipy.ndimage.rotate(order=1, reshape=False, mode='grid-constant')``: zeros
+    outside the frame, blended bilinearly with the edge pixels).
     """
     if not math.isfinite(degrees):
         raise ValueError(f"rotation angle must be finite, got {degrees}")
