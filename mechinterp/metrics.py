@@ -4,7 +4,10 @@ Each metric is a callable ``metric(logits) -> scalar`` on full logits ``(batch, 
 (so it drops into TransformerLens-style code), and it exposes ``positions(batch, seq_len)``:
 the ``(batch, k)`` positions whose logits it reads. A sweep passes those to a model that
 accepts ``logit_positions=`` and then calls ``metric.on_selected(logits_at_positions)``, so
-the unembedding runs at ``k`` positions instead of every position.
+the unembedding runs at ``k`` positions instead of every position. A metric that reads a
+few vocabulary entries (``logit_diff``: two) also gives ``columns(batch)``; a model that
+accepts ``logit_columns=`` then unembeds only those and the sweep calls
+``metric.on_columns``.
 
 ``pos`` may be an int (same position for every example; negative counts from the end) or an
 int array ``(batch,)`` (per-example answer positions, e.g. with padding).
@@ -59,6 +62,16 @@ class Metric:
     def per_example(self, logits: Array) -> Array:
         raise NotImplementedError
 
+    def columns(self, batch: int) -> Array | None:
+        """``(batch, n)`` vocabulary ids whose logits this metric reads (then a model that
+        accepts ``logit_columns=`` computes only those, and the sweep calls
+        :meth:`on_columns`), or ``None`` when it needs the whole vocabulary."""
+        return None
+
+    def on_columns(self, logits: Array) -> Array:
+        """The metric from logits ``(batch, 1, n)`` at :meth:`positions` and :meth:`columns`."""
+        raise NotImplementedError
+
 
 def _answer(logits: Array, ids: Array) -> Array:
     ids = jnp.broadcast_to(jnp.asarray(ids), logits.shape[:1])
@@ -74,6 +87,15 @@ class LogitDiff(Metric):
 
     def per_example(self, logits):
         return _answer(logits, self.correct_ids) - _answer(logits, self.incorrect_ids)
+
+    def columns(self, batch):
+        ids = [jnp.broadcast_to(jnp.asarray(i, jnp.int32), (batch,))
+               for i in (self.correct_ids, self.incorrect_ids)]
+        return jnp.stack(ids, axis=-1)
+
+    def on_columns(self, logits):
+        logits = logits[:, 0].astype(jnp.float32)
+        return _reduce(logits[:, 0] - logits[:, 1], self.reduce)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

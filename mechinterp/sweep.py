@@ -100,12 +100,12 @@ class SweepResult:
         return pd.Series(self.values.reshape(-1), index=index, name="metric").reset_index()
 
 
-def _accepts_logit_positions(model) -> bool:
-    return "logit_positions" in inspect.signature(type(model).__call__).parameters
+def _accepts(model, argument: str) -> bool:
+    return argument in inspect.signature(type(model).__call__).parameters
 
 
 def _selects_logits(model, metric) -> bool:
-    return isinstance(metric, Metric) and _accepts_logit_positions(model)
+    return isinstance(metric, Metric) and _accepts(model, "logit_positions")
 
 
 def evaluate_metric(model, params, inputs, kwargs, metric, interventions,
@@ -114,15 +114,20 @@ def evaluate_metric(model, params, inputs, kwargs, metric, interventions,
 
     A :class:`~mechinterp.metrics.Metric` on a model that accepts ``logit_positions`` gets
     only the logits it reads (at ``logit_positions`` if given, else at the metric's own
-    positions); any other callable gets the full logits.
+    positions; only its ``columns`` if it names some and the model accepts
+    ``logit_columns``); any other callable gets the full logits.
     """
     if _selects_logits(model, metric):
         if logit_positions is None:
             batch, seq_len = inputs[0].shape[:2]
             logit_positions = metric.positions(batch, seq_len)
         kwargs = dict(kwargs, logit_positions=logit_positions)
+        columns = (metric.columns(logit_positions.shape[0])
+                   if _accepts(model, "logit_columns") else None)
+        if columns is not None:
+            kwargs["logit_columns"] = columns
         logits = intervene(model, params, *inputs, interventions=interventions, **kwargs)
-        return metric.on_selected(logits)
+        return metric.on_selected(logits) if columns is None else metric.on_columns(logits)
     return metric(intervene(model, params, *inputs, interventions=interventions, **kwargs))
 
 

@@ -389,6 +389,8 @@ class Decoder(nn.Module):
       ``cache.index`` and attend to every earlier real slot.
     - ``logit_positions``: int (batch, k); if given, logits are computed only at these
       positions (a metric that reads one answer position skips the unembedding elsewhere).
+    - ``logit_columns``: int (batch, n); if given, logits are computed only for these
+      vocabulary entries (per example), shape (batch, pos, n): a logit difference reads two.
     - ``residual``: (batch, pos, d_model); if given, the stream entering the first layer in
       place of the token embeddings (``tokens`` may then be ``None``; the ``embed`` site is
       not reached).
@@ -443,7 +445,7 @@ class Decoder(nn.Module):
     def __call__(self, tokens: Array, attention_mask: Array | None = None,
                  positions: Array | None = None, cache: KVCache | None = None,
                  logit_positions: Array | None = None, residual: Array | None = None,
-                 prefix: KVCache | None = None):
+                 prefix: KVCache | None = None, logit_columns: Array | None = None):
         c = self.config
         if (c.n_experts > 0) != self.MOE:
             raise ValueError(
@@ -512,12 +514,13 @@ class Decoder(nn.Module):
         x = site(self, "final_norm", x)
         if logit_positions is not None:
             x = jnp.take_along_axis(x, jnp.asarray(logit_positions)[..., None], axis=1)
-        if c.tie_embeddings:
-            logits = jnp.einsum("bte,ve->btv", x, embedding)
+        unembed = (embedding.T if c.tie_embeddings else
+                   logical_param(self, "lm_head", ("embed", "vocab"), (c.d_model, c.vocab_size)))
+        if logit_columns is None:
+            logits = jnp.einsum("bte,ev->btv", x, unembed)
         else:
-            lm_head = logical_param(self, "lm_head", ("embed", "vocab"),
-                                    (c.d_model, c.vocab_size))
-            logits = jnp.einsum("bte,ev->btv", x, lm_head)
+            columns = jnp.take(unembed, jnp.asarray(logit_columns), axis=1)  # (embed, b, n)
+            logits = jnp.einsum("bte,ebn->btn", x, columns)
         logits = site(self, "logits", logits)
         if cache is None or prefix is not None:
             return logits

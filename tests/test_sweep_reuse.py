@@ -95,12 +95,28 @@ def test_executed_flops_are_one_selected_logit_forward_per_cell(setup):
     cells = N_LAYERS * SEQ
     result = patching.get_act_patch_resid_pre(model, params, corrupted, cache, metric,
                                               progress=False, reuse=False, chunk_size=cells)
-    positions = metric.positions(BATCH, SEQ)
-    one = matmul_flops(lambda p, t: model.apply({"params": p}, t, logit_positions=positions),
-                       params, corrupted)
+    positions, columns = metric.positions(BATCH, SEQ), metric.columns(BATCH)
+    one = matmul_flops(lambda p, t: model.apply({"params": p}, t, logit_positions=positions,
+                                                logit_columns=columns), params, corrupted)
     full = matmul_flops(lambda p, t: model.apply({"params": p}, t), params, corrupted)
     assert result.cost == dict(flops=cells * one, naive_flops=cells * full, groups=1)
     assert one < full
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_logit_columns_give_the_metric_on_full_logits(tie_embeddings):
+    config = DecoderConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, d_mlp=48,
+                           tie_embeddings=tie_embeddings)
+    model = Decoder(config)
+    tokens = jax.random.randint(jax.random.key(4), (BATCH, SEQ), 0, VOCAB)
+    params = jax.jit(model.init)(jax.random.key(5), tokens)["params"]
+    metric = metrics.logit_diff(jnp.array([3, 9]), 11, pos=jnp.array([2, SEQ - 1]),
+                                reduce="none")
+    selected = model.apply({"params": params}, tokens, logit_positions=metric.positions(
+        BATCH, SEQ), logit_columns=metric.columns(BATCH))
+    assert selected.shape == (BATCH, 1, 2)
+    full = model.apply({"params": params}, tokens)
+    np.testing.assert_allclose(metric.on_columns(selected), metric(full), atol=1e-5)
 
 
 def test_a_repeated_sweep_does_not_recompile(setup):
