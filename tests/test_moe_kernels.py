@@ -1,5 +1,6 @@
 """MoE kernels against their references: the fused router (Pallas, interpret mode on CPU) and
-the grouped matmul (ragged_dot, megablox in interpret mode, the block-padded Pallas kernel).
+the grouped matmul (ragged_dot; megablox and the block-padded Pallas kernel in interpret
+mode).
 
 Forward and gradient, several shapes, ties, uneven loads, empty experts, token counts that
 span several kernel blocks and do not fill the last one.
@@ -117,7 +118,7 @@ GMM_CASES = [(40, 16, 24, [10, 0, 25, 5]),
              pytest.param(30, 8, 12, [3, 3, 0, 3, 6], marks=SLOW)]
 
 
-@pytest.mark.parametrize("impl", ["ragged", "megablox"])
+@pytest.mark.parametrize("impl", ["ragged", "megablox", "pallas"])
 @pytest.mark.parametrize("m,k,n,sizes", GMM_CASES)
 def test_grouped_matmul_matches_reference(impl, m, k, n, sizes):
     sizes = jnp.array(sizes, jnp.int32)
@@ -167,5 +168,5 @@ def test_benchmark_smoke_run(capsys):
     assert bench.main(["--quick"])
     printed = capsys.readouterr().out
     assert "all results match their references" in printed
-    assert printed.count("(interpret)") == 3          # router and the two gates
+    assert printed.count("(interpret)") == 4      # router, two gates, Pallas grouped matmul
     assert "same-FLOPs dense" in printed and "einsum over experts" in printed

@@ -1,7 +1,7 @@
 """Pallas kernels (installed as ``mechinterp.models.kernels``).
 
-Fused router (:mod:`.router`), grouped matmul over experts (:mod:`.gmm`: ``ragged_dot`` and
-the megablox TPU kernel) and gating kernels (:mod:`.gating`).
+Fused router (:mod:`.router`), grouped matmul over experts (:mod:`.gmm`: ``ragged_dot``,
+the megablox TPU kernel and a block-padded Pallas kernel) and gating kernels (:mod:`.gating`).
 
 Each kernel has a plain ``jnp`` reference, a Pallas implementation and a dispatcher that picks
 by backend (``impl=None``: Pallas on GPU/TPU, the reference on CPU; ``impl="pallas"`` on CPU
@@ -20,7 +20,7 @@ from .gating import (
     threshold_gain_pallas,
     threshold_gain_reference,
 )
-from .gmm import gmm, gmm_megablox, gmm_ragged, gmm_reference
+from .gmm import gmm, gmm_megablox, gmm_pallas, gmm_ragged, gmm_reference
 from .router import (
     RoutingPlan,
     fused_router,
@@ -35,6 +35,7 @@ __all__ = [
     "fused_router_reference",
     "gmm",
     "gmm_megablox",
+    "gmm_pallas",
     "gmm_ragged",
     "gmm_reference",
     "swiglu",

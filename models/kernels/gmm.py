@@ -16,21 +16,29 @@ Implementations (all differentiable in ``lhs`` and ``rhs``):
 - :func:`gmm_megablox`: ``jax.experimental.pallas.ops.tpu.megablox.gmm``, the TPU Pallas
   kernel with its ``custom_vjp`` (``tgmm`` for ``d rhs``). Tested here only with
   ``interpret=True`` on CPU; never run on a TPU here.
+- :func:`gmm_pallas`: a block-padded Pallas kernel written GPU-style (each group's rows
+  copied to a tile-aligned slot, one ``(tile, K) @ (K, block)`` product per program, a
+  second kernel for ``d rhs``), with a ``custom_vjp``. Tested with ``interpret=True`` on
+  CPU; never run on a GPU here.
 
 :func:`gmm` dispatches: megablox on TPU, ``ragged_dot`` elsewhere (GPU included). The GPU
-choice is not backed by a GPU measurement (no GPU was available in this session;
-``benchmarks/moe_kernels.py`` measures it against a dense matmul of the same FLOPs on a GPU).
-No separate Pallas GPU grouped-matmul kernel is written: megablox is the Pallas kernel here.
+default is not backed by a GPU measurement (no GPU was available in this session);
+``benchmarks/moe_kernels.py`` times ``ragged_dot``, :func:`gmm_pallas` and a dense matmul of
+the same FLOPs on a GPU, which is the measurement that should settle the GPU choice.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
 Array = jax.Array
-IMPLS = ("megablox", "ragged", "reference")
+IMPLS = ("megablox", "pallas", "ragged", "reference")
 
 
 def check_gmm_args(lhs: Array, rhs: Array, group_sizes: Array) -> None:
@@ -95,5 +103,139 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, impl: str | None = None) -> 
         impl = "megablox" if jax.default_backend() == "tpu" else "ragged"
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not supported; supported: {IMPLS} or None")
-    return {"megablox": gmm_megablox, "ragged": gmm_ragged,
+    return {"megablox": gmm_megablox, "pallas": gmm_pallas, "ragged": gmm_ragged,
             "reference": gmm_reference}[impl](lhs, rhs, group_sizes)
+
+
+# --------------------------------------------------------------------------- block-padded Pallas
+
+
+class _Layout(NamedTuple):
+    """Rows of each group moved to a tile-aligned slot: group ``g`` starts at row
+    ``padded_offsets[g]`` (a multiple of the tile) of a (padded_rows, .) buffer."""
+
+    dest: Array            # (M,) destination row of each input row (padded_rows if outside)
+    tile_group: Array      # (tiles,) the group of each tile, E for unused tiles
+    tile_start: Array      # (E,) first tile of each group
+    tile_count: Array      # (E,) tiles of each group
+
+
+def _layout(group_sizes: Array, n_rows: int, tile: int, padded_rows: int) -> _Layout:
+    sizes = group_sizes.astype(jnp.int32)
+    tiles = (sizes + tile - 1) // tile
+    tile_start = jnp.cumsum(tiles) - tiles
+    groups = row_groups(sizes, n_rows)
+    inside = groups < sizes.shape[0]
+    g = jnp.minimum(groups, sizes.shape[0] - 1)
+    rank = jnp.arange(n_rows) - (jnp.cumsum(sizes) - sizes)[g]
+    dest = jnp.where(inside, tile_start[g] * tile + rank, padded_rows)
+    tile_group = jnp.searchsorted(jnp.cumsum(tiles), jnp.arange(padded_rows // tile),
+                                  side="right").astype(jnp.int32)
+    return _Layout(dest, tile_group, tile_start.astype(jnp.int32), tiles.astype(jnp.int32))
+
+
+def _gmm_kernel(tile_group_ref, lhs_ref, rhs_ref, out_ref, *, n_groups, block_cols):
+    group = tile_group_ref[pl.program_id(0)]
+    cols = pl.ds(pl.program_id(1) * block_cols, block_cols)
+    w = rhs_ref[jnp.minimum(group, n_groups - 1), :, cols]
+    acc = jnp.dot(lhs_ref[...], w, preferred_element_type=jnp.float32)
+    out_ref[...] = jnp.where(group < n_groups, acc, 0.0).astype(out_ref.dtype)
+
+
+def _tgmm_kernel(tile_start_ref, tile_count_ref, lhs_ref, dout_ref, out_ref, *, tile,
+                 block_cols):
+    group = pl.program_id(0)
+    cols = pl.ds(pl.program_id(1) * block_cols, block_cols)
+    start = tile_start_ref[group]
+
+    def add_tile(t, acc):
+        rows = pl.ds((start + t) * tile, tile)
+        return acc + jnp.dot(lhs_ref[rows, :].T, dout_ref[rows, cols],
+                             preferred_element_type=jnp.float32)
+
+    acc = jnp.zeros(out_ref.shape[1:], jnp.float32)
+    out_ref[0] = jax.lax.fori_loop(0, tile_count_ref[group], add_tile, acc).astype(
+        out_ref.dtype)
+
+
+def _sizes(m: int, n: int, n_groups: int, tile_rows: int):
+    tile = min(tile_rows, max(8, 1 << (m - 1).bit_length()))
+    padded_rows = -(-(m + n_groups * (tile - 1)) // tile) * tile
+    block_cols = 128 if n % 128 == 0 else n
+    return tile, padded_rows, block_cols
+
+
+def _padded_gmm(lhs_padded, rhs, tile_group, tile, block_cols):
+    rows, k = lhs_padded.shape
+    n_groups, _, n = rhs.shape
+    full = lambda *shape: pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))
+    return pl.pallas_call(
+        functools.partial(_gmm_kernel, n_groups=n_groups, block_cols=block_cols),
+        out_shape=jax.ShapeDtypeStruct((rows, n), jnp.float32),
+        grid=(rows // tile, n // block_cols),
+        in_specs=[full(*tile_group.shape), pl.BlockSpec((tile, k), lambda i, j: (i, 0)),
+                  full(*rhs.shape)],
+        out_specs=pl.BlockSpec((tile, block_cols), lambda i, j: (i, j)),
+        interpret=jax.default_backend() == "cpu",
+    )(tile_group, lhs_padded, rhs)
+
+
+def _scatter_rows(x, layout, padded_rows):
+    return jnp.zeros((padded_rows, x.shape[1]), x.dtype).at[layout.dest].set(x, mode="drop")
+
+
+def _gather_rows(padded, layout):
+    return jnp.take(padded, layout.dest, axis=0, mode="fill", fill_value=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gmm_pallas(lhs, rhs, group_sizes, tile_rows):
+    m, n, n_groups = lhs.shape[0], rhs.shape[2], rhs.shape[0]
+    tile, padded_rows, block_cols = _sizes(m, n, n_groups, tile_rows)
+    layout = _layout(group_sizes, m, tile, padded_rows)
+    out = _padded_gmm(_scatter_rows(lhs, layout, padded_rows), rhs, layout.tile_group, tile,
+                      block_cols)
+    return _gather_rows(out, layout).astype(lhs.dtype)
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, tile_rows):
+    return _gmm_pallas(lhs, rhs, group_sizes, tile_rows), (lhs, rhs, group_sizes)
+
+
+def _gmm_bwd(tile_rows, residuals, dout):
+    lhs, rhs, group_sizes = residuals
+    dlhs = _gmm_pallas(dout.astype(lhs.dtype), jnp.swapaxes(rhs, 1, 2), group_sizes,
+                       tile_rows)
+    m, k = lhs.shape
+    n_groups, _, n = rhs.shape
+    tile, padded_rows, block_cols = _sizes(m, n, n_groups, tile_rows)
+    layout = _layout(group_sizes, m, tile, padded_rows)
+    full = lambda *shape: pl.BlockSpec(shape, lambda e, j: (0,) * len(shape))
+    drhs = pl.pallas_call(
+        functools.partial(_tgmm_kernel, tile=tile, block_cols=block_cols),
+        out_shape=jax.ShapeDtypeStruct(rhs.shape, jnp.float32),
+        grid=(n_groups, n // block_cols),
+        in_specs=[full(n_groups), full(n_groups), full(padded_rows, k),
+                  full(padded_rows, n)],
+        out_specs=pl.BlockSpec((1, k, block_cols), lambda e, j: (e, 0, j)),
+        interpret=jax.default_backend() == "cpu",
+    )(layout.tile_start, layout.tile_count, _scatter_rows(lhs, layout, padded_rows),
+      _scatter_rows(dout, layout, padded_rows))
+    return dlhs, drhs.astype(rhs.dtype), None
+
+
+_gmm_pallas.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def gmm_pallas(lhs: Array, rhs: Array, group_sizes: Array, tile_rows: int = 64) -> Array:
+    """Block-padded grouped matmul in Pallas (GPU-style; ``interpret=True`` on CPU, never run
+    on a GPU here). Each group's rows are copied to a slot aligned to ``tile_rows``, so
+    every row tile belongs to one group; grid (row tiles, column tiles), each program one
+    ``(tile, K) @ (K, block)`` product with its group's matrix. ``d lhs`` reuses the kernel
+    with ``rhs`` transposed; ``d rhs`` is a second kernel, one program per (group, column
+    block) summing ``lhs_tile^T @ dout_tile`` over the group's tiles. Padding costs at most
+    ``E * (tile_rows - 1)`` extra rows."""
+    check_gmm_args(lhs, rhs, group_sizes)
+    if tile_rows < 8 or tile_rows & (tile_rows - 1):
+        raise ValueError(f"tile_rows must be a power of two >= 8, got {tile_rows}")
+    return _gmm_pallas(lhs, rhs, group_sizes, tile_rows)
