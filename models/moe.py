@@ -24,8 +24,9 @@ Routing (``x`` one token, ``W_r`` the router, ``E`` experts, top ``k``):
 
 Capacity (``capacity_factor``; ``None`` = dropless): expert capacity
 ``C = ceil(capacity_factor * N * k / E)``, at most ``N`` (for expert choice the tokens each
-expert takes, with ``k`` the average experts per token and ``None`` meaning factor 1). With token-choice routers each expert keeps its first ``C`` assignments in
-priority order -- every token's first choice in token order, then every second choice
+expert takes, with ``k`` the average experts per token and ``None`` meaning factor 1). With
+token-choice routers each expert keeps its first ``C`` assignments in priority order --
+every token's first choice in token order, then every second choice
 (GShard) -- and a dropped assignment's weight becomes 0 (the others are not renormalized);
 a token with every choice dropped passes through the residual stream unchanged.
 
@@ -53,7 +54,7 @@ Auxiliary losses are sown, already weighted, into the ``'aux_loss'`` collection
 - router z-loss (ST-MoE eq. 5): ``beta * mean_tokens(logsumexp(l)^2)``,
   ``beta = z_loss_coef``.
 
-Execution is dropless (no capacity, no token ever dropped). ``impl="dense"`` evaluates
+Execution (dropless unless ``capacity_factor`` is set): ``impl="dense"`` evaluates
 every expert on every token and combines with the dense (batch, pos, expert) weights: the
 reference, exact and simple, ``E`` times the FLOPs. ``impl="ragged"`` sorts the ``k`` copies
 of each token by expert and runs the three matmuls with :func:`jax.lax.ragged_dot`
@@ -61,24 +62,26 @@ of each token by expert and runs the three matmuls with :func:`jax.lax.ragged_do
 ``router_impl`` picks how top-k routing and the sort are computed: ``"jnp"`` (default,
 :func:`route`), ``"fused"`` (:func:`~mechinterp.models.kernels.router.fused_router`: the
 fused Pallas router on GPU, its jnp reference elsewhere) or ``"pallas"`` (the Pallas kernel
-everywhere, interpreted on CPU); all give the same routing. Reading ``moe.expert_out`` or editing ``moe.weights``
-or ``moe.expert_out`` always uses the dense path (an edit may give weight to an expert the
-router did not select), so with ``impl="ragged"`` such runs agree with plain runs to float
+everywhere, interpreted on CPU); all give the same routing. Expert-choice routing, reading
+``moe.expert_out`` or ``moe.expert_in``, or editing ``moe.weights`` or ``moe.expert_out``
+always use the dense path (an edit may give weight to an expert the router did not
+select), so with ``impl="ragged"`` such runs agree with plain runs to float
 rounding, not bit for bit; with ``impl="dense"`` a no-op edit of ``moe.expert_out``,
-``moe.weights``, ``moe.router_logits``, ``moe.router_probs`` or ``moe_out`` is bit-identical
-(tested). A no-op edit of ``moe.shared_out`` changes XLA's CPU compilation of the layer and
+``moe.weights``, ``moe.topk_weights``, ``moe.expert_in``, ``moe.router_logits``,
+``moe.router_probs`` or ``moe_out`` is bit-identical (tested). A no-op edit of
+``moe.shared_out`` changes XLA's CPU compilation of the layer and
 agrees to ~1e-6, not bit for bit (seen on jax 0.10.2 CPU).
 
 Sites (per token; inside a decoder they gain leading ``layer, batch, pos`` axes):
 ``moe.router_logits`` (expert), ``moe.router_probs`` (expert), ``moe.topk_indices`` (topk:
 the selected experts, best first; int32, so it can be read, not edited -- force a routing
 through ``moe.weights``) and ``moe.topk_weights`` (topk: their weights after capacity
-dropping; token-choice routers only), ``moe.weights`` (expert: the
-combine weight ``w_i``, zero outside the top-k; zeroing entry ``i`` removes expert ``i``
-without renormalizing the others), ``moe.expert_in`` (expert, d_model: the input each expert
-sees, ``x`` for every expert unless edited; computed only when read or edited),
-``moe.expert_out`` (expert, d_model: ``w_i E_i(x)``,
-each expert's write, computed only when read or edited and folded back as a difference),
+dropping; token-choice routers only), ``moe.weights`` (expert: the combine weight ``w_i``,
+zero outside the top-k; zeroing entry ``i`` removes expert ``i`` without renormalizing the
+others), ``moe.expert_in`` (expert, d_model: the input each expert sees, ``x`` for every
+expert unless edited; computed only when read or edited), ``moe.expert_out`` (expert,
+d_model: ``w_i E_i(x)``, each expert's write, computed only when read or edited and folded
+back as a difference),
 ``moe.shared_out`` (d_model: ``s(x) S(x)``, only with a shared expert) and ``moe_out``
 (d_model: the layer output) -- the last one is recorded by the caller (the decoder block).
 An edit of ``moe.expert_in`` is folded in as ``E_i(x') - E_i(x)`` (exactly 0 for a no-op).
