@@ -16,14 +16,17 @@ or, config-driven, ``mechinterp run CONFIG`` with ``config.job = "mechinterp.tra
 
 Modules: ``mesh`` (mesh, logical-axis rules, batch sharding), ``state`` (train state,
 sharded init), ``step`` (train/eval steps), ``losses``, ``optim`` (optax pieces),
-``checkpoint`` (Orbax), ``tasks`` (synthetic tasks), ``tokenizer``, ``data`` (tfds + grain),
-``flops`` (FLOPs, MFU), ``config``, ``loop`` (``fit``, ``run``).
+``checkpoint`` (Orbax), ``tasks`` (synthetic tasks), ``tokenizer`` (word-level and Hugging
+Face), ``data`` (tfds + grain), ``digits`` (scikit-learn digits with class splits and
+rotations), ``timeseries`` (statsmodels series as windows), ``flops`` (FLOPs, MFU),
+``config``, ``loop`` (``fit``, ``run``).
 """
 
 from mechinterp.train.checkpoint import Checkpointer, StopSignal
 from mechinterp.train.config import default_config, resolve_config
 from mechinterp.train.data import (SyntheticTasks, batches, build_synthetic, shard_options,
                                    synthetic_tokenizer)
+from mechinterp.train.digits import build_digits, rotate_image
 from mechinterp.train.flops import decoder_train_flops_per_token, mfu, peak_flops
 from mechinterp.train.loop import FitResult, NonFiniteLossError, fit, run
 from mechinterp.train.losses import OBJECTIVES, Objective
@@ -37,11 +40,13 @@ from mechinterp.train.state import (TrainState, abstract_train_state, init_train
 from mechinterp.train.step import AUX_LOSS, make_eval_step, make_train_step
 from mechinterp.train.tasks import (Arithmetic, FactRecall, InContextChain, KnowledgeBase,
                                     MultiHop, TaskMixture, mixture_from_config)
-from mechinterp.train.tokenizer import WordTokenizer
+from mechinterp.train.timeseries import build_timeseries, load_series, normalization
+from mechinterp.train.tokenizer import HFTokenizer, WordTokenizer, load_tokenizer
 
 __all__ = [
     "abstract_train_state", "Arithmetic", "AUX_LOSS", "batch_sharding", "batches",
-    "build_synthetic", "check_batch_size", "check_rules", "Checkpointer",
+    "build_digits", "build_synthetic", "build_timeseries", "HFTokenizer", "load_series",
+    "load_tokenizer", "normalization", "rotate_image", "check_batch_size", "check_rules", "Checkpointer",
     "decoder_train_flops_per_token", "default_config", "DEFAULT_RULES", "FactRecall", "fit",
     "FitResult", "freeze", "get_multipliers", "global_batch", "InContextChain",
     "init_train_state", "KnowledgeBase", "lr_schedule", "make_eval_step", "make_mesh",
