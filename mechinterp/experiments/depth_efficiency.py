@@ -94,12 +94,15 @@ def plot_contributions(path: Path, results: dict) -> str:
         ax = axes[0][col]
         for offset, part in zip((-0.27, 0.0, 0.27), ("attn", "mlp", "layer")):
             ax.bar(layers + offset, c[f"rel_{part}"], 0.27, label=f"||{part}|| / ||h||")
+        ax.set_yscale("log")  # layer 0 reads the tiny raw embeddings
+        ax.set_xticks(layers)
         ax.set_title(f"{name}: relative contribution")
         ax.legend(fontsize=7)
         ax = axes[1][col]
         for part in ("attn", "mlp", "layer"):
             ax.plot(layers, c[f"cos_{part}"], "-o", label=f"cos({part}, h)")
         ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xticks(layers)
         ax.set_title(f"{name}: cosine with the residual")
         ax.set_xlabel("layer")
         ax.legend(fontsize=7)
