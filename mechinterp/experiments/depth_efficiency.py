@@ -212,8 +212,10 @@ def report(config, results: dict, figures: dict, tasks) -> str:
              (f"Preset `{config.preset}`, seed {config.seed}; a {config.model.n_layers}-layer "
               f"and a {config.shallow_layers}-layer decoder (d_model {config.model.d_model}, "
               f"same data and steps) on {', '.join(tasks)}; {config.analysis.n_eval} test "
-              f"examples, every non-padding token; total {results['seconds']:.0f} s. Numbers "
-              "in `results.json`."), "",
+              f"examples, every non-padding token; total {results['seconds']:.0f} s (deep: "
+              f"{small_lm.training_note(results['training']['deep'])}; shallow: "
+              f"{small_lm.training_note(results['training']['shallow'])}). Numbers in "
+              "`results.json`."), "",
              "| model | layers | loss | exact match |", "|---|---|---|---|"]
     for name in ("shallow", "deep"):
         m = results[name]["metrics"]["all"]

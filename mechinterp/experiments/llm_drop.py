@@ -190,7 +190,8 @@ def report(config, results: dict, figures: list[str]) -> str:
         "# LLM-Drop at small scale (METHODS.md item 4)", "",
         (f"Preset `{config.preset}`, seed {config.seed}; a {n_layers}-layer decoder "
         f"(d_model {config.model.d_model}) trained {results['training']['step']} steps on "
-        f"{', '.join(tasks)}; total {results['seconds']:.0f} s. Scores on "
+        f"{', '.join(tasks)}; total {results['seconds']:.0f} s "
+        f"({small_lm.training_note(results['training'])}). Scores on "
         f"{config.analysis.n_calibration} training prompts, metrics on "
         f"{config.analysis.n_eval} test examples (teacher-forced; exact = every target token "
         "right). Numbers in `results.json`."), "",

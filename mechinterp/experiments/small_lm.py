@@ -132,6 +132,13 @@ def save(fig, path: Path) -> str:
     return path.name
 
 
+def training_note(info: dict) -> str:
+    """How the model of a run came about, for report headers."""
+    if info["reused_checkpoint"]:
+        return "model reused from an earlier run's checkpoint"
+    return f"training took {info['seconds']:.0f} s"
+
+
 def json_default(x):
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
