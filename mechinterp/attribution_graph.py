@@ -35,8 +35,10 @@ row divided by its sum) and ``w`` the logit nodes' probabilities (0 elsewhere):
 - **completeness score** = ``sum_i (1 - e_i) (I_i + w_i) / sum_i (I_i + w_i)``, where
   ``e_i = sum over error nodes j of Â[i, j]`` is the share of node i's normalized input
   coming directly from error nodes.
-- node pruning keeps the most influential nodes up to cumulative share ``node_threshold``
-  of the total influence (tokens and logits always kept); edge pruning scores edge
+- node pruning keeps the feature and error nodes with the largest influence until they
+  hold share ``node_threshold`` of the feature and error nodes' total influence (tokens
+  and logits are always kept; taking the share over features and errors only is our
+  reading of circuit-tracer); edge pruning scores edge
   ``s -> t`` by ``Â[t, s] (I_t + w_t)`` on the node-pruned graph and keeps edges up to
   cumulative share ``edge_threshold``; then feature and error nodes left without kept
   outgoing edges, and features left without kept incoming edges, are dropped (repeated

@@ -292,3 +292,12 @@ def test_cumulative_threshold_keeps_the_largest_scores_up_to_the_share():
     assert G.cumulative_threshold(scores, 0.6) == 3.0
     assert G.cumulative_threshold(scores, 0.85) == 1.0
     assert G.cumulative_threshold(np.zeros(3), 0.8) == np.inf
+
+
+def test_select_logits_takes_the_fewest_tokens_reaching_the_probability():
+    probs = np.array([0.05, 0.6, 0.3, 0.05])
+    ids, p = G.select_logits(jnp.log(jnp.asarray(probs)), desired_probability=0.85)
+    np.testing.assert_array_equal(ids, [1, 2])
+    np.testing.assert_allclose(p, [0.6, 0.3], rtol=1e-6)
+    ids, _ = G.select_logits(jnp.log(jnp.asarray(probs)), max_logits=1)
+    np.testing.assert_array_equal(ids, [1])

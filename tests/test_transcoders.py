@@ -119,7 +119,6 @@ def _batches(seed):
         yield {"tokens": tokens, "valid": (tokens != 0).astype(jnp.float32)}
 
 
-@pytest.mark.slow
 def test_training_on_streamed_activations_lowers_the_loss(setup):
     model, params, *_ = setup
     config = T.TrainingConfig(n_features=32, activation="topk", k=4, steps=60,
@@ -195,3 +194,18 @@ def test_steer_features_adds_decoder_vectors(setup):
     expected[0, :, 2] = -w[0, 3]
     np.testing.assert_allclose(iv.add, expected, rtol=1e-6)
     assert float(iv.scale) == 1.0
+
+
+def test_a_residual_sae_reconstructs_resid_mid(setup):
+    model, params, tokens, _, _ = setup
+    acts = T.mlp_activations(model, params, tokens)
+    x, y = T.pairs(acts, "sae")
+    np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(x, acts["resid_mid"].reshape(2, -1, 16))
+    sae = T.Transcoder(d_in=16, d_out=16, n_features=N_FEATURES)
+    sae_params = T.init_layers(sae, jax.random.key(7), CONFIG.n_layers)
+    metrics = T.evaluate(model, params, sae, sae_params, [{"tokens": tokens}], kind="sae")
+    assert set(metrics) == {"mse", "fve", "l0", "dead_fraction"}  # no splicing for SAEs
+    y_hat, _ = T.apply_layers(sae, sae_params, x)
+    np.testing.assert_allclose(metrics["mse"], np.mean(np.sum((x - y_hat) ** 2, -1), 1),
+                               rtol=1e-5)

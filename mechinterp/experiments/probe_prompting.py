@@ -341,6 +341,8 @@ def summary(results: dict, n_layers: int) -> dict:
         if len(actual) else float("nan"),
         "correlation": float(np.corrcoef(predicted, actual)[0, 1]) if len(actual) > 2
         else float("nan"),
+        "size_ratio": float(np.median(np.abs(predicted) / np.maximum(np.abs(actual), 1e-12)))
+        if len(actual) else float("nan"),
         "consistency_supernodes": _mean([s["consistency"]["supernodes"] for s in studies]),
         "consistency_geometric": _mean([s["consistency"]["geometric"] for s in studies]),
         "consistency_ratio": _mean(ratios),
@@ -396,10 +398,10 @@ def report_markdown(config, results: dict) -> str:
         *[f"| {i} | {tc['fve'][i]:.3f} | {tc['mse'][i]:.4g} | {tc['l0'][i]:.1f} | "
           f"{tc['dead_fraction'][i]:.3f} |" for i in range(n_layers)],
         "",
-        (f"Next-token loss: clean {tc['loss_clean']:.3f}, all MLPs spliced (no error term) "
-        f"{tc['loss_spliced']:.3f}, all MLPs zero-ablated {tc['loss_ablated']:.3f}; loss "
-        f"recovered {tc['loss_recovered']:.3f}. With the error term the spliced model equals "
-        "the original."),
+        (f"Next-token loss on answer tokens: clean {tc['loss_clean']:.4g}, all MLPs spliced "
+         f"(no error term) {tc['loss_spliced']:.4g}, all MLPs zero-ablated "
+         f"{tc['loss_ablated']:.4g}; loss recovered {tc['loss_recovered']:.3f}. With the "
+         "error term the spliced model equals the original."),
         "",
         "## Graphs",
         "",
@@ -415,7 +417,10 @@ def report_markdown(config, results: dict) -> str:
         "",
         (f"{len(results['agreement'])} single-feature ablations (the most influential kept "
         f"features of each graph); change of the top logit (demeaned). Sign agreement "
-        f"**{_f(s['sign_agreement'])}**, Pearson r **{_f(s['correlation'])}**."),
+        f"**{_f(s['sign_agreement'])}**, Pearson r **{_f(s['correlation'])}**, median "
+        f"|predicted| / |actual| **{_f(s['size_ratio'])}** (the prediction propagates "
+        "through downstream features of the local replacement model; attention patterns, "
+        "norms and error nodes frozen)."),
         "",
         "## Probe prompting",
         "",
