@@ -1,6 +1,7 @@
 """Expert usage statistics, expert patching grids, expert ablation and forced routing
 (mechinterp.experts) on hand-built routings and a tiny MoE decoder."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,9 +52,19 @@ def moe_model():
     rng = np.random.default_rng(0)
     clean = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 5)))
     corrupted = clean.at[:, 1].set((clean[:, 1] + 3) % CONFIG.vocab_size)
-    variables = jax.jit(model.init)(jax.random.key(0), clean)
-    params = jax.tree.map(lambda a: 3 * a, variables["params"])   # sharper routing
-    return model, params, clean, corrupted
+    return model, random_params(model, clean), clean, corrupted
+
+
+def random_params(model, tokens, seed=0):
+    """Normal(0, 0.3) weights (norm scales near 1) without compiling ``model.init``."""
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        is_norm = jax.tree_util.keystr(path).endswith("['scale']")
+        return jnp.asarray(1 + 0.1 * noise if is_norm else 0.3 * noise)
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def last_logit(logits):

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 from mechinterp.models import DecoderConfig, MoEDecoder
 from mechinterp.train.mesh import DEFAULT_RULES, make_mesh
 from mechinterp.train.state import abstract_train_state, shardings_of
+from test_experts import random_params
 from test_train_step import SINGLE, TX, _assert_same, _initial, _train
 from test_train_support import token_batch
 
@@ -28,7 +29,7 @@ def test_expert_weights_are_sharded_and_the_forward_matches():
     mesh = make_mesh(EXPERT_PARALLEL)
     shardings = shardings_of(abstract_train_state(MODEL, TX, (BATCH["tokens"],), mesh=mesh,
                                                   rules=DEFAULT_RULES))
-    single = nn.unbox(jax.jit(MODEL.init)(jax.random.key(0), BATCH["tokens"])["params"])
+    single = random_params(MODEL, BATCH["tokens"])
     params = jax.device_put(single, shardings.params)
     gate = params["layers"]["moe"]["gate"]
     assert gate.sharding.spec == P(None, "expert", "fsdp", "tensor")
