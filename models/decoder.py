@@ -38,7 +38,7 @@ from mechinterp.sites import INTERMEDIATES, INTERVENTIONS, SiteSpec, site
 
 from .layers import (ROPE_SCALING_KEYS, Attention, GatedMLP, RMSNorm, logical_param,
                      rope_angles, rope_inv_freq)
-from .moe import AUX_LOSS, IMPLS, ROUTERS, MoE
+from .moe import AUX_LOSS, BALANCE_FORMS, IMPLS, ROUTER_IMPLS, ROUTERS, MoE
 
 Array = jax.Array
 
@@ -91,6 +91,11 @@ class DecoderConfig:
     ``router_z_loss_coef`` weight the balance loss and router z-loss sown into the
     ``'aux_loss'`` collection (0 = not computed). ``moe_impl`` is ``"dense"`` (every expert
     on every token, the reference) or ``"ragged"`` (sorted tokens + ``ragged_dot``).
+    ``router`` may also be ``"expert_choice"`` (each expert picks its top tokens of the whole
+    batch: not causal); the centroid router needs centroids, so only the layer offers it.
+    ``moe_router_impl``, ``moe_capacity_factor``, ``router_jitter_noise`` and
+    ``router_balance_loss_form`` are the layer's ``router_impl``, ``capacity_factor``,
+    ``jitter_noise`` and ``balance_loss_form`` (see :class:`~mechinterp.models.moe.MoE`).
 
     Dropped sublayers (:mod:`mechinterp.llm_drop`): ``attn_layers`` / ``mlp_layers`` are the
     sorted indices of the layers that keep their attention / MLP (``None``: every layer; a
@@ -132,6 +137,10 @@ class DecoderConfig:
     router_aux_loss_coef: float = 0.0
     router_z_loss_coef: float = 0.0
     moe_impl: str = "dense"
+    moe_router_impl: str = "jnp"
+    moe_capacity_factor: float | None = None
+    router_jitter_noise: float = 0.0
+    router_balance_loss_form: str = "switch"
     attn_layers: tuple[int, ...] | None = None
     mlp_layers: tuple[int, ...] | None = None
 
@@ -243,10 +252,22 @@ class DecoderConfig:
         if self.shared_expert_gated and self.d_shared_expert == 0:
             raise ValueError("shared_expert_gated=True needs a shared expert "
                              "(d_shared_expert > 0)")
-        if self.router not in ROUTERS:
-            raise ValueError(f"router={self.router!r} is not supported; supported: {ROUTERS}")
-        if self.moe_impl not in IMPLS:
-            raise ValueError(f"moe_impl={self.moe_impl!r} is not supported; supported: {IMPLS}")
+        routers = tuple(r for r in ROUTERS if r != "centroid")
+        if self.router not in routers:
+            raise ValueError(f"router={self.router!r} is not supported by the decoder; "
+                             f"supported: {routers} (the centroid router needs centroids: "
+                             "use mechinterp.models.moe.MoE)")
+        for name, allowed in (("moe_impl", IMPLS), ("moe_router_impl", ROUTER_IMPLS),
+                              ("router_balance_loss_form", BALANCE_FORMS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported; "
+                                 f"supported: {allowed}")
+        if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
+            raise ValueError(f"moe_capacity_factor must be > 0 (or None for dropless), got "
+                             f"{self.moe_capacity_factor!r}")
+        if not self.router_jitter_noise >= 0:
+            raise ValueError(f"router_jitter_noise must be >= 0, got "
+                             f"{self.router_jitter_noise!r}")
 
     @property
     def hf_architecture(self) -> str:
@@ -348,7 +369,11 @@ class Block(nn.Module):
                       d_expert=c.d_expert, router=c.router, norm_topk_prob=c.norm_topk_prob,
                       d_shared=c.d_shared_expert, shared_expert_gated=c.shared_expert_gated,
                       aux_loss_coef=c.router_aux_loss_coef, z_loss_coef=c.router_z_loss_coef,
-                      impl=c.moe_impl, dtype=c.dtype, param_dtype=c.param_dtype, name="moe")
+                      impl=c.moe_impl, router_impl=c.moe_router_impl,
+                      capacity_factor=c.moe_capacity_factor,
+                      jitter_noise=c.router_jitter_noise,
+                      balance_loss_form=c.router_balance_loss_form,
+                      dtype=c.dtype, param_dtype=c.param_dtype, name="moe")
             out_site = "moe_out"
         else:
             mlp = GatedMLP(d_mlp=c.d_mlp, activation=nn.silu, dtype=c.dtype,

@@ -20,7 +20,8 @@ import mechinterp as mi
 from mechinterp.models import (DecoderConfig, MoE, MoEDecoder, load_hf, save_hf, stack_layers,
                                unstack_layers)
 from mechinterp.models.decoder import Decoder
-from mechinterp.models.moe import AUX_LOSS, balance_loss, route, z_loss
+from mechinterp.models.moe import (AUX_LOSS, balance_loss, capacity_keep, dense_weights,
+                                   expert_capacity, route, z_loss)
 from mechinterp.train.step import AUX_LOSS as TRAIN_AUX_LOSS
 
 E, K, D, M = 6, 2, 16, 12
@@ -321,6 +322,43 @@ def test_unrolled_and_ragged_match_scanned(decoder):
     ragged = MoEDecoder(dataclass_replace(CONFIG, moe_impl="ragged"))
     np.testing.assert_allclose(jax.jit(ragged.apply)({"params": params}, tokens), plain,
                                atol=1e-5)
+
+
+def test_decoder_capacity_jitter_and_dit_loss_reach_the_layer(decoder):
+    _, params, tokens = decoder
+    config = dataclass_replace(CONFIG, moe_capacity_factor=0.5, router_jitter_noise=0.2,
+                               router_balance_loss_form="dit", router_z_loss_coef=0.0,
+                               moe_router_impl="fused")
+    model = MoEDecoder(config)
+    _, sites = mi.capture(model, params, tokens, sites=["moe.router_logits", "moe.weights"])
+    n_tokens = BATCH * LENGTH
+    capacity = expert_capacity(n_tokens, CONFIG.n_experts, CONFIG.n_experts_per_tok, 0.5)
+    for layer in range(CONFIG.n_layers):
+        _, w, idx = route(sites["moe.router_logits"][layer], CONFIG.n_experts_per_tok)
+        kept = jnp.where(capacity_keep(idx, CONFIG.n_experts, capacity), w, 0)
+        np.testing.assert_allclose(sites["moe.weights"][layer],
+                                   dense_weights(kept, idx, CONFIG.n_experts), rtol=1e-6)
+        assert (np.asarray(sites["moe.weights"][layer]) > 0).sum(0).max() <= capacity
+    _, aux = model.apply({"params": params}, tokens, mutable=[AUX_LOSS])
+    want = [0.01 * balance_loss(*route(sites["moe.router_logits"][layer],
+                                       CONFIG.n_experts_per_tok)[::2], CONFIG.n_experts, "dit")
+            for layer in range(CONFIG.n_layers)]
+    np.testing.assert_allclose(aux[AUX_LOSS]["layers"]["moe"]["moe_balance_loss"][0], want,
+                               rtol=1e-5)
+    # jitter only with a dropout rng (as the train step passes), per layer
+    plain = model.apply({"params": params}, tokens)
+    np.testing.assert_array_equal(plain, MoEDecoder(dataclass_replace(
+        config, router_jitter_noise=0.0)).apply({"params": params}, tokens))
+    jittered = model.apply({"params": params}, tokens, rngs={"dropout": jax.random.key(1)})
+    assert np.abs(np.asarray(jittered) - np.asarray(plain)).max() > 1e-5
+    base = dict(vocab_size=8, d_model=8, n_layers=1, n_heads=2, d_mlp=8, n_experts=4)
+    for changes, message in [({"router": "centroid"}, "centroid router needs centroids"),
+                             ({"moe_capacity_factor": 0.0}, "moe_capacity_factor must be > 0"),
+                             ({"moe_router_impl": "cuda"}, "moe_router_impl='cuda'"),
+                             ({"router_balance_loss_form": "x"}, "router_balance_loss_form"),
+                             ({"router_jitter_noise": -1.0}, "router_jitter_noise")]:
+        with pytest.raises(ValueError, match=message):
+            DecoderConfig(**base, **changes)
 
 
 def dataclass_replace(config, **changes):
