@@ -1,7 +1,7 @@
 """Probe prompting on a small two-hop model (METHODS.md item 2).
 
-    mechinterp run configs/probe_prompting.py                 # default, <= 15 min on 2 CPU cores
-    mechinterp run configs/probe_prompting.py preset=smoke    # seconds to a minute; the CI test
+    mechinterp run configs/probe_prompting.py                 # default, ~5 min on 2 CPU cores
+    mechinterp run configs/probe_prompting.py preset=smoke    # ~1 min; the CI smoke test
     mechinterp run configs/probe_prompting.py transcoder.activation=jumprelu
 
 Trains a decoder on "capital of the state containing CITY" two-hop prompts, one transcoder

@@ -130,7 +130,8 @@ def test_the_smoke_preset_runs_end_to_end(tmp_path):
     results = json.loads((workdir / "results.json").read_text())
     for graph in results["graphs"]:
         assert 0.0 <= graph["replacement"] <= 1.0 and 0.0 <= graph["completeness"] <= 1.0
-    assert len(results["agreement"]) == 4  # 2 prompts x 2 ablated features
+    assert len(results["agreement"]) == 8  # 2 prompts x 2 features x 2 fractions
+    assert (workdir / "transcoders.npz").stat().st_size > 0
     clean = results["transcoders"]["loss_clean"]
     assert math.isfinite(clean) and clean < 5.0  # scored on answer tokens only
     data = json.loads(next((workdir / "graphs").glob("*.json")).read_text())

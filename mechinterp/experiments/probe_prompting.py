@@ -9,14 +9,16 @@
    transcoders spliced in.
 3. Build attribution graphs (:mod:`mechinterp.attribution_graph`) for a few correctly
    answered prompts; prune; Replacement and Completeness; JSON + PNG per prompt.
-4. Ablate each graph's most influential features one at a time in the real model and
-   compare with the graph's prediction (sign agreement, correlation).
+4. Ablate each graph's most influential features one at a time (all, and 10%, of their
+   activation) in the real model and compare with the graph's prediction (sign agreement,
+   correlation, size ratio).
 5. Probe prompting (:mod:`mechinterp.probe_prompting`): probes swap the city (every other
    entity) and the relations; signatures, ordered rules, supernodes; geometric baseline;
    entity-swap transfer by layer between the graphs of prompts with different cities.
 
-Writes ``report.md`` (ours next to the paper's numbers), ``results.json``, and
-``graphs/prompt_*.json|png``.
+Writes ``report.md`` (ours next to the paper's numbers), ``results.json``,
+``transcoders.npz`` (per-layer parameters, leading layer axis) and
+``graphs/prompt_*.json|png``; the decoder's checkpoint is under ``models/llama``.
 """
 
 from __future__ import annotations
@@ -173,16 +175,17 @@ def train_transcoders(config, model, params, mixture: TaskMixture):
 
 
 def intervention_agreement(model, params, graph: G.AttributionGraph, pruned: G.PrunedGraph,
-                           tc_params, n_ablated: int) -> list[dict]:
-    """Ablate each of the ``n_ablated`` most influential kept features alone: the graph's
-    predicted change of the top logit (demeaned) against the real model's."""
+                           tc_params, n_ablated: int, fraction: float = 1.0) -> list[dict]:
+    """Remove ``fraction`` of the activation of each of the ``n_ablated`` most influential
+    kept features, one at a time (1.0 = ablation): the graph's predicted change of the top
+    logit (demeaned) against the real model's."""
     kept = np.flatnonzero(pruned.node_mask[:graph.n_features])
     order = kept[np.argsort(-pruned.influence[kept])][:n_ablated]
     rows = []
     for node in order:
-        delta = [-float(graph.activations[node])]
+        delta = [-fraction * float(graph.activations[node])]
         rows.append({
-            "feature": [int(v) for v in graph.features[node]],
+            "feature": [int(v) for v in graph.features[node]], "fraction": fraction,
             "predicted": float(G.predicted_logit_effects(graph, [node], delta)[0]),
             "predicted_direct": float(
                 G.predicted_logit_effects(graph, [node], delta, propagate=False)[0]),
@@ -251,6 +254,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     stages.set_postfix_str("transcoders")
     t0 = time.perf_counter()
     trained, tc_metrics = train_transcoders(config, model, params, mixture)
+    np.savez(workdir / "transcoders.npz", **{k: np.asarray(v) for k, v in trained.params.items()})
     timings["transcoders"] = time.perf_counter() - t0
     stages.update(1)
 
@@ -275,9 +279,9 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
 
     stages.set_postfix_str("interventions")
     t0 = time.perf_counter()
-    agreement = [row for g, p in zip(graphs, pruned, strict=True)
+    agreement = [row for g, p in zip(graphs, pruned, strict=True) for fraction in (1.0, 0.1)
                  for row in intervention_agreement(model, params, g, p, trained.params,
-                                                   config.graph.n_ablated)]
+                                                   config.graph.n_ablated, fraction)]
     timings["interventions"] = time.perf_counter() - t0
     stages.update(1)
 
@@ -325,11 +329,23 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def agreement_stats(rows: list[dict]) -> dict:
+    """Sign agreement, Pearson r and median |predicted| / |actual| of ablation rows."""
+    predicted = np.array([r["predicted"] for r in rows])
+    actual = np.array([r["actual"] for r in rows])
+    if len(actual) < 3:
+        return {"n": len(actual), "sign": float("nan"), "r": float("nan"),
+                "ratio": float("nan")}
+    return {"n": len(actual), "sign": float(np.mean(np.sign(predicted) == np.sign(actual))),
+            "r": float(np.corrcoef(predicted, actual)[0, 1]),
+            "ratio": float(np.median(np.abs(predicted) / np.maximum(np.abs(actual), 1e-12)))}
+
+
 def summary(results: dict, n_layers: int) -> dict:
     """The headline numbers of a run (means over prompts)."""
-    agreement = results["agreement"]
-    predicted = np.array([r["predicted"] for r in agreement])
-    actual = np.array([r["actual"] for r in agreement])
+    agreement = {fraction: agreement_stats([r for r in results["agreement"]
+                                            if r["fraction"] == fraction])
+                 for fraction in (1.0, 0.1)}
     studies = results["probe"]
     early = [layer for layer in range(n_layers) if layer < n_layers / 2] or [0]
     ratios = [s["consistency"]["supernodes"] / s["consistency"]["geometric"] for s in studies
@@ -337,12 +353,7 @@ def summary(results: dict, n_layers: int) -> dict:
     return {
         "replacement": _mean([g["replacement"] for g in results["graphs"]]),
         "completeness": _mean([g["completeness"] for g in results["graphs"]]),
-        "sign_agreement": float(np.mean(np.sign(predicted) == np.sign(actual)))
-        if len(actual) else float("nan"),
-        "correlation": float(np.corrcoef(predicted, actual)[0, 1]) if len(actual) > 2
-        else float("nan"),
-        "size_ratio": float(np.median(np.abs(predicted) / np.maximum(np.abs(actual), 1e-12)))
-        if len(actual) else float("nan"),
+        "agreement": agreement,
         "consistency_supernodes": _mean([s["consistency"]["supernodes"] for s in studies]),
         "consistency_geometric": _mean([s["consistency"]["geometric"] for s in studies]),
         "consistency_ratio": _mean(ratios),
@@ -415,12 +426,16 @@ def report_markdown(config, results: dict) -> str:
         "",
         "## Feature ablations: graph prediction vs the real model",
         "",
-        (f"{len(results['agreement'])} single-feature ablations (the most influential kept "
-        f"features of each graph); change of the top logit (demeaned). Sign agreement "
-        f"**{_f(s['sign_agreement'])}**, Pearson r **{_f(s['correlation'])}**, median "
-        f"|predicted| / |actual| **{_f(s['size_ratio'])}** (the prediction propagates "
-        "through downstream features of the local replacement model; attention patterns, "
-        "norms and error nodes frozen)."),
+        ("The most influential kept features of each graph, one at a time: the change of "
+         "the top logit (demeaned) predicted by the graph (propagated through downstream "
+         "features of the local replacement model: attention patterns, norms and error "
+         "nodes frozen) against the real model with the decoder vector subtracted from "
+         "`mlp_out`."),
+        "",
+        "| activation removed | n | sign agreement | Pearson r | median abs(predicted/actual) |",
+        "|---|---|---|---|---|",
+        *[f"| {fraction:.0%} | {a['n']} | {_f(a['sign'])} | {_f(a['r'])} | {_f(a['ratio'])} |"
+          for fraction, a in s["agreement"].items()],
         "",
         "## Probe prompting",
         "",
