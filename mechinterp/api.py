@@ -38,6 +38,8 @@ class SiteInfo:
 
     ``paths`` are the module paths where the site is recorded: one path, or one per layer
     (in order) when unrolled layers are stacked into the leading axis (``stacked=True``).
+    ``missing_layers``: the unrolled layers that lack this per-layer site (a model with
+    dropped sublayers); such a site is listed but cannot be captured or edited.
     """
 
     name: str
@@ -47,6 +49,7 @@ class SiteInfo:
     meaning: str | None
     paths: tuple[Path, ...]
     stacked: bool
+    missing_layers: tuple[int, ...] = ()
 
 
 def site_table(model: nn.Module) -> Mapping[str, SiteSpec]:
@@ -130,13 +133,52 @@ def _layer_order(name: str, paths: list[Path]) -> list[Path]:
     return [paths[k] for k in order]
 
 
+def _layer_counts(intermediates: Mapping) -> dict[str, int]:
+    """``{prefix: number of modules PREFIX_0 ... PREFIX_n-1}`` over every recorded path."""
+    counts: dict[str, int] = {}
+    for path, _ in _walk(intermediates):
+        for key in path[:-1]:
+            if match := _INDEXED.match(key):
+                prefix, index = match.group(1), int(match.group(2))
+                counts[prefix] = max(counts.get(prefix, 0), index + 1)
+    return counts
+
+
+def _partial_stack(entries, spec, counts) -> SiteInfo | None:
+    """A per-layer site (declared with a leading ``layer`` axis) that only some unrolled
+    layers record, as a :class:`SiteInfo` naming the layers that lack it; else ``None``."""
+    if spec is None or spec.axes[:1] != ("layer",) or len({len(p) for p, _ in entries}) != 1:
+        return None
+    for k in range(len(entries[0][0])):
+        matches = [_INDEXED.match(p[k]) for p, _ in entries]
+        if not all(matches) or len({m.group(1) for m in matches}) != 1:
+            continue
+        present = sorted(int(m.group(2)) for m in matches)
+        n_layers = counts[matches[0].group(1)]
+        if len(present) != n_layers:
+            order = sorted(range(len(entries)), key=lambda i: int(matches[i].group(2)))
+            value = entries[0][1]
+            return SiteInfo(
+                name="", shape=(n_layers,) + tuple(value.shape), dtype=np.dtype(value.dtype),
+                axes=spec.axes, meaning=spec.meaning,
+                paths=tuple(entries[i][0] for i in order), stacked=True,
+                missing_layers=tuple(sorted(set(range(n_layers)) - set(present))),
+            )
+    return None
+
+
 def _site_infos(model: nn.Module, intermediates: Mapping) -> dict[str, SiteInfo]:
     by_name: dict[str, list[tuple[Path, Any]]] = {}
     for path, value in _walk(intermediates):
         by_name.setdefault(path[-1], []).append((path[:-1], value))
     table = site_table(model)
+    counts = _layer_counts(intermediates)
     infos = {}
     for name, entries in by_name.items():
+        partial = _partial_stack(entries, table.get(name), counts)
+        if partial is not None:
+            infos[name] = dataclasses.replace(partial, name=name)
+            continue
         stacked = len(entries) > 1
         if stacked:
             order = _layer_order(name, [p for p, _ in entries])
@@ -220,6 +262,12 @@ def _check_names(model, names, infos) -> None:
     for name in names:
         if name not in infos:
             raise _unknown_site_error(model, name, infos)
+        if infos[name].missing_layers:
+            raise ValueError(
+                f"site {name!r} is absent in layers {list(infos[name].missing_layers)} of this "
+                f"{type(model).__name__} (dropped sublayers), so it has no one layer axis; "
+                "read or edit it on the model before dropping, or name a site every layer has"
+            )
 
 
 def _check_intervention(name: str, intervention, info: SiteInfo) -> None:

@@ -59,7 +59,13 @@ def test_regular_install_has_one_import_root(tmp_path):
     ).stdout
     files = [Path(f) for f in json.loads(out)]
     assert all(target in f.parents for f in files), files
-    # the same sources as this checkout
-    installed_models = target / "mechinterp" / "models"
-    for source in (REPO / "models").glob("*.py"):
-        assert (installed_models / source.name).read_text() == source.read_text()
+    # every source of this checkout, subpackages included, byte for byte
+    for folder, installed in [("mechinterp", "mechinterp"), ("models", "mechinterp/models"),
+                              ("train", "mechinterp/train")]:
+        for source in (REPO / folder).rglob("*.py"):
+            relative = source.relative_to(REPO / folder)
+            if folder == "mechinterp" and relative.parts[0] in ("models", "train"):
+                continue
+            copy = target / installed / relative
+            assert copy.is_file(), f"{relative} of {folder}/ is not installed"
+            assert copy.read_text() == source.read_text()

@@ -214,3 +214,23 @@ def test_whole_variables_dict_is_refused(setup):
     model, params, x = setup
     with pytest.raises(ValueError, match=r"pass variables\['params'\]"):
         mi.capture(model, {"params": params}, x)
+
+
+def test_sites_missing_in_some_dropped_layers_are_listed_but_refused():
+    from mechinterp.models import Decoder, DecoderConfig
+
+    config = DecoderConfig(vocab_size=50, d_model=16, n_layers=3, n_heads=2, d_mlp=24,
+                           scan_layers=False, attn_layers=(0, 2), mlp_layers=(1,))
+    model = Decoder(config)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+    sites = mi.list_sites(model, tokens)
+    assert sites["attn.z"].missing_layers == (1,)
+    assert sites["mlp_out"].missing_layers == (0, 2)
+    assert sites["resid_pre"].missing_layers == ()
+    _, cache = mi.capture(model, params, tokens, sites=["resid_pre", "resid_post"])
+    assert cache["resid_pre"].shape == (3, 1, 4, 16)
+    with pytest.raises(ValueError, match=r"absent in layers \[1\]"):
+        mi.capture(model, params, tokens, sites=["attn.z"])
+    with pytest.raises(ValueError, match=r"absent in layers \[0, 2\]"):
+        mi.intervene(model, params, tokens, interventions={"mlp_out": mi.Intervention.zero()})
