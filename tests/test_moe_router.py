@@ -174,7 +174,7 @@ def test_dit_balance_loss_is_alpha_sum_f_p(x):
     np.testing.assert_allclose(switch[AUX_LOSS]["moe_balance_loss"][0], K * want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["dense", "ragged"])
+@pytest.mark.parametrize("impl", [pytest.param("dense", marks=pytest.mark.slow), "ragged"])
 def test_fused_router_option_gives_the_same_layer(x, impl):
     moe = MoE(n_experts=E, n_experts_per_tok=K, d_expert=M, norm_topk_prob=True, impl=impl)
     p = layer_params(moe, x)
