@@ -13,8 +13,8 @@ first use, so the analysis core never depends on them.
 
 import importlib
 
-from mechinterp import (ablation, attribution, components, metrics, path_patching, patching,
-                        sweep)
+from mechinterp import (ablation, attribution, components, experts, flops, metrics,
+                        path_patching, patching, sweep)
 from mechinterp.api import SiteInfo, capture, intervene, list_sites, site_table
 from mechinterp.interventions import Intervention
 from mechinterp.sites import SiteSpec, site, site_is_used
@@ -23,6 +23,8 @@ __all__ = [
     "ablation",
     "attribution",
     "components",
+    "experts",
+    "flops",
     "metrics",
     "path_patching",
     "patching",
