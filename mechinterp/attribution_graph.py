@@ -453,6 +453,42 @@ def actual_logit_effects(model, params, graph: AttributionGraph, tc_params,
     return demeaned(steered) - demeaned(base)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "freeze_norms", "freeze_patterns"))
+def _steered_logit_jvp(model, params, tokens, pattern, add, logit_ids, freeze_norms,
+                       freeze_patterns):
+    def demeaned_logits(eps):
+        interventions = {"mlp_out": Intervention.steer(eps * add)}
+        if freeze_patterns:
+            interventions["attn.pattern"] = Intervention.patch(pattern)
+        tree, _ = _intervention_variables(model, tokens, {}, interventions)
+        variables = {"params": params, api.INTERVENTIONS: tree}
+        if freeze_norms:
+            with nn.intercept_methods(_freeze_rms_norms):
+                logits = model.apply(variables, tokens)[0, -1]
+        else:
+            logits = model.apply(variables, tokens)[0, -1]
+        return logits[logit_ids] - jnp.mean(logits)
+    return jax.jvp(demeaned_logits, (jnp.zeros(()),), (jnp.ones(()),))[1]
+
+
+def first_order_logit_effects(model, params, graph: AttributionGraph, tc_params,
+                              feature_nodes: Sequence[int], deltas: Sequence[float], *,
+                              freeze_norms: bool = False, freeze_patterns: bool = False
+                              ) -> np.ndarray:
+    """The real decoder's first-order (JVP) change of each target's demeaned logit when
+    ``delta * w_dec`` of each feature is added to ``mlp_out``, optionally with the RMSNorm
+    factors and/or attention patterns frozen (MLPs stay real). Separates the graph's
+    approximations: with both frozen, a last-layer feature's effect equals its direct edge."""
+    tokens = jnp.asarray(graph.tokens)[None]
+    shape = (graph.n_layers, 1, graph.n_pos, tc_params["W_dec"].shape[-1])
+    features = [tuple(int(v) for v in graph.features[i]) for i in feature_nodes]
+    add = steer_features(tc_params, features, deltas, shape)["mlp_out"].add
+    _, cache = api.capture(model, params, tokens, sites=("attn.pattern",))
+    return np.asarray(_steered_logit_jvp(model, params, tokens, cache["attn.pattern"], add,
+                                         jnp.asarray(graph.logit_tokens), freeze_norms,
+                                         freeze_patterns), np.float64)
+
+
 # ---------------------------------------------------------------------------------------
 # Export.
 

@@ -301,3 +301,18 @@ def test_select_logits_takes_the_fewest_tokens_reaching_the_probability():
     np.testing.assert_allclose(p, [0.6, 0.3], rtol=1e-6)
     ids, _ = G.select_logits(jnp.log(jnp.asarray(probs)), max_logits=1)
     np.testing.assert_array_equal(ids, [1])
+
+
+def test_first_order_effects_with_frozen_norms_and_patterns_match_last_layer_edges(setup):
+    model, params, _, _, tc_params, graph = setup
+    last = np.flatnonzero((graph.features[:, 0] == 1) & (graph.features[:, 1] == T_LEN - 1))
+    node = int(last[0])
+    delta = [-float(graph.activations[node])]
+    frozen = G.first_order_logit_effects(model, params, graph, tc_params, [node], delta,
+                                         freeze_norms=True, freeze_patterns=True)
+    direct = G.predicted_logit_effects(graph, [node], delta, propagate=False)
+    np.testing.assert_allclose(frozen, direct, atol=1e-4 * np.abs(direct).max())
+    # Unfrozen, the first-order effect is the small-step limit of the real steered model.
+    real = G.first_order_logit_effects(model, params, graph, tc_params, [node], delta)
+    step = G.actual_logit_effects(model, params, graph, tc_params, [node], [1e-2 * delta[0]])
+    np.testing.assert_allclose(1e-2 * real, step, rtol=2e-2, atol=1e-6)

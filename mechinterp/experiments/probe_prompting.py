@@ -190,7 +190,10 @@ def intervention_agreement(model, params, graph: G.AttributionGraph, pruned: G.P
             "predicted_direct": float(
                 G.predicted_logit_effects(graph, [node], delta, propagate=False)[0]),
             "actual": float(G.actual_logit_effects(model, params, graph, tc_params, [node],
-                                                   delta)[0])})
+                                                   delta)[0]),
+            **{name: float(G.first_order_logit_effects(
+                model, params, graph, tc_params, [node], delta, freeze_norms=norms)[0])
+               for name, norms in (("first_order", False), ("first_order_frozen_norms", True))}})
     return rows
 
 
@@ -291,8 +294,9 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
                for g, p, city in zip(graphs, pruned, cities, strict=True)]
     n = len(graphs)
     kept = [kept_features(g, p) for g, p in zip(graphs, pruned, strict=True)]
-    transfer = ([P.transfer_by_layer(kept[i], kept[(i + 1) % n], model.config.n_layers)
-                 for i in range(n)] if n > 1 else [])
+    transfer = ([list(P.transfer_by_layer(kept[i], kept[(i + 1) % n],
+                                          model.config.n_layers).values())
+                 for i in range(n)] if n > 1 else [])  # per pair, one rate per layer
     timings["probe_prompting"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     stages.update(1)
@@ -341,6 +345,22 @@ def agreement_stats(rows: list[dict]) -> dict:
             "ratio": float(np.median(np.abs(predicted) / np.maximum(np.abs(actual), 1e-12)))}
 
 
+def linearization_stats(rows: list[dict]) -> dict:
+    """Where the graph's prediction departs from the real model: median size ratios of the
+    graph's prediction and of the norm-frozen first-order effect to the real first-order
+    effect, and the graph's sign agreement with the real first-order effect."""
+    graph = np.array([r["predicted"] for r in rows])
+    real = np.array([r["first_order"] for r in rows])
+    frozen = np.array([r["first_order_frozen_norms"] for r in rows])
+    if not len(real):
+        return {"n": 0, "graph_ratio": float("nan"), "frozen_norm_ratio": float("nan"),
+                "sign": float("nan")}
+    real_size = np.maximum(np.abs(real), 1e-12)
+    return {"n": len(real), "graph_ratio": float(np.median(np.abs(graph) / real_size)),
+            "frozen_norm_ratio": float(np.median(np.abs(frozen) / real_size)),
+            "sign": float(np.mean(np.sign(graph) == np.sign(real)))}
+
+
 def summary(results: dict, n_layers: int) -> dict:
     """The headline numbers of a run (means over prompts)."""
     agreement = {fraction: agreement_stats([r for r in results["agreement"]
@@ -354,6 +374,8 @@ def summary(results: dict, n_layers: int) -> dict:
         "replacement": _mean([g["replacement"] for g in results["graphs"]]),
         "completeness": _mean([g["completeness"] for g in results["graphs"]]),
         "agreement": agreement,
+        "linearization": linearization_stats([r for r in results["agreement"]
+                                              if r["fraction"] == 1.0]),
         "consistency_supernodes": _mean([s["consistency"]["supernodes"] for s in studies]),
         "consistency_geometric": _mean([s["consistency"]["geometric"] for s in studies]),
         "consistency_ratio": _mean(ratios),
@@ -436,6 +458,13 @@ def report_markdown(config, results: dict) -> str:
         "|---|---|---|---|---|",
         *[f"| {fraction:.0%} | {a['n']} | {_f(a['sign'])} | {_f(a['r'])} | {_f(a['ratio'])} |"
           for fraction, a in s["agreement"].items()],
+        "",
+        (f"First order (JVP of the real model, {s['linearization']['n']} features): the "
+         f"graph's prediction is a median {_f(s['linearization']['graph_ratio'])}x the real "
+         f"first-order effect (sign agreement {_f(s['linearization']['sign'])}); the real "
+         f"model with only its RMSNorm factors frozen (MLPs and attention real) gives "
+         f"{_f(s['linearization']['frozen_norm_ratio'])}x. Where both ratios are far from "
+         "1, the frozen norms, not the transcoders, account for the gap."),
         "",
         "## Probe prompting",
         "",
