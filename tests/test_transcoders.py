@@ -119,6 +119,7 @@ def _batches(seed):
         yield {"tokens": tokens, "valid": (tokens != 0).astype(jnp.float32)}
 
 
+@pytest.mark.slow
 def test_training_on_streamed_activations_lowers_the_loss(setup):
     model, params, *_ = setup
     config = T.TrainingConfig(n_features=32, activation="topk", k=4, steps=60,
