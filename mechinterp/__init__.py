@@ -7,8 +7,9 @@
     logits = mi.intervene(model, params, tokens,
                           interventions={"attn.z": mi.Intervention.zero(mask=head_mask)})
 
-``mechinterp.models`` (model families) and ``mechinterp.train`` (training) are imported on
-first use, so the analysis core never depends on them.
+``mechinterp.models`` (model families), ``mechinterp.train`` (training) and the analyses
+``llm_drop``, ``depth_efficiency``, ``bricks``, ``transcoders``, ``attribution_graph`` and
+``probe_prompting`` are imported on first use, so the analysis core never depends on them.
 """
 
 import importlib
@@ -40,10 +41,13 @@ __all__ = [
     "site_table",
 ]
 
-_SUBPACKAGES = ("models", "train")
+# Imported on first use: the model families and training (so the core never depends on
+# them), and the analyses with heavier dependencies (scikit-learn, matplotlib).
+_LAZY = ("models", "train", "llm_drop", "depth_efficiency", "bricks", "transcoders",
+         "attribution_graph", "probe_prompting")
 
 
 def __getattr__(name):
-    if name in _SUBPACKAGES:
+    if name in _LAZY:
         return importlib.import_module(f"mechinterp.{name}")
     raise AttributeError(f"module 'mechinterp' has no attribute {name!r}")
