@@ -136,15 +136,10 @@ class KL(Metric):
 
 # Metrics are pytrees (their arrays are leaves, ``reduce`` is static), so a sweep passes
 # them to its compiled function as arguments: a new metric instance does not recompile.
-jax.tree_util.register_dataclass(Metric, data_fields=["pos"], meta_fields=["reduce"])
-jax.tree_util.register_dataclass(LogitDiff, data_fields=["pos", "correct_ids", "incorrect_ids"],
-                                 meta_fields=["reduce"])
-jax.tree_util.register_dataclass(LogProb, data_fields=["pos", "answer_ids"],
-                                 meta_fields=["reduce"])
-jax.tree_util.register_dataclass(Accuracy, data_fields=["pos", "answer_ids"],
-                                 meta_fields=["reduce"])
-jax.tree_util.register_dataclass(KL, data_fields=["pos", "reference_logits"],
-                                 meta_fields=["reduce"])
+for _cls in (Metric, LogitDiff, LogProb, Accuracy, KL):
+    jax.tree_util.register_dataclass(
+        _cls, data_fields=[f.name for f in dataclasses.fields(_cls) if f.name != "reduce"],
+        meta_fields=["reduce"])
 
 
 def logit_diff(correct_ids, incorrect_ids, pos=-1, reduce="mean") -> LogitDiff:

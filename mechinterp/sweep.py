@@ -156,11 +156,9 @@ def _cut(x, axes: Sequence[str], start: tuple[int, int]):
     """``x`` sliced to a resumed run: ``[first_layer:]`` on the layer axis and
     ``[first_pos:]`` on position axes (axes of size 1 broadcast and stay)."""
     first_layer, first_pos = start
-    index = []
-    for dim, axis in enumerate(axes):
-        begin = {LAYER_AXIS: first_layer, **dict.fromkeys(POSITION_AXES, first_pos)}.get(axis, 0)
-        index.append(slice(begin if x.shape[dim] > 1 else 0, None))
-    return x[tuple(index)]
+    begins = {LAYER_AXIS: first_layer, **dict.fromkeys(POSITION_AXES, first_pos)}
+    return x[tuple(slice(begins.get(axis, 0) if size > 1 else 0, None)
+                   for axis, size in zip(axes, x.shape))]
 
 
 def _resume_state(model, params, inputs, model_kwargs, info, grid_axes, reuse, worth_it):
@@ -301,15 +299,15 @@ def sweep(
     selects = _selects_logits(model, metric)
     metric_arg, static_metric = (metric, None) if _is_pytree_metric(metric) else (None, metric)
 
-    def plain_call():
-        signature, arrays = _CallSignature.of(inputs, model_kwargs)
-        fn = _cell_fn(model, site_name, info, grid_axes, make_intervention, signature, None,
-                      static_metric)
-        positions = metric.positions(*inputs[0].shape[:2]) if selects else None
-        return fn, (params, source, arrays, metric_arg, positions)
-
-    fn, shared = plain_call()
-    probe = jax.eval_shape(fn, jnp.zeros(len(grid_axes), jnp.int32), *shared)
+    batch, seq_len = (tuple(np.shape(inputs[0])) + (1,))[:2]
+    positions = np.asarray(metric.positions(batch, seq_len)) if selects else None
+    signature, arrays = _CallSignature.of(inputs, model_kwargs)
+    fn = _cell_fn(model, site_name, info, grid_axes, make_intervention, signature, None,
+                  static_metric)
+    shared = (params, source, arrays, metric_arg,
+              None if positions is None else jnp.asarray(positions))
+    probe = _once_per_shapes(_OUTPUT_SHAPES, jax.eval_shape, fn,
+                             (jnp.zeros(len(grid_axes), jnp.int32), *shared))
     if probe.shape != ():
         raise ValueError(
             f"the patching metric must return a scalar, got shape {probe.shape}; reduce over "
@@ -322,8 +320,6 @@ def sweep(
     if chunk_size is None:
         chunk_size = default_chunk_size(model, inputs, model_kwargs, memory_budget)
     naive = len(cells) * _forward_flops(model, params, inputs, model_kwargs)
-    batch, seq_len = (tuple(np.shape(inputs[0])) + (1,))[:2]
-    positions = np.asarray(metric.positions(batch, seq_len)) if selects else None
     groups = (_group_cells(cells, grid_axes, seq_len, int(positions.min()) if selects else 0,
                            position_blocks) if LAYER_AXIS in grid_axes else {})
     state = _resume_state(model, params, inputs, model_kwargs, info, grid_axes, reuse,
@@ -385,7 +381,7 @@ def _run_chunks(fn, items, shared, chunk_size, bar, count_flops=True):
     n = len(jax.tree.leaves(items)[0])
     chunk_size = _balanced(n, chunk_size)
     run = _jit_vmap(fn, len(shared))
-    values = []
+    outputs = []  # device arrays: no host sync between chunks
     for begin in range(0, n, chunk_size):
         size = min(chunk_size, n - begin)
 
@@ -394,12 +390,17 @@ def _run_chunks(fn, items, shared, chunk_size, bar, count_flops=True):
             return np.concatenate([chunk, np.repeat(chunk[-1:], chunk_size - size, 0)])
 
         chunk = jax.tree.map(take, items)
-        values.append(np.asarray(run(chunk, *shared))[:size])
+        outputs.append(run(chunk, *shared))
         bar.update(1)
-    flops = _chunk_flops(run, chunk, shared) * len(values) if count_flops else None
-    return np.concatenate(values), flops
+    values = np.concatenate([np.asarray(out) for out in outputs])[:n]
+    if not count_flops:
+        return values, None
+    return values, _once_per_shapes(_FLOPS, matmul_flops, run, (chunk, *shared)) * len(outputs)
 
 
+# What tracing a function tells (its output shape, its FLOPs), kept per function and
+# argument shapes for as long as the function lives, so a repeated sweep traces nothing.
+_OUTPUT_SHAPES: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
 _FLOPS: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -408,11 +409,12 @@ def _shape_key(tree):
     return treedef, tuple((np.shape(x), str(jnp.result_type(x))) for x in leaves)
 
 
-def _chunk_flops(run, chunk, shared) -> int:
-    per_fn = _FLOPS.setdefault(run, {})
-    key = _shape_key((chunk, shared))
+def _once_per_shapes(store, trace, fn, args):
+    """``trace(fn, *args)``, computed once per ``fn`` and shapes of ``args``."""
+    per_fn = store.setdefault(fn, {})
+    key = _shape_key(args)
     if key not in per_fn:
-        per_fn[key] = matmul_flops(run, chunk, *shared)
+        per_fn[key] = trace(fn, *args)
     return per_fn[key]
 
 

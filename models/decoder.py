@@ -394,6 +394,16 @@ class Block(nn.Module):
         return x, new_cache
 
 
+def _mask_and_positions(shape, attention_mask, positions, start=0):
+    """The boolean token mask (all real without ``attention_mask``) and int32 RoPE
+    positions: by default each row counts its real tokens from ``start``."""
+    mask = (jnp.ones(shape, bool) if attention_mask is None
+            else jnp.asarray(attention_mask).astype(bool))
+    if positions is None:
+        positions = start + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+    return mask, jnp.asarray(positions, jnp.int32)
+
+
 def _layer(axes: str) -> tuple[str, ...]:
     """Axes of a per-layer site: a leading layer axis, then batch, then ``axes``."""
     return ("layer", "batch", *axes.split())
@@ -485,13 +495,10 @@ class Decoder(nn.Module):
             cache = prefix
         if residual is None and tokens is None:
             raise ValueError("pass tokens, or residual= (the stream entering the first layer)")
-        batch, length = (tokens if residual is None else residual).shape[:2]
-        mask = (jnp.ones((batch, length), bool) if attention_mask is None
-                else jnp.asarray(attention_mask).astype(bool))
-        start = 0 if cache is None else cache.next_position[:, None]
-        if positions is None:
-            positions = start + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
-        positions = jnp.asarray(positions, jnp.int32)
+        mask, positions = _mask_and_positions(
+            (tokens if residual is None else residual).shape[:2], attention_mask, positions,
+            start=0 if cache is None else cache.next_position[:, None])
+        length = mask.shape[1]
 
         if cache is None:
             key_mask, query_slots, key_slots = mask, jnp.arange(length), jnp.arange(length)
@@ -573,15 +580,11 @@ class Decoder(nn.Module):
         c = self.config
         if not c.uniform_layers:
             return None
-        batch, length = tokens.shape
-        mask = (jnp.ones((batch, length), bool) if attention_mask is None
-                else jnp.asarray(attention_mask).astype(bool))
-        if positions is None:
-            positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+        mask, positions = _mask_and_positions(tokens.shape, attention_mask, positions)
         (_, cache), sites = capture(self, params, tokens, mask, positions,
-                                    cache=init_cache(c, batch, length), sites=["resid_pre"])
+                                    cache=init_cache(c, *tokens.shape), sites=["resid_pre"])
         return dict(residual=sites["resid_pre"], k=cache.k, v=cache.v, key_mask=mask,
-                    positions=jnp.asarray(positions, jnp.int32))
+                    positions=positions)
 
     def resume(self, params, state, first_layer: int, first_pos: int):
         """``(model, params, kwargs)`` computing, from layer ``first_layer`` on and for
