@@ -16,7 +16,8 @@ import importlib
 
 from mechinterp import (ablation, attribution, components, experts, flops, metrics,
                         path_patching, patching, sweep)
-from mechinterp.api import SiteInfo, capture, intervene, list_sites, site_table
+from mechinterp.api import (SiteInfo, capture, intervene, intervention_variables, list_sites,
+                            read_sites, site_table)
 from mechinterp.interventions import Intervention
 from mechinterp.sites import SiteSpec, site, site_is_used
 
@@ -35,7 +36,9 @@ __all__ = [
     "SiteSpec",
     "capture",
     "intervene",
+    "intervention_variables",
     "list_sites",
+    "read_sites",
     "site",
     "site_is_used",
     "site_table",

@@ -9,6 +9,11 @@ Flax silently ignores collection entries that no module reads. We do not: every
 intervention is checked against the sites the forward actually reaches (found with
 ``jax.eval_shape``, no compute) before anything runs, and a wrong name, shape or dtype is an
 error naming the site, what was expected and what was given.
+
+To run ``model.apply`` yourself (a method interceptor, a ``jax.vjp`` through the forward),
+:func:`intervention_variables` builds the checked ``interventions`` collection and
+:func:`read_sites` reads the recorded sites back in :func:`capture`'s layout; ``capture``
+and ``intervene`` use the same two steps.
 """
 
 from __future__ import annotations
@@ -258,16 +263,20 @@ def _unknown_site_error(model, name, infos) -> KeyError:
     )
 
 
+def _check_whole(info: SiteInfo, owner: str) -> None:
+    if info.missing_layers:
+        raise ValueError(
+            f"site {info.name!r} is absent in layers {list(info.missing_layers)} of this "
+            f"{owner} (dropped sublayers), so it has no one layer axis; "
+            "read or edit it on the model before dropping, or name a site every layer has"
+        )
+
+
 def _check_names(model, names, infos) -> None:
     for name in names:
         if name not in infos:
             raise _unknown_site_error(model, name, infos)
-        if infos[name].missing_layers:
-            raise ValueError(
-                f"site {name!r} is absent in layers {list(infos[name].missing_layers)} of this "
-                f"{type(model).__name__} (dropped sublayers), so it has no one layer axis; "
-                "read or edit it on the model before dropping, or name a site every layer has"
-            )
+        _check_whole(infos[name], type(model).__name__)
 
 
 def _check_intervention(name: str, intervention, info: SiteInfo) -> None:
@@ -343,41 +352,60 @@ def _check_params(params) -> None:
 # Running.
 
 
-def _stack_sites(state: Mapping, infos, names) -> dict[str, jax.Array]:
+def read_sites(state: Mapping, infos: Mapping[str, SiteInfo], sites) -> dict[str, jax.Array]:
+    """The activations of ``sites`` recorded in ``state``, laid out as :func:`capture`
+    returns them (per-layer sites stacked on a leading layer axis).
+
+    ``state``: the collections ``model.apply(..., mutable=["intermediates"])`` returns;
+    ``infos``: the site infos of that call (from :func:`intervention_variables` or
+    :func:`list_sites`). Works inside ``jit`` and under transformations.
+    """
+    names = (sites,) if isinstance(sites, str) else tuple(sites)
     intermediates = state.get(INTERMEDIATES, {})
 
     def lookup(path, name):
         node = intermediates
         for key in path:
+            if not isinstance(node, Mapping) or key not in node:
+                raise KeyError(
+                    f"site {name!r} was not recorded at module path {'/'.join(path)!r}: "
+                    f"run model.apply with mutable=[{INTERMEDIATES!r}] and the same inputs "
+                    "the site infos were made for"
+                )
             node = node[key]
+        if name not in node:
+            raise KeyError(f"site {name!r} was not recorded at module path {'/'.join(path)!r}")
         return node[name]
 
     out = {}
     for name in names:
+        if name not in infos:
+            close = difflib.get_close_matches(str(name), list(infos), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise KeyError(f"site {name!r} is not among the {len(infos)} given site infos{hint}")
         info = infos[name]
+        _check_whole(info, "model")
         values = [lookup(path, name) for path in info.paths]
         out[name] = jnp.stack(values) if info.stacked else values[0]
     return out
 
 
-def _apply(model, params, arrays, iv_tree, signature, infos_key, names):
+def _apply(model, params, arrays, iv_vars, signature, infos_key, names):
     """One forward: with interventions, returning the requested sites (or none)."""
     args, kwargs = signature.rebuild(arrays)
-    variables = {"params": params}
-    if iv_tree:
-        variables[INTERVENTIONS] = iv_tree
+    variables = {"params": params, **iv_vars}
     if names is None:
         return model.apply(variables, *args, **kwargs)
     outputs, state = model.apply(variables, *args, mutable=[INTERMEDIATES], **kwargs)
-    return outputs, _stack_sites(state, dict(infos_key), names)
+    return outputs, read_sites(state, dict(infos_key), names)
 
 
 _apply_jit = jax.jit(_apply, static_argnames=("model", "signature", "infos_key", "names"))
 
 
-def _run(model, params, inputs, kwargs, interventions, names):
-    _check_params(params)
-    signature, arrays = _CallSignature.of(inputs, kwargs)
+def _checked_variables(model, signature, interventions, names=None):
+    """The ``interventions`` variables and the site infos for one call, after checking
+    every intervention (and the requested ``names``) against the sites it reaches."""
     infos = _sites_for(model, signature)
     if interventions is None:
         interventions = {}
@@ -391,11 +419,40 @@ def _run(model, params, inputs, kwargs, interventions, names):
         _check_intervention(name, intervention, infos[name])
     if names is not None:
         _check_names(model, names, infos)
-    iv_tree = _intervention_tree(interventions, infos)
+    tree = _intervention_tree(interventions, infos)
+    return ({INTERVENTIONS: tree} if tree else {}), infos
+
+
+def intervention_variables(model: nn.Module, *inputs, interventions, **kwargs
+                           ) -> tuple[dict, dict[str, SiteInfo]]:
+    """``(variables, site infos)`` for running ``model.apply`` yourself with
+    ``interventions`` (``{site name: Intervention}``) on these inputs.
+
+    ``variables`` is ``{"interventions": collection}`` (empty without interventions), laid
+    out and checked exactly as :func:`intervene` does (unknown or unreached sites, wrong
+    shapes and dtypes raise), to be merged into the variables of a call::
+
+        variables, infos = mi.intervention_variables(model, tokens, interventions=ivs)
+        out, state = model.apply({"params": params, **variables}, tokens,
+                                 mutable=["intermediates"])
+        cache = mi.read_sites(state, infos, ["resid_mid"])
+
+    For what :func:`intervene` and :func:`capture` do not cover: a custom method
+    interceptor, a ``jax.vjp`` through the forward, other mutable collections. Works on
+    traced inputs (inside ``jit``); only their shapes and dtypes are used.
+    """
+    signature, _ = _CallSignature.of(inputs, kwargs)
+    return _checked_variables(model, signature, interventions)
+
+
+def _run(model, params, inputs, kwargs, interventions, names):
+    _check_params(params)
+    signature, arrays = _CallSignature.of(inputs, kwargs)
+    iv_vars, infos = _checked_variables(model, signature, interventions, names)
     if _hashable(model, signature):
         infos_key = tuple(sorted(infos.items()))
-        return _apply_jit(model, params, arrays, iv_tree, signature, infos_key, names)
-    return _apply(model, params, arrays, iv_tree, signature, tuple(infos.items()), names)
+        return _apply_jit(model, params, arrays, iv_vars, signature, infos_key, names)
+    return _apply(model, params, arrays, iv_vars, signature, tuple(infos.items()), names)
 
 
 def capture(model: nn.Module, params, *inputs, sites=None, interventions=None, **kwargs):

@@ -17,8 +17,9 @@ with ``a_s`` the activation (1 for token and error nodes, whose written vector i
 embedding / error itself). A target's incoming edges plus a constant (biases) add up to its
 value on the prompt. Gradients come from the real decoder, run with interventions
 (``attn.pattern`` and ``mlp_out`` patched, ``embed`` patched to the differentiated
-embeddings) and its RMSNorms frozen by a Flax method interceptor; the rows of ``A`` are
-``jax.vmap`` of one ``jax.vjp`` over chunks of targets.
+embeddings; :func:`mechinterp.intervention_variables`) and its RMSNorms frozen by a Flax
+method interceptor; the rows of ``A`` are ``jax.vmap`` of one ``jax.vjp`` over chunks of
+targets.
 
 Node order (circuit-tracer's): features, error nodes (layer-major, ``layer * n_pos + pos``),
 token nodes, logit nodes. ``A[target, source]``; token and error rows are zero.
@@ -62,6 +63,7 @@ import numpy as np
 
 from mechinterp import api
 from mechinterp.interventions import Intervention
+from mechinterp.sites import INTERMEDIATES
 from mechinterp.transcoders import (
     Transcoder,
     apply_layers,
@@ -112,16 +114,6 @@ def _clean_run(model, params, tokens: Array) -> _Prompt:
                    mlp_in, logits[0, -1])
 
 
-def _intervention_variables(model, tokens, kwargs, interventions) -> tuple[dict, dict]:
-    """The ``interventions`` collection for ``model.apply`` and the site infos (the layout
-    :func:`mechinterp.intervene` builds, checked the same way)."""
-    signature, _ = api._CallSignature.of((tokens,), kwargs)
-    infos = api._sites_for(model, signature)
-    for name, intervention in interventions.items():
-        api._check_intervention(name, intervention, infos[name])
-    return api._intervention_tree(interventions, infos), infos
-
-
 def replacement_forward(model, params, prompt: _Prompt, embed: Array, mlp_write: Array
                         ) -> tuple[Array, Array]:
     """The local replacement model: ``(embed (T, d), mlp_write (L, T, d))`` ->
@@ -134,11 +126,12 @@ def replacement_forward(model, params, prompt: _Prompt, embed: Array, mlp_write:
         "attn.pattern": Intervention.patch(jax.lax.stop_gradient(prompt.pattern)),
         "mlp_out": Intervention.patch(mlp_write[:, None]),
     }
-    tree, infos = _intervention_variables(model, tokens, kwargs, interventions)
+    variables, infos = api.intervention_variables(model, tokens, interventions=interventions,
+                                                  **kwargs)
     with nn.intercept_methods(_freeze_rms_norms):
-        logits, state = model.apply({"params": params, api.INTERVENTIONS: tree}, tokens,
-                                    mutable=[api.INTERMEDIATES], **kwargs)
-    resid_mid = api._stack_sites(state, infos, ("resid_mid",))["resid_mid"][:, 0]
+        logits, state = model.apply({"params": params, **variables}, tokens,
+                                    mutable=[INTERMEDIATES], **kwargs)
+    resid_mid = api.read_sites(state, infos, "resid_mid")["resid_mid"][:, 0]
     return resid_mid, logits[0, 0]
 
 
@@ -460,8 +453,8 @@ def _steered_logit_jvp(model, params, tokens, pattern, add, logit_ids, freeze_no
         interventions = {"mlp_out": Intervention.steer(eps * add)}
         if freeze_patterns:
             interventions["attn.pattern"] = Intervention.patch(pattern)
-        tree, _ = _intervention_variables(model, tokens, {}, interventions)
-        variables = {"params": params, api.INTERVENTIONS: tree}
+        ivs, _ = api.intervention_variables(model, tokens, interventions=interventions)
+        variables = {"params": params, **ivs}
         if freeze_norms:
             with nn.intercept_methods(_freeze_rms_norms):
                 logits = model.apply(variables, tokens)[0, -1]

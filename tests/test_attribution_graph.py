@@ -1,6 +1,7 @@
 """Attribution graphs: edges against the Jacobian of an independent plain-jnp local
 replacement model (attention patterns and norm factors frozen), exact row sums, feature
-effect predictions, and influence / scores / pruning on hand-built adjacency matrices."""
+effect predictions, the public intervention_variables / read_sites the graph runs on, and
+influence / scores / pruning on hand-built adjacency matrices."""
 
 import json
 
@@ -199,6 +200,43 @@ def test_actual_effects_are_the_steered_model_minus_the_clean_one(setup):
     expected = (steered[ids] - steered.mean()) - (clean[ids] - clean.mean())
     np.testing.assert_allclose(G.actual_logit_effects(model, params, graph, tc_params, [node],
                                                       [2.0]), expected, atol=1e-5)
+
+
+def test_intervention_variables_match_intervene_and_reject_bad_interventions(setup):
+    model, params, tokens, *_ = setup
+    x = tokens[None]
+    add = 0.3 * np.random.default_rng(0).normal(size=(CONFIG.n_layers, 1, T_LEN, 16))
+    mask = np.zeros((1, 1, T_LEN, 1))
+    mask[..., 2, :] = 1.0
+    steer = {"mlp_out": mi.Intervention.steer(add.astype(np.float32), mask=mask)}
+
+    @jax.jit  # one compilation for both forwards; x is traced
+    def by_hand_and_intervene(params, x):
+        variables, infos = mi.intervention_variables(model, x, interventions=steer)
+        out, state = model.apply({"params": params, **variables}, x, mutable=["intermediates"])
+        sites = mi.read_sites(state, infos, ["resid_mid", "mlp_out", "resid_post"])
+        return out, sites, mi.intervene(model, params, x, interventions=steer)
+
+    out, sites, expected = by_hand_and_intervene(params, x)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    # read_sites stacks the layers in order: the steer lands at position 2 of each layer.
+    assert sites["mlp_out"].shape == (2, 1, T_LEN, 16)
+    np.testing.assert_allclose(sites["resid_post"] - sites["resid_mid"] - sites["mlp_out"],
+                               add * mask, atol=1e-5)
+    variables, infos = mi.intervention_variables(model, x, interventions=steer)
+    assert variables["interventions"] and infos["mlp_out"].shape == (2, 1, T_LEN, 16)
+    assert mi.intervention_variables(model, x, interventions={})[0] == {}
+    with pytest.raises(ValueError, match=r"'mlp_out' has shape \(3, 16\).*\(2, 1, 5, 16\)"):
+        mi.intervention_variables(model, x, interventions={
+            "mlp_out": mi.Intervention.steer(jnp.ones((3, 16)))})
+    with pytest.raises(KeyError, match="did you mean 'mlp_out'"):
+        mi.intervention_variables(model, x, interventions={"mlp_ot": steer["mlp_out"]})
+    with pytest.raises(TypeError, match="expected a mechinterp.Intervention"):
+        mi.intervention_variables(model, x, interventions={"mlp_out": jnp.ones(16)})
+    with pytest.raises(KeyError, match=r"mutable=\['intermediates'\]"):
+        mi.read_sites({}, infos, "resid_mid")
+    with pytest.raises(KeyError, match="did you mean 'resid_mid'"):
+        mi.read_sites({}, infos, "resid_mdi")
 
 
 def test_export_json_and_png(setup, tmp_path):
