@@ -14,12 +14,26 @@ direct effect of source ``s`` on target ``t`` is exact::
     A[t, s] = a_s * w_dec,s . d t / d (write at s's layer and position)
 
 with ``a_s`` the activation (1 for token and error nodes, whose written vector is the
-embedding / error itself). A target's incoming edges plus a constant (biases) add up to its
-value on the prompt. Gradients come from the real decoder, run with interventions
-(``attn.pattern`` and ``mlp_out`` patched, ``embed`` patched to the differentiated
-embeddings; :func:`mechinterp.intervention_variables`) and its RMSNorms frozen by a Flax
-method interceptor; the rows of ``A`` are ``jax.vmap`` of one ``jax.vjp`` over chunks of
-targets.
+embedding / error itself). A target's incoming edges plus a constant (``target_bias``) add
+up to its value on the prompt: the constant is the target's value with every source at zero,
+i.e. the effect of the biases (encoder ``b_enc``, decoder ``b_dec``, attention) and, by
+default, of everything the MLPs write at position 0. Gradients come from the real decoder,
+run with interventions (``attn.pattern`` and ``mlp_out`` patched, ``embed`` patched to the
+differentiated embeddings; :func:`mechinterp.intervention_variables`) and its RMSNorms
+frozen by a Flax method interceptor; the rows of ``A`` are ``jax.vmap`` of one ``jax.vjp``
+over chunks of targets.
+
+**Position 0** (the BOS token, the attention sink) is excluded by default, as in
+circuit-tracer: its features are not nodes and its error vectors are zero, so its whole MLP
+output (features, ``b_dec`` and reconstruction error alike) is held at its clean value and
+counted in ``target_bias``. Under causal attention position 0 sees only itself, so on
+every prompt that starts with BOS its activations are the same and its features carry
+nothing about the prompt. The position-0 token node stays (its embedding reaches later
+positions through the frozen attention), and so do the position-0 error nodes, with no
+edges (zero influence). Replacement and Completeness keep their definitions below: they
+read the normalized adjacency, in which the constant position-0 output is attributed to no
+node (neither to error nodes, so it does not lower them, nor to tokens or features).
+``attribute(..., exclude_first_position=False)`` makes position 0 like any other.
 
 Node order (circuit-tracer's): features, error nodes (layer-major, ``layer * n_pos + pos``),
 token nodes, logit nodes. ``A[target, source]``; token and error rows are zero.
@@ -148,7 +162,8 @@ class AttributionGraph:
     ``activations`` (S,). ``logit_tokens`` / ``logit_probabilities`` (K,): the target
     logits at the last position. ``target_values``: each feature's pre-activation and each
     target's demeaned logit on the prompt (rows of ``adjacency`` sum to these minus
-    ``target_bias``, the constant part: biases of the encoder, decoder and attention).
+    ``target_bias``, the constant part: biases of the encoder, decoder and attention, and
+    with ``first_position_excluded`` the MLP outputs at position 0; module docstring).
     """
 
     adjacency: np.ndarray
@@ -161,6 +176,7 @@ class AttributionGraph:
     target_values: np.ndarray
     target_bias: np.ndarray
     token_strings: list[str] | None = None
+    first_position_excluded: bool = False
 
     @property
     def n_features(self) -> int:
@@ -193,6 +209,9 @@ class AttributionGraph:
 
     def feature_node(self, layer: int, pos: int, feature: int) -> int:
         hit = np.flatnonzero((self.features == (layer, pos, feature)).all(axis=1))
+        if hit.size == 0 and pos == 0 and self.first_position_excluded:
+            raise KeyError("features at position 0 are not nodes of this graph (built with "
+                           "exclude_first_position=True)")
         if hit.size == 0:
             raise KeyError(f"feature {feature} at layer {layer}, position {pos} is not active "
                            "on this prompt, so it is not a node of the graph")
@@ -252,13 +271,16 @@ def _target_rows(model, params, tc_params, prompt: _Prompt, errors: Array, feats
 def attribute(model, params, tokens, transcoder: Transcoder, tc_params, *,
               logit_tokens: Sequence[int] | None = None, max_logits: int = 10,
               desired_probability: float = 0.95, chunk_size: int = 64,
-              token_strings: list[str] | None = None) -> AttributionGraph:
+              token_strings: list[str] | None = None, exclude_first_position: bool = True
+              ) -> AttributionGraph:
     """The attribution graph of ``tokens`` (T,) for the logits at the last position.
 
     ``logit_tokens``: target token ids (default: :func:`select_logits`). Rows of the
     adjacency are computed ``chunk_size`` targets at a time, each chunk one
     ``vmap(vjp)``; features and logits are padded to multiples of 32 and 8, so prompts of
-    one length share a few compilations.
+    one length share a few compilations. ``exclude_first_position`` (default, as
+    circuit-tracer): no feature nodes at position 0 and zero error vectors there, the MLP
+    outputs at position 0 counting in ``target_bias`` (module docstring).
     """
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
@@ -268,6 +290,9 @@ def attribute(model, params, tokens, transcoder: Transcoder, tc_params, *,
     y_hat, acts = apply_layers(transcoder, tc_params, prompt.mlp_in)
     errors = prompt.mlp_out - y_hat
     features = np.argwhere(np.asarray(acts) > 0)  # (S, 3): layer, pos, feature
+    if exclude_first_position:  # position 0's MLP output becomes part of the constant
+        features = features[features[:, 1] > 0]
+        errors = errors.at[:, 0].set(0.0)
     activations = np.asarray(acts)[tuple(features.T)]
     all_probs = np.asarray(jax.nn.softmax(prompt.logits.astype(jnp.float32)), np.float64)
     if logit_tokens is None:
@@ -304,7 +329,8 @@ def attribute(model, params, tokens, transcoder: Transcoder, tc_params, *,
         logit_tokens=np.asarray(logit_tokens), logit_probabilities=np.asarray(probs),
         n_layers=model.config.n_layers,
         target_values=np.asarray(values, np.float64)[wanted],
-        target_bias=np.zeros(()), token_strings=token_strings)
+        target_bias=np.zeros(()), token_strings=token_strings,
+        first_position_excluded=exclude_first_position)
     adjacency = np.zeros((graph.n_nodes, graph.n_nodes))
     n_sources = target_rows.shape[1]
     adjacency[:n_feat, :n_sources] = target_rows[:n_feat]
@@ -517,7 +543,7 @@ def to_json(pruned: PrunedGraph, scores: GraphScores | None = None,
         {"metadata": {"schema": "mechinterp.attribution_graph/1", "prompt_tokens": [ids],
                       "prompt_strings": [..] | null, "n_layers", "logit_tokens",
                       "logit_probabilities", "scores": {"replacement", "completeness"},
-                      "n_nodes_total", "n_edges_total"},
+                      "n_nodes_total", "n_edges_total", "first_position_excluded"},
          "nodes": [{"node_id", "kind": feature|error|token|logit, "layer" (-1 for tokens,
                     n_layers for logits), "pos", "feature" (or null), "activation"
                     (feature activation; probability for logits; null otherwise),
@@ -537,7 +563,7 @@ def to_json(pruned: PrunedGraph, scores: GraphScores | None = None,
     ids = {int(i): n["node_id"] for i, n in zip(kept, nodes, strict=True)}
     targets, sources = np.nonzero(pruned.edge_mask)
     links = [{"source": ids[int(s)], "target": ids[int(t)],
-              "weight": float(graph.adjacency[t, s])} for t, s in zip(targets, sources)]
+              "weight": float(graph.adjacency[t, s])} for t, s in zip(targets, sources, strict=True)]
     metadata = {
         "schema": SCHEMA,
         "prompt_tokens": [int(t) for t in graph.tokens],
@@ -548,6 +574,7 @@ def to_json(pruned: PrunedGraph, scores: GraphScores | None = None,
         "scores": dataclasses.asdict(scores) if scores else None,
         "n_nodes_total": graph.n_nodes,
         "n_edges_total": int(np.count_nonzero(graph.adjacency)),
+        "first_position_excluded": graph.first_position_excluded,
     }
     return {"metadata": metadata, "nodes": nodes, "links": links}
 

@@ -1,7 +1,8 @@
 """Attribution graphs: edges against the Jacobian of an independent plain-jnp local
-replacement model (attention patterns and norm factors frozen), exact row sums, feature
-effect predictions, the public intervention_variables / read_sites the graph runs on, and
-influence / scores / pruning on hand-built adjacency matrices."""
+replacement model (attention patterns and norm factors frozen), exact row sums (with the
+position-0 MLP outputs in the constant), feature effect predictions, the public
+intervention_variables / read_sites the graph runs on, and influence / scores / pruning on
+hand-built adjacency matrices."""
 
 import json
 
@@ -85,10 +86,12 @@ def _reference_targets(setup):
 
 def test_edges_equal_the_jacobian_of_the_frozen_reference_model(setup):
     model, params, tokens, tc, tc_params, graph = setup
+    assert graph.first_position_excluded and graph.n_features > 0
+    assert (graph.features[:, 1] > 0).all()  # no feature node at position 0 (BOS)
     targets = _reference_targets(setup)
     acts = T.mlp_activations(model, params, tokens[None])
     y_hat, _ = T.apply_layers(tc, tc_params, acts["mlp_in"][:, 0])
-    errors = acts["mlp_out"][:, 0] - y_hat
+    errors = (acts["mlp_out"][:, 0] - y_hat).at[:, 0].set(0.0)  # position 0: no error edges
     _, cache = mi.capture(model, params, tokens[None], sites=["embed"])
     embed = cache["embed"][0]
     mlp_out = acts["mlp_out"][:, 0]
@@ -140,12 +143,36 @@ def test_rows_sum_to_the_real_values_minus_the_constant_part(setup):
     real = np.concatenate([np.asarray(pre)[f[:, 0], f[:, 1], f[:, 2]],
                            logits[graph.logit_tokens] - logits.mean()])
     np.testing.assert_allclose(graph.target_values, real, atol=2e-5)
-    # The constant part is the reference model with every source at zero (only the
-    # decoder biases b_dec written) plus the encoder bias.
+    # The constant part is the reference model with every source at zero: only the decoder
+    # biases b_dec written, except at position 0, whose whole clean MLP output is held
+    # (its features are no nodes); plus the encoder bias.
     targets = _reference_targets(setup)
     zero_sources = jnp.broadcast_to(tc_params["b_dec"][:, None], (2, T_LEN, 16))
+    zero_sources = zero_sources.at[:, 0].set(acts["mlp_out"][:, 0, 0])
     bias = targets(jnp.zeros((T_LEN, 16)), zero_sources)
     np.testing.assert_allclose(graph.target_bias, bias, atol=2e-5)
+
+
+def test_keeping_position_0_moves_its_edges_out_of_the_constant(setup):
+    model, params, tokens, tc, tc_params, graph = setup
+    full = G.attribute(model, params, tokens, tc, tc_params, logit_tokens=[3, 7, 11],
+                       chunk_size=16, exclude_first_position=False)
+    first = np.flatnonzero(full.features[:, 1] == 0)
+    assert not full.first_position_excluded and len(first) > 0
+    np.testing.assert_array_equal(full.features[full.features[:, 1] > 0], graph.features)
+    # Same targets and the same edges among later features; the excluded graph's constant
+    # = the full graph's constant plus the full graph's edges from position-0 features and
+    # position-0 error nodes.
+    later = np.flatnonzero(full.features[:, 1] > 0)
+    kept = np.r_[later, full.n_features + np.arange(full.n_logits)]  # into target_values
+    rows = np.r_[later, full.n_nodes - full.n_logits + np.arange(full.n_logits)]
+    np.testing.assert_allclose(full.target_values[kept], graph.target_values, atol=1e-6)
+    np.testing.assert_allclose(full.adjacency[np.ix_(later, later)],
+                               graph.adjacency[:graph.n_features, :graph.n_features], atol=1e-6)
+    sources = np.r_[first, [full.error_node(layer, 0) for layer in range(full.n_layers)]]
+    moved = full.adjacency[np.ix_(rows, sources)].sum(axis=1)
+    assert np.abs(moved).max() > 1e-3  # position 0 matters here, so the check can fail
+    np.testing.assert_allclose(graph.target_bias, full.target_bias[kept] + moved, atol=2e-5)
 
 
 def _replacement_effect(setup, nodes, deltas, propagate):
@@ -162,9 +189,10 @@ def _replacement_effect(setup, nodes, deltas, propagate):
     activations = jnp.asarray(graph.activations)
     shift = jnp.zeros(len(f)).at[jnp.asarray(nodes)].set(jnp.asarray(deltas))
 
-    def write(a):
+    def write(a):  # position 0 (no feature nodes) holds its clean MLP output
         out = jnp.zeros((2, T_LEN, N_FEATURES)).at[f[:, 0], f[:, 1], f[:, 2]].set(a)
-        return jnp.einsum("ltf,lfd->ltd", out, tc_params["W_dec"]) + tc_params["b_dec"][:, None] + errors
+        mlp = jnp.einsum("ltf,lfd->ltd", out, tc_params["W_dec"]) + tc_params["b_dec"][:, None] + errors
+        return mlp.at[:, 0].set(acts["mlp_out"][:, 0, 0])
 
     a = activations + shift
     for _ in range(CONFIG.n_layers if propagate else 0):
@@ -250,7 +278,7 @@ def test_export_json_and_png(setup, tmp_path):
     assert len(ids) == len(set(ids)) == pruned.node_mask.sum()
     assert {n["kind"] for n in data["nodes"]} >= {"token", "logit"}
     assert len(data["links"]) == pruned.edge_mask.sum()
-    index = {n["node_id"]: i for i, n in zip(np.flatnonzero(pruned.node_mask), data["nodes"])}
+    index = {n["node_id"]: i for i, n in zip(np.flatnonzero(pruned.node_mask), data["nodes"], strict=True)}
     for link in data["links"]:
         assert link["weight"] == graph.adjacency[index[link["target"]], index[link["source"]]]
     G.plot(data, tmp_path / "graph.png", title="test")
@@ -262,7 +290,9 @@ def test_bad_prompts_and_unknown_features_raise(setup):
     with pytest.raises(ValueError, match="one prompt"):
         G.attribute(model, params, tokens[None], tc, tc_params)
     with pytest.raises(KeyError, match="not active"):
-        graph.feature_node(0, 0, N_FEATURES + 5)
+        graph.feature_node(0, 1, N_FEATURES + 5)
+    with pytest.raises(KeyError, match="exclude_first_position"):
+        graph.feature_node(0, 0, 0)
     with pytest.raises(ValueError, match="node_threshold"):
         G.prune(graph, node_threshold=0.0)
 
@@ -318,7 +348,7 @@ def test_pruning_keeps_the_influential_path():
     pruned = G.prune(graph, node_threshold=0.8, edge_threshold=0.98)
     np.testing.assert_allclose(pruned.influence, [0.9, 0.1, 0.0, 1.0, 0.0])
     np.testing.assert_array_equal(pruned.node_mask, [True, False, False, True, True])
-    edges = {(int(t), int(s)) for t, s in zip(*np.nonzero(pruned.edge_mask))}
+    edges = {(int(t), int(s)) for t, s in zip(*np.nonzero(pruned.edge_mask), strict=True)}
     assert edges == {(0, 3), (4, 0)}
     everything = G.prune(graph, node_threshold=1.0, edge_threshold=1.0)
     np.testing.assert_array_equal(everything.node_mask, [True, True, False, True, True])
