@@ -1,5 +1,6 @@
 """Probe prompting: signatures from hand-built activations, the ordered classification
-rules on hand-built signatures, supernodes, baseline scores and transfer rates."""
+rules on hand-built signatures, supernodes, baseline scores, transfer rates and the
+experiment's entity swaps."""
 
 import dataclasses
 import json
@@ -10,6 +11,7 @@ import pytest
 
 from mechinterp import cli
 from mechinterp import probe_prompting as P
+from mechinterp.experiments import probe_prompting as E
 
 FUNCTION = {"<bos>", "=", "<hop>"}
 WORDS = [["<bos>", "<hop>", "e1", "r0", "="],
@@ -112,6 +114,31 @@ def test_transfer_by_layer():
     assert rates[0] == pytest.approx(2 / 3) and rates[1] == 0.0 and np.isnan(rates[2])
 
 
+def test_swap_transfer_counts_each_layer_feature_once():
+    original = [(0, 1), (0, 2), (0, 1), (2, 5)]  # (0, 1) kept at two positions
+    swapped = [(0, 1), (1, 9)]
+    t = E.swap_transfer(original, swapped, 3)
+    assert t["n_features"] == 3 and t["rate"] == pytest.approx(1 / 3)
+    assert t["by_layer"][0] == 0.5 and np.isnan(t["by_layer"][1]) and t["by_layer"][2] == 0.0
+    assert t["mean_layer_transferred"] == 0.0 and t["mean_layer_failed"] == 1.0
+    assert np.isnan(E.swap_transfer([], swapped, 3)["rate"])
+
+
+def test_entity_swap_changes_city_state_and_capital():
+    mixture = E.make_mixture(E.resolve(E.default_config()))
+    table = mixture.knowledge.table(mixture.seed)
+    state = table[:, 0]
+    capital = table[state, 1]
+    correct = np.ones(len(table), bool)
+    for city in range(len(table)):
+        swap = E.entity_swap(mixture, city, correct)
+        assert swap != city and state[swap] != state[city] and capital[swap] != capital[city]
+    first = E.entity_swap(mixture, 0, correct)
+    correct[first] = False  # a correctly answered swap is preferred
+    second = E.entity_swap(mixture, 0, correct)
+    assert second != first and correct[second] and state[second] != state[0]
+
+
 def test_category_counts_and_bad_probes():
     counts = P.category_counts([("Semantic", "a"), ("Say X", "b"), ("Semantic", "c")],
                                [0, 2, 0], 3)
@@ -131,6 +158,12 @@ def test_the_smoke_preset_runs_end_to_end(tmp_path):
     for graph in results["graphs"]:
         assert 0.0 <= graph["replacement"] <= 1.0 and 0.0 <= graph["completeness"] <= 1.0
     assert len(results["agreement"]) == 8  # 2 prompts x 2 features x 2 fractions
+    assert [t["city"] for t in results["transfer"]] == results["cities"]
+    for t in results["transfer"]:  # each prompt against its own entity-swapped version
+        assert t["swap"] != t["city"] and 0.0 <= t["rate"] <= 1.0
+        assert len(t["by_layer"]) == 2
+        assert (workdir / "graphs" / f"prompt_e{t['swap']}.json").exists()
+    assert "| entity-swap transfer: share of a circuit's features" in report
     assert (workdir / "transcoders.npz").stat().st_size > 0
     clean = results["transcoders"]["loss_clean"]
     assert math.isfinite(clean) and clean < 5.0  # scored on answer tokens only

@@ -8,13 +8,15 @@
    (:mod:`mechinterp.transcoders`); report FVE, L0, dead features and the loss with the
    transcoders spliced in.
 3. Build attribution graphs (:mod:`mechinterp.attribution_graph`) for a few correctly
-   answered prompts; prune; Replacement and Completeness; JSON + PNG per prompt.
+   answered prompts and for each one's entity-swapped version (:func:`entity_swap`);
+   prune; Replacement and Completeness; JSON + PNG per prompt.
 4. Ablate each graph's most influential features one at a time (all, and 10%, of their
    activation) in the real model and compare with the graph's prediction (sign agreement,
    correlation, size ratio).
 5. Probe prompting (:mod:`mechinterp.probe_prompting`): probes swap the city (every other
    entity) and the relations; signatures, ordered rules, supernodes; geometric baseline;
-   entity-swap transfer by layer between the graphs of prompts with different cities.
+   entity-swap transfer (:func:`swap_transfer`): per prompt, the share of its circuit's
+   features that the circuit of its entity-swapped version keeps too, by layer.
 
 Writes ``report.md`` (ours next to the paper's numbers), ``results.json``,
 ``transcoders.npz`` (per-layer parameters, leading layer axis) and
@@ -41,8 +43,11 @@ from mechinterp.train.data import build_synthetic
 from mechinterp.train.tasks import TaskMixture, mixture_from_config
 
 FUNCTION_WORDS = {"<bos>", "<eos>", "<pad>", "<hop>", "<recall>", "=", ";"}
+# The paper's transfer numbers (its authors' released analysis of the Dallas -> Oakland swap
+# on Gemma-2-2B, 26 layers): 25 of the Dallas circuit's 39 features are in the Oakland
+# circuit (0.64); mean layer 6.3 of those that transfer, 16.4 of those that do not.
 PAPER = {"completeness": 0.83, "replacement": 0.54, "consistency_ratio": 2.3,
-         "early_transfer": 0.64}
+         "transfer": 0.64, "layer_transferred": 6.3, "layer_failed": 16.4, "n_layers": 26}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -139,6 +144,34 @@ def two_hop_prompts(mixture: TaskMixture, relations=("r0", "r1")):
     return words, tokens, answers
 
 
+def entity_swap(mixture: TaskMixture, city: int, correct: np.ndarray,
+                relations=("r0", "r1")) -> int:
+    """The city of ``city``'s entity-swapped prompt: the same template with the city
+    replaced so that the state and the capital change too (the paper's Dallas -> Oakland,
+    Texas -> California, Austin -> Sacramento).
+
+    The first city after ``city`` (cyclically) whose state and capital both differ, taking
+    correctly answered prompts (``correct``, per city) first; if no city has both
+    different, one with a different capital, then any other city.
+    """
+    n = mixture.knowledge.n_entities
+    if n < 2:
+        raise ValueError("an entity swap needs at least 2 entities")
+    table = mixture.knowledge.table(mixture.seed)
+    ra, rb = (int(r[1:]) for r in relations)
+    state = table[:, ra]
+    capital = table[state, rb]
+    others = [(city + k) % n for k in range(1, n)]
+    tiers = [[c for c in others if state[c] != state[city] and capital[c] != capital[city]],
+             [c for c in others if capital[c] != capital[city]], others]
+    for tier in tiers:
+        for wanted in (True, False):
+            hits = [c for c in tier if bool(correct[c]) == wanted]
+            if hits:
+                return int(hits[0])
+    raise AssertionError("unreachable: others is not empty")
+
+
 def probes_for(mixture: TaskMixture, city: int):
     """The seed prompt's syntax with the city swapped for every entity, and with the
     relation chain swapped for every other chain: (words, tokens)."""
@@ -203,6 +236,23 @@ def kept_features(graph: G.AttributionGraph, pruned: G.PrunedGraph) -> list[tupl
     return [(int(layer), int(feature)) for layer, _, feature in features]
 
 
+def swap_transfer(original: list[tuple[int, int]], swapped: list[tuple[int, int]],
+                  n_layers: int) -> dict:
+    """Entity-swap transfer of one prompt's circuit, as the paper measures it: of the
+    distinct ``(layer, feature)`` its pruned graph keeps (any position), the share also kept
+    by the pruned graph of the entity-swapped prompt, overall (``rate``) and per layer
+    (``by_layer``, NaN where the circuit has no feature), and the mean layer of the
+    features that transfer and of those that do not (NaN when there are none)."""
+    original, swapped = set(original), set(swapped)
+    moved = [layer for layer, f in original if (layer, f) in swapped]
+    stayed = [layer for layer, f in original if (layer, f) not in swapped]
+    return {"rate": len(moved) / len(original) if original else float("nan"),
+            "by_layer": list(P.transfer_by_layer(original, swapped, n_layers).values()),
+            "n_features": len(original),
+            "mean_layer_transferred": float(np.mean(moved)) if moved else float("nan"),
+            "mean_layer_failed": float(np.mean(stayed)) if stayed else float("nan")}
+
+
 def probe_study(model, params, trained, mixture, graph, pruned, city: int) -> dict:
     """Signatures, rules, supernodes and the geometric baseline for one seed prompt."""
     vocabulary = mixture.tokenizer().vocab
@@ -265,8 +315,9 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     t0 = time.perf_counter()
     order = np.concatenate([np.flatnonzero(correct), np.flatnonzero(~correct)])
     cities = [int(c) for c in order[:config.graph.n_prompts]]
-    graphs, pruned, scores = [], [], []
-    for city in cities:
+    swaps = [entity_swap(mixture, city, correct) for city in cities]
+    built = {}  # city -> (graph, pruned graph, scores); a swap may be a seed prompt too
+    for city in dict.fromkeys(cities + swaps):
         graph = G.attribute(model, params, tokens[city], trained.transcoder, trained.params,
                             max_logits=config.graph.max_logits, token_strings=words[city])
         kept = G.prune(graph, config.graph.node_threshold, config.graph.edge_threshold)
@@ -274,9 +325,8 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
         data = G.to_json(kept, score, vocabulary=lambda i: vocabulary[i])
         G.save_json(data, workdir / "graphs" / f"prompt_e{city}.json")
         G.plot(data, workdir / "graphs" / f"prompt_e{city}.png", title=" ".join(words[city]))
-        graphs.append(graph)
-        pruned.append(kept)
-        scores.append(score)
+        built[city] = (graph, kept, score)
+    graphs, pruned, scores = (list(x) for x in zip(*(built[c] for c in cities), strict=True))
     timings["graphs"] = time.perf_counter() - t0
     stages.update(1)
 
@@ -292,11 +342,13 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     t0 = time.perf_counter()
     studies = [probe_study(model, params, trained, mixture, g, p, city)
                for g, p, city in zip(graphs, pruned, cities, strict=True)]
-    n = len(graphs)
-    kept = [kept_features(g, p) for g, p in zip(graphs, pruned, strict=True)]
-    transfer = ([list(P.transfer_by_layer(kept[i], kept[(i + 1) % n],
-                                          model.config.n_layers).values())
-                 for i in range(n)] if n > 1 else [])  # per pair, one rate per layer
+    transfer = [{"city": city, "swap": swap,
+                 "correct": [bool(correct[city]), bool(correct[swap])],
+                 "swap_replacement": built[swap][2].replacement,
+                 "swap_completeness": built[swap][2].completeness,
+                 **swap_transfer(kept_features(*built[city][:2]),
+                                 kept_features(*built[swap][:2]), model.config.n_layers)}
+                for city, swap in zip(cities, swaps, strict=True)]
     timings["probe_prompting"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     stages.update(1)
@@ -381,9 +433,13 @@ def summary(results: dict, n_layers: int) -> dict:
         "consistency_ratio": _mean(ratios),
         "similarity_supernodes": _mean([s["similarity"]["supernodes"] for s in studies]),
         "similarity_geometric": _mean([s["similarity"]["geometric"] for s in studies]),
-        "transfer_by_layer": [_mean([t[layer] for t in results["transfer"]])
+        "transfer": _mean([t["rate"] for t in results["transfer"]]),
+        "transfer_by_layer": [_mean([t["by_layer"][layer] for t in results["transfer"]])
                               for layer in range(n_layers)],
-        "early_transfer": _mean([t[layer] for t in results["transfer"] for layer in early]),
+        "early_transfer": _mean([t["by_layer"][layer] for t in results["transfer"]
+                                 for layer in early]),
+        "layer_transferred": _mean([t["mean_layer_transferred"] for t in results["transfer"]]),
+        "layer_failed": _mean([t["mean_layer_failed"] for t in results["transfer"]]),
     }
 
 
@@ -414,8 +470,13 @@ def report_markdown(config, results: dict) -> str:
         (f"| peak-token consistency, supernodes / geometric clusters | "
         f"{_f(s['consistency_ratio'])}x ({_f(s['consistency_supernodes'])} vs "
         f"{_f(s['consistency_geometric'])}) | {PAPER['consistency_ratio']}x |"),
-        (f"| entity-swap transfer, early layers (< n_layers/2) | {_f(s['early_transfer'])} | "
-        f"{PAPER['early_transfer']} |"),
+        (f"| entity-swap transfer: share of a circuit's features kept by the swapped "
+         f"prompt's circuit | {_f(s['transfer'])} | {PAPER['transfer']} |"),
+        (f"| ... of its early-layer features (< n_layers/2) | {_f(s['early_transfer'])} | "
+         "n/a |"),
+        (f"| mean layer of the features that transfer / that do not | "
+         f"{_f(s['layer_transferred'])} / {_f(s['layer_failed'])} (of {n_layers}) | "
+         f"{PAPER['layer_transferred']} / {PAPER['layer_failed']} (of {PAPER['n_layers']}) |"),
         "",
         ("The paper's numbers are from a pretrained language model, its transcoders and "
         "natural-language prompts; ours from a tiny synthetic-vocabulary model, so they "
@@ -481,9 +542,24 @@ def report_markdown(config, results: dict) -> str:
         (f"Activation-profile similarity within groups: supernodes "
         f"{_f(s['similarity_supernodes'])}, geometric clusters {_f(s['similarity_geometric'])}."),
         "",
-        "Entity-swap transfer by layer (share of a prompt's kept features also kept for the "
-        "next prompt's city): " + ", ".join(f"L{i} {_f(v)}" for i, v in
-                                            enumerate(s["transfer_by_layer"])) + ".",
+        "### Entity-swap transfer",
+        "",
+        ("Each prompt's entity-swapped version is the same template with the city replaced "
+         "by one whose state and capital differ too (the paper's Dallas -> Oakland); both "
+         "get their own graph, pruned the same way. Transfer = share of the distinct "
+         "(layer, feature) pairs kept in the prompt's graph (any position) that the swapped "
+         "prompt's graph keeps too."),
+        "",
+        "| prompt | swapped | features | transfer | " + " | ".join(
+            f"L{i}" for i in range(n_layers)) + " | swapped replacement | swapped completeness |",
+        "|---|---|---|---|" + "---|" * n_layers + "---|---|",
+        *[f"| e{t['city']} | e{t['swap']} | {t['n_features']} | {_f(t['rate'])} | "
+          + " | ".join(_f(v) for v in t["by_layer"])
+          + f" | {t['swap_replacement']:.3f} | {t['swap_completeness']:.3f} |"
+          for t in results["transfer"]],
+        "",
+        "By layer, mean over prompts: " + ", ".join(
+            f"L{i} {_f(v)}" for i, v in enumerate(s["transfer_by_layer"])) + ".",
         "",
         "## Timings (s)",
         "",
