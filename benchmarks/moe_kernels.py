@@ -28,12 +28,14 @@ was available in the session that wrote it, so no GPU number exists yet.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from mechinterp.models.kernels import gating
 from mechinterp.models.kernels import (
     fused_router_pallas,
     fused_router_reference,
@@ -88,28 +90,38 @@ def bench_router(sizes, runs, interpreted):
                   median_seconds(ref, logits, runs=runs), moved, "B", interpreted, ok)
 
 
-def bench_gates(sizes, runs, interpreted):
+def bench_gates(sizes, runs, interpreted, block_rows=(gating.MAX_BLOCK_ROWS,)):
+    """Both gates at each Pallas block height in ``block_rows`` (the kernels read
+    ``gating.MAX_BLOCK_ROWS`` when traced; it is restored afterwards)."""
     n = sizes["gate_elements"]
     g, h = jax.random.normal(jax.random.key(1), (2, n // 1024, 1024))
-    ok = True
-    for name, fast, ref in (
-            ("swiglu", swiglu_pallas, swiglu_reference),
-            ("threshold gain", lambda a, b: threshold_gain_pallas(a, b, 0.1, 0.5),
-             lambda a, b: threshold_gain_reference(a, b, 0.1, 0.5))):
-        fast, ref = jax.jit(fast), jax.jit(ref)
-        same = bool(np.allclose(fast(g, h), ref(g, h), rtol=1e-6, atol=1e-6))
-        ok &= report(f"{name} {n} elements", median_seconds(fast, g, h, runs=runs),
-                     median_seconds(ref, g, h, runs=runs), 3 * 4 * n, "B", interpreted, same)
+    ok, default = True, gating.MAX_BLOCK_ROWS
+    try:
+        for rows in block_rows:
+            gating.MAX_BLOCK_ROWS = rows
+            for name, fast, ref in (
+                    ("swiglu", swiglu_pallas, swiglu_reference),
+                    ("threshold gain", lambda a, b: threshold_gain_pallas(a, b, 0.1, 0.5),
+                     lambda a, b: threshold_gain_reference(a, b, 0.1, 0.5))):
+                fast, ref = jax.jit(fast), jax.jit(ref)
+                same = bool(np.allclose(fast(g, h), ref(g, h), rtol=1e-6, atol=1e-6))
+                ok &= report(f"{name} {n} elements, blocks of {rows}x{gating.LANES}",
+                             median_seconds(fast, g, h, runs=runs),
+                             median_seconds(ref, g, h, runs=runs), 3 * 4 * n, "B",
+                             interpreted, same)
+    finally:
+        gating.MAX_BLOCK_ROWS = default
     return ok
 
 
-def bench_gmm(sizes, runs, interpreted):
+def bench_gmm(sizes, runs, interpreted, dtype=jnp.float32):
     t, e, k = sizes["tokens"], sizes["experts"], sizes["k"]
     d, f = sizes["d_model"], sizes["d_expert"]
     rows = t * k
     k1, k2 = jax.random.split(jax.random.key(2))
-    lhs = jax.random.normal(k1, (rows, d), jnp.float32)
-    rhs = jax.random.normal(k2, (e, d, f), jnp.float32) / np.sqrt(d)
+    lhs = jax.random.normal(k1, (rows, d), jnp.float32).astype(dtype)
+    rhs = (jax.random.normal(k2, (e, d, f), jnp.float32) / np.sqrt(d)).astype(dtype)
+    tol = 1e-4 if dtype == jnp.float32 else 2e-2
     group_sizes = jnp.full((e,), rows // e, jnp.int32).at[-1].add(rows % e)  # balanced
     flops = 2 * rows * d * f
     grouped = jax.jit(lambda a, b: gmm(a, b, group_sizes))
@@ -122,18 +134,21 @@ def bench_gmm(sizes, runs, interpreted):
 
     einsum = jax.jit(einsum_over_experts)
     want = einsum(lhs, rhs)
-    ok = bool(np.allclose(grouped(lhs, rhs), want, rtol=1e-4, atol=1e-4))
+    def close(a, b):
+        return bool(np.allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                rtol=tol, atol=tol))
+
+    ok = close(grouped(lhs, rhs), want)
     if rows * e <= 1 << 16:      # the loop reference is E full matmuls: small sizes only
-        ok &= bool(np.allclose(jax.jit(gmm_reference)(lhs, rhs, group_sizes), want,
-                               rtol=1e-4, atol=1e-4))
+        ok &= close(jax.jit(gmm_reference)(lhs, rhs, group_sizes), want)
     seconds = median_seconds(grouped, lhs, rhs, runs=runs)
-    name = f"grouped matmul ({rows}x{d}) E={e} f={f}"
+    name = f"grouped matmul ({rows}x{d}) E={e} f={f} {jnp.dtype(dtype).name}"
     report(name, seconds, median_seconds(dense, lhs, rhs, runs=runs), flops, "FLOP", False,
            ok, baseline="same-FLOPs dense")
     report(name, seconds, median_seconds(einsum, lhs, rhs, runs=runs), flops, "FLOP", False,
            ok, baseline="einsum over experts")
     pallas = jax.jit(lambda a, b: gmm_pallas(a, b, group_sizes))
-    same = bool(np.allclose(pallas(lhs, rhs), want, rtol=1e-4, atol=1e-4))
+    same = close(pallas(lhs, rhs), want)
     ok &= report(f"Pallas {name}", median_seconds(pallas, lhs, rhs, runs=runs), seconds,
                  flops, "FLOP", interpreted, same, baseline="gmm()")
     return ok
@@ -143,6 +158,11 @@ def main(argv=None) -> bool:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     parser.add_argument("--runs", type=int, default=None, help="timed runs per function")
+    parser.add_argument("--kernels", default="router,gates,gmm",
+                        help="comma-separated subset of router, gates, gmm")
+    parser.add_argument("--gate-block-rows", default=str(gating.MAX_BLOCK_ROWS),
+                        help="comma-separated Pallas block heights to time the gates at")
+    parser.add_argument("--gmm-dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     runs = args.runs or (1 if args.quick else 10)
@@ -151,9 +171,23 @@ def main(argv=None) -> bool:
     print(f"backend: {backend} ({jax.devices()[0].device_kind}); "
           f"{'Pallas in interpret mode: timings are not GPU numbers' if interpreted else ''}")
     print("ratio = baseline time / kernel time (> 1: the kernel is faster)")
-    ok = bench_router(sizes, runs, interpreted)
-    ok &= bench_gates(sizes, runs, interpreted)
-    ok &= bench_gmm(sizes, runs, interpreted)
+    benches = {
+        "router": bench_router,
+        "gates": functools.partial(bench_gates, block_rows=[
+            int(r) for r in args.gate_block_rows.split(",")]),
+        "gmm": functools.partial(bench_gmm, dtype=jnp.dtype(args.gmm_dtype)),
+    }
+    chosen = args.kernels.split(",")
+    unknown = sorted(set(chosen) - set(benches))
+    if unknown:
+        parser.error(f"--kernels: unknown {unknown}; choose from {sorted(benches)}")
+    ok = True
+    for name in chosen:
+        try:  # one kernel failing to build (e.g. on a new backend) must not hide the others
+            ok &= benches[name](sizes, runs, interpreted)
+        except Exception as error:  # noqa: BLE001 - reported, and the run fails at the end
+            print(f"{name} FAILED: {type(error).__name__}: {error}")
+            ok = False
     print("all results match their references" if ok else "SOME RESULTS DO NOT MATCH")
     return ok
 

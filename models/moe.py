@@ -57,8 +57,9 @@ Auxiliary losses are sown, already weighted, into the ``'aux_loss'`` collection
 Execution (dropless unless ``capacity_factor`` is set): ``impl="dense"`` evaluates
 every expert on every token and combines with the dense (batch, pos, expert) weights: the
 reference, exact and simple, ``E`` times the FLOPs. ``impl="ragged"`` sorts the ``k`` copies
-of each token by expert and runs the three matmuls with :func:`jax.lax.ragged_dot`
-(FLOPs of ``k`` experts per token; dropped assignments are computed with weight 0).
+of each token by expert and runs the three matmuls as grouped matmuls (:func:`~mechinterp.models.kernels.gmm`:
+``ragged_dot``, or its Pallas kernel on GPU; FLOPs of ``k`` experts per token; dropped
+assignments are computed with weight 0).
 ``router_impl`` picks how top-k routing and the sort are computed: ``"jnp"`` (default,
 :func:`route`), ``"fused"`` (:func:`~mechinterp.models.kernels.router.fused_router`: the
 fused Pallas router on GPU, its jnp reference elsewhere) or ``"pallas"`` (the Pallas kernel
@@ -98,6 +99,7 @@ import jax.numpy as jnp
 
 from mechinterp.sites import INTERVENTIONS, site, site_is_used
 
+from .kernels.gmm import gmm
 from .kernels.router import check_routing, fused_router, topk_reference
 from .layers import logical_param
 
@@ -201,8 +203,9 @@ def experts_per_input(x: Array, gate: Array, up: Array, down: Array) -> Array:
 def experts_ragged(x: Array, gate: Array, up: Array, down: Array, weights: Array,
                    indices: Array, order: Array | None = None,
                    sizes: Array | None = None) -> Array:
-    """``sum_k weights_k E_{indices_k}(x)`` with tokens sorted by expert and
-    :func:`jax.lax.ragged_dot` (dropless; FLOPs of ``k`` experts per token). ``order`` and
+    """``sum_k weights_k E_{indices_k}(x)`` with tokens sorted by expert and grouped matmuls
+    (:func:`~mechinterp.models.kernels.gmm`: ``ragged_dot``, or the Pallas kernel on GPU;
+    dropless; FLOPs of ``k`` experts per token). ``order`` and
     ``sizes`` (the router's dispatch plan) are computed here when not given."""
     b, t, d = x.shape
     k = indices.shape[-1]
@@ -213,9 +216,9 @@ def experts_ragged(x: Array, gate: Array, up: Array, down: Array, weights: Array
         order = jnp.argsort(flat, stable=True)
         sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
     rows = tokens[order // k]
-    pre = jax.lax.ragged_dot(rows, gate, sizes)
-    hidden = nn.silu(pre) * jax.lax.ragged_dot(rows, up, sizes)
-    out = jax.lax.ragged_dot(hidden, down, sizes)              # (b*t*k, d), sorted
+    pre = gmm(rows, gate, sizes)
+    hidden = nn.silu(pre) * gmm(rows, up, sizes)
+    out = gmm(hidden, down, sizes)                             # (b*t*k, d), sorted
     out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
     combined = jnp.zeros((b * t, d), out.dtype).at[order // k].add(out)
     return combined.reshape(b, t, d)
