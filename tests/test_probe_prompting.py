@@ -157,6 +157,8 @@ def test_the_smoke_preset_runs_end_to_end(tmp_path):
     results = json.loads((workdir / "results.json").read_text())
     for graph in results["graphs"]:
         assert 0.0 <= graph["replacement"] <= 1.0 and 0.0 <= graph["completeness"] <= 1.0
+        assert sum(graph["n_kept_by_position"]) == graph["n_features_kept"]
+        assert graph["n_kept_by_position"][0] == 0  # position 0 (BOS) is no graph node
     assert len(results["agreement"]) == 8  # 2 prompts x 2 features x 2 fractions
     assert [t["city"] for t in results["transfer"]] == results["cities"]
     for t in results["transfer"]:  # each prompt against its own entity-swapped version
@@ -164,6 +166,7 @@ def test_the_smoke_preset_runs_end_to_end(tmp_path):
         assert len(t["by_layer"]) == 2
         assert (workdir / "graphs" / f"prompt_e{t['swap']}.json").exists()
     assert "| entity-swap transfer: share of a circuit's features" in report
+    assert "Kept features by position, summed over the prompts' graphs: `<bos>` 0," in report
     assert (workdir / "transcoders.npz").stat().st_size > 0
     clean = results["transcoders"]["loss_clean"]
     assert math.isfinite(clean) and clean < 5.0  # scored on answer tokens only

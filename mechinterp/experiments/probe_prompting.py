@@ -357,12 +357,15 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     results = {
         "config": config.to_dict(), "training": info,
         "accuracy_two_hop": float(correct.mean()), "cities": cities,
+        "template": ["CITY" if w == f"e{cities[0]}" else w for w in words[cities[0]]],
         "transcoders": {k: np.asarray(v).tolist() for k, v in tc_metrics.items()},
         "transcoder_history_last": {k: np.asarray(v).tolist()
                                     for k, v in trained.history[-1].items()},
         "graphs": [{"city": c, "replacement": s.replacement, "completeness": s.completeness,
                     "n_features_active": g.n_features,
                     "n_features_kept": int(p.node_mask[:g.n_features].sum()),
+                    "n_kept_by_position": np.bincount(
+                        g.features[p.node_mask[:g.n_features], 1], minlength=g.n_pos).tolist(),
                     "n_edges_kept": int(p.edge_mask.sum())}
                    for c, s, g, p in zip(cities, scores, graphs, pruned, strict=True)],
         "agreement": agreement, "probe": studies, "transfer": transfer, "timings_s": timings,
@@ -560,6 +563,15 @@ def report_markdown(config, results: dict) -> str:
         "",
         "By layer, mean over prompts: " + ", ".join(
             f"L{i} {_f(v)}" for i, v in enumerate(s["transfer_by_layer"])) + ".",
+        "",
+        ("Kept features by position, summed over the prompts' graphs: " + ", ".join(
+            f"`{word}` {n}" for word, n in zip(
+                results["template"],
+                np.sum([g["n_kept_by_position"] for g in results["graphs"]], axis=0),
+                strict=True))
+         + ". Only the positions before the city read the same tokens in a prompt and its "
+         "swap (position 0 is no graph node); the paper's prompts put most of the template "
+         "before the entity, ours puts the city third."),
         "",
         "## Timings (s)",
         "",
