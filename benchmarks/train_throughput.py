@@ -10,10 +10,13 @@ AdamW, global-norm clipping, float32 master weights and optimizer state; ``--dty
 bfloat16`` computes the forward and backward in bfloat16). Data parallel over every local
 device (mesh ``data=-1``); random tokens, the same batch every step.
 
-What is measured: ``--warmup`` steps first (the first compiles), then ``--steps`` steps,
-each waited for with ``block_until_ready``; the step time is their median. tokens/s =
-batch * seq / step time. Model FLOPs per token come from :mod:`mechinterp.train.flops`
-(PaLM appendix B: ``6 N + 12 L H d_head S``, attention not halved for causality), so
+What is measured: the step is compiled ahead of time (its temp memory, XLA's
+``memory_analysis().temp_size_in_bytes``, is the ``temp (GiB)`` column: activations kept
+for the backward pass and scratch, not parameters or optimizer state), then ``--warmup``
+untimed steps and ``--steps`` steps, each waited for with ``block_until_ready``; the step
+time is their median. tokens/s = batch * seq / step time. Model FLOPs per token come from
+:mod:`mechinterp.train.flops` (PaLM appendix B: ``6 N + 12 L H d_head S``, attention not
+halved for causality, the backward's recomputed attention weights not counted), so
 MFU = tokens/s * FLOPs per token / (devices * peak), with the device's dense bfloat16 peak
 from ``flops.PEAK_FLOPS`` (H100 SXM 989 TFLOP/s, H100 PCIe 756, H200 989, A100 312, TPUs)
 or ``--peak-flops``. On a CPU there is no table entry: MFU is reported as n/a unless
@@ -21,11 +24,11 @@ or ``--peak-flops``. On a CPU there is no table entry: MFU is reported as n/a un
 
 The ``1b`` size has TinyLlama-1.1B's shape (22 layers, d_model 2048, 32 heads, 4 KV
 heads, d_mlp 5632, vocab 32000). The issue's target is >= 50% MFU for it on one H100 at
-seq 2048 in bfloat16. **The GPU path has not been run**: this session had no GPU, so no
-GPU number is recorded here. Note for that run: the decoder has no rematerialization or
-fused attention yet, so activations (including the (batch, heads, seq, seq) attention
-weights of every layer) are kept for the backward pass; lower ``--batch`` if it runs out
-of memory.
+seq 2048 in bfloat16. The first GPU run (H200) ran out of memory on ``125m``: every
+layer's (batch, heads, seq, seq) attention weights were kept for the backward pass (131 GiB
+of temp memory asked for). They are now recomputed there (``models/layers.py``,
+``_attend``); on CPU the ``125m`` step at batch 4, seq 2048 in bfloat16 compiles to 10.7 GiB
+of temp memory, 28.8 GiB before (see docs/decisions.md). No GPU throughput is recorded here.
 """
 
 from __future__ import annotations
@@ -78,11 +81,13 @@ def measure(size: str, *, batch: int, seq: int, dtype: str, steps: int, warmup: 
                            compute_dtype=None if dtype == "float32" else DTYPES[dtype])
     tokens = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, seq))
     data = global_batch({"tokens": tokens.astype(np.int32)}, mesh, DEFAULT_RULES)
+    compiled = step.lower(state, data).compile()
+    memory = compiled.memory_analysis()  # None where the backend does not report it
 
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
-        state, metrics = step(state, data)
+        state, metrics = compiled(state, data)
         jax.block_until_ready((state, metrics))
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -94,6 +99,7 @@ def measure(size: str, *, batch: int, seq: int, dtype: str, steps: int, warmup: 
     return {
         "size": size, "params": sum(x.size for x in jax.tree.leaves(abstract.params)),
         "batch": batch, "seq": seq, "dtype": dtype, "step_s": seconds,
+        "temp_bytes": None if memory is None else memory.temp_size_in_bytes,
         "tokens_per_s": tokens_per_s, "flops_per_token": flops_per_token,
         "model_tflops_per_s": tokens_per_s * flops_per_token / 1e12, "mfu": utilization,
         "loss": float(metrics["loss"]),
@@ -102,13 +108,14 @@ def measure(size: str, *, batch: int, seq: int, dtype: str, steps: int, warmup: 
 
 def format_table(rows: list[dict]) -> str:
     header = ("| size | params (M) | batch | seq | dtype | step (ms) | tokens/s | "
-              "model TFLOP/s | MFU |")
-    lines = [header, "|---" * 9 + "|"]
+              "model TFLOP/s | MFU | temp (GiB) |")
+    lines = [header, "|---" * 10 + "|"]
     for r in rows:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        temp = "n/a" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**30:.3g}"
         lines.append(f"| {r['size']} | {r['params'] / 1e6:.2f} | {r['batch']} | {r['seq']} | "
                      f"{r['dtype']} | {1e3 * r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['model_tflops_per_s']:.4g} | {mfu} |")
+                     f"{r['model_tflops_per_s']:.4g} | {mfu} | {temp} |")
     return "\n".join(lines)
 
 
@@ -132,13 +139,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="compute dtype (default float32 on CPU, bfloat16 else)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compiles)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps before the timed ones")
     parser.add_argument("--peak-flops", type=float, default=None,
                         help="peak FLOP/s per device for MFU (default: flops.PEAK_FLOPS)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
-        parser.error("--steps and --warmup must be >= 1 (the first step compiles)")
+        parser.error("--steps and --warmup must be >= 1 (a first run is slower)")
 
     cpu = jax.devices()[0].platform == "cpu"
     sizes = args.size or (["tiny", "small"] if cpu else ["125m", "1b"])

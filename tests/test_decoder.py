@@ -12,6 +12,8 @@ from jax.sharding import PartitionSpec as P
 import mechinterp as mi
 from mechinterp.models import (Decoder, DecoderConfig, generate, init_cache, stack_layers,
                                unstack_layers)
+from mechinterp.models.layers import Attention, rope_angles, rope_inv_freq
+from mechinterp.train.losses import next_token_terms
 
 CONFIG = DecoderConfig(vocab_size=128, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2,
                        d_mlp=96, qkv_bias=True, qk_norm=True, rms_norm_eps=1e-5,
@@ -21,9 +23,9 @@ CONFIG = DecoderConfig(vocab_size=128, d_model=64, n_layers=3, n_heads=4, n_kv_h
 BATCH, LENGTH = 3, 10
 
 
-def random_params(model, tokens, seed=0):
+def random_params(model, *inputs, seed=0):
     """Random weights without compiling init: norm scales near 1, the rest normal(0.15)."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    shapes = jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"]
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
@@ -175,6 +177,44 @@ def test_head_out_edits_fold_back(setup, apply):
     via_z = mi.intervene(model, params, tokens, interventions={"attn.z": zero})
     np.testing.assert_allclose(via_head_out, via_z, atol=1e-5)
     assert np.abs(via_z - plain).max() > 1e-3
+
+
+def test_backward_recomputes_attention_weights(setup):
+    """Training memory: the residuals the backward pass keeps hold no (query_pos, key_pos)
+    array but the boolean (batch, query_pos, key_pos) mask. Kept, the attention weights are
+    (layers, batch, heads, seq, seq) floats: the 125M-parameter decoder's train step at 4 x
+    2048 tokens then needed 131 GiB of GPU temp memory. A no-op edit of ``attn.pattern``
+    keeps them (the check sees them) and gives bit-identical gradients."""
+    model, params, tokens = setup
+    noop = mi.Intervention.noop()
+
+    def loss(p, interventions):
+        logits = mi.intervene(model, p, tokens, interventions=interventions)
+        return next_token_terms(logits, {"tokens": tokens})["loss"]
+
+    def kept_square(interventions):  # elements of residuals with two sequence axes
+        vjp = jax.eval_shape(lambda p: jax.vjp(lambda q: loss(q, interventions), p)[1], params)
+        return sum(r.size for r in jax.tree.leaves(vjp) if r.shape.count(LENGTH) == 2)
+
+    assert kept_square({}) == BATCH * LENGTH**2
+    weights = CONFIG.n_layers * BATCH * CONFIG.n_heads * LENGTH**2
+    assert kept_square({"attn.pattern": noop}) >= weights
+
+    # Gradients of one attention layer through recomputed and through stored weights.
+    attn = Attention(n_heads=4, n_kv_heads=2, d_head=8)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 6, 16)), jnp.float32)
+    mask = jnp.tril(jnp.ones((6, 6), bool))[None].repeat(2, 0)
+    rope = rope_angles(jnp.arange(6)[None].repeat(2, 0), rope_inv_freq(8, 1e4), jnp.float32)
+    attn_params = random_params(attn, x, rope, mask)
+
+    def out(p, x, interventions):
+        y = attn.apply({"params": p, "interventions": interventions}, x, rope, mask)[0]
+        return jnp.sum(y * jnp.cos(y))
+
+    grads = jax.jit(lambda p, x: [jax.grad(out, (0, 1))(p, x, iv) for iv in
+                                  ({}, {"attn.pattern": noop.fields()})])(attn_params, x)
+    jax.tree.map(np.testing.assert_array_equal, *grads)
+    assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads[0]))
 
 
 def test_cached_forward_equals_full_forward(setup, apply):

@@ -41,13 +41,15 @@ def test_tiny_cpu_run_reports_tokens_per_second_and_mfu(tmp_path):
     matmul = 2 * (4 * 64 * 64 + 3 * 64 * 192) + 64 * 256
     assert row["flops_per_token"] == 6 * matmul + 12 * 2 * 4 * 16 * 16
     assert math.isclose(row["tokens_per_s"], 2 * 16 / row["step_s"])
+    assert 0 < row["temp_bytes"] < 2**24  # a few MB of activations and scratch
     assert math.isclose(row["mfu"], row["tokens_per_s"] * row["flops_per_token"] / 1e12)
     assert abs(row["loss"] - math.log(256)) < 0.5  # a real next-token loss near chance
 
 
 def test_mfu_is_not_available_without_a_peak():
     row = {"size": "tiny", "params": 1e5, "batch": 2, "seq": 16, "dtype": "float32",
-           "step_s": 0.01, "tokens_per_s": 3200.0, "model_tflops_per_s": 0.002, "mfu": None}
+           "step_s": 0.01, "tokens_per_s": 3200.0, "model_tflops_per_s": 0.002, "mfu": None,
+           "temp_bytes": 3 * 2**29}
     bench = _load_benchmark()
-    assert bench.format_table([row]).splitlines()[-1].endswith("| n/a |")
+    assert bench.format_table([row]).splitlines()[-1].endswith("| n/a | 1.5 |")
     assert "MFU n/a" in bench.device_line(None)
