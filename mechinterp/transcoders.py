@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -271,8 +273,17 @@ def pairs(activations: Mapping[str, Array], kind: str) -> tuple[Array, Array]:
 class TrainingConfig:
     """How to train one transcoder (or SAE) per layer.
 
-    ``sparsity_coef`` is lambda in ``loss = NMSE + lambda * mean_tokens(sparsity)`` where
-    NMSE = sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 over the batch (scale free).
+    The loss per token is ``sum_layers [ ||y - y_hat||^2 / d + lambda * sparsity ]`` on unit-
+    scaled activations (``y`` divided by its centred RMS, so the batch mean of the first
+    term is each layer's NMSE = sum ||y - y_hat||^2 / sum ||y - mean(y)||^2), plus, when
+    ``aux_k > 0``, the AuxK loss (Gao et al. 2024, section A.2)::
+
+        L_aux = aux_coef * sum_layers ||e - e_hat||^2 / ||e - mean(e)||^2,
+        e = y - y_hat (no gradient),  e_hat = W_dec^T TopK_aux(z restricted to dead features)
+
+    which trains features that fired on none of the batch's tokens (dead within the last
+    batch: the window is one batch of tokens) to explain what the live ones miss.
+    ``batch_size`` counts sequences; ``learning_rate`` is Adam's (constant, no clipping).
     """
 
     n_features: int = 256
@@ -284,6 +295,9 @@ class TrainingConfig:
     init_threshold: float = 0.05
     learning_rate: float = 1e-3
     steps: int = 500
+    batch_size: int = 32
+    aux_k: int = 0
+    aux_coef: float = 1 / 32
     seed: int = 0
 
     def module(self, d_model: int) -> Transcoder:
@@ -292,22 +306,114 @@ class TrainingConfig:
                           init_threshold=self.init_threshold)
 
 
-def layer_losses(transcoder: Transcoder, tc_params, x: Array, y: Array, weights: Array,
-                 sparsity_coef: float) -> dict[str, Array]:
-    """Per-layer ``nmse``, ``sparsity`` and ``loss`` on (layer, tokens, d) pairs;
-    ``weights`` (tokens,) marks the tokens that count (1) and padding (0)."""
-    def one(p, xi, yi):
-        def call(module, xi):
-            return module(xi)[0], module.sparsity(xi)
-        y_hat, sparsity = nn.apply(call, transcoder)({"params": p}, xi)
-        total = jnp.sum(weights)
-        mean = jnp.sum(weights[:, None] * yi, axis=0) / total
-        sse = jnp.sum(weights * jnp.sum((yi - y_hat) ** 2, -1))
-        sst = jnp.sum(weights * jnp.sum((yi - mean) ** 2, -1))
-        sparsity = jnp.sum(weights * sparsity) / total
-        nmse = sse / sst
-        return {"nmse": nmse, "sparsity": sparsity, "loss": nmse + sparsity_coef * sparsity}
-    return jax.vmap(one)(tc_params, x, y)
+def auxk_nmse(pre: Array, acts: Array, residual: Array, w_dec: Array, weights: Array,
+              aux_k: int) -> Array:
+    """One layer's AuxK term (see :class:`TrainingConfig`): the NMSE of reconstructing
+    ``residual`` (tokens, d) from the ``aux_k`` largest pre-activations ``pre`` (tokens, F)
+    among features whose activations ``acts`` are zero on every weighted token; 0 when no
+    feature is dead."""
+    dead = ~jnp.any((acts > 0) & (weights[:, None] > 0), axis=0)
+    masked = jnp.where(dead, pre, jnp.finfo(pre.dtype).min)
+    values, index = jax.lax.top_k(masked, min(aux_k, pre.shape[-1]))
+    values = jnp.where(dead[index], jax.nn.relu(values), 0.0)
+    estimate = jnp.einsum("nk,nkd->nd", values, w_dec[index])
+    residual = jax.lax.stop_gradient(residual)
+    total = jnp.sum(weights)
+    mean = jnp.sum(weights[:, None] * residual, axis=0) / total
+    sse = jnp.sum(weights * jnp.sum((residual - estimate) ** 2, -1))
+    sst = jnp.sum(weights * jnp.sum((residual - mean) ** 2, -1))
+    return jnp.where(jnp.any(dead), sse / jnp.maximum(sst, 1e-12), 0.0)
+
+
+DECODER, TRANSCODERS = "decoder", "transcoders"
+
+
+class StreamedTranscoders(nn.Module):
+    """What :func:`mechinterp.train.fit` trains: ``tokens (B, T) -> per-token loss (B, T)``.
+
+    Parameters: ``decoder`` (those of ``model``, the analysed decoder; frozen: its activations are computed under
+    ``stop_gradient`` and the optimizer freezes them) and ``transcoders`` (one per layer,
+    leading layer axis). Each step runs the decoder on the batch's tokens and trains on its
+    activations, so nothing is stored. ``x_scale``/``y_scale`` (one per layer) make inputs
+    and targets unit-scale (:func:`unit_scale`); ``pad_id`` tokens are left out of the loss
+    and of the dead-feature count. The AuxK loss is sown into ``aux_loss``, which the train
+    step adds to the objective.
+    """
+
+    model: nn.Module
+    transcoder: Transcoder
+    config: TrainingConfig
+    x_scale: tuple[float, ...]
+    y_scale: tuple[float, ...]
+    pad_id: int | None = None
+
+    @nn.compact
+    def __call__(self, tokens: Array) -> Array:
+        # both run as pure functions of their parameters, not as bound submodules
+        decoder, transcoder = self.model.clone(parent=None), self.transcoder.clone(parent=None)
+        n_layers = decoder.config.n_layers
+        decoder_params = self.param(DECODER, lambda key: decoder.init(key, tokens)["params"])
+        tc_params = self.param(TRANSCODERS,
+                               lambda key: init_layers(transcoder, key, n_layers))
+        x, y = pairs(mlp_activations(decoder, jax.lax.stop_gradient(decoder_params), tokens),
+                     self.config.kind)
+        x = x / jnp.asarray(self.x_scale)[:, None, None]
+        y = y / jnp.asarray(self.y_scale)[:, None, None]
+        weights = (jnp.ones(tokens.size) if self.pad_id is None
+                   else (tokens.reshape(-1) != self.pad_id).astype(jnp.float32))
+
+        def layer(p, xi, yi):
+            def parts(module, xi):
+                y_hat, acts = module(xi)
+                return y_hat, acts, module.pre(xi), module.sparsity(xi)
+            y_hat, acts, pre, sparsity = nn.apply(parts, transcoder)({"params": p}, xi)
+            per_token = (jnp.mean((yi - y_hat) ** 2, -1)
+                         + self.config.sparsity_coef * sparsity)
+            aux = (auxk_nmse(pre, acts, yi - y_hat, p["W_dec"], weights, self.config.aux_k)
+                   if self.config.aux_k else jnp.zeros(()))
+            return per_token, aux
+
+        per_token, aux = jax.vmap(layer)(tc_params, x, y)
+        if self.config.aux_k:
+            self.sow("aux_loss", "auxk", self.config.aux_coef * jnp.sum(aux))
+        return jnp.sum(per_token, axis=0).reshape(tokens.shape)
+
+
+def _reconstruction_terms(per_token: Array, batch) -> dict[str, Array]:
+    valid = _valid(batch)
+    return {"loss": jnp.sum(per_token * valid), "weight": jnp.sum(valid)}
+
+
+def _valid(batch) -> Array:
+    valid = batch.get("valid")
+    return (jnp.ones(batch["tokens"].shape) if valid is None
+            else jnp.asarray(valid, jnp.float32))
+
+
+def reconstruction_objective():
+    """The :class:`mechinterp.train.Objective` of :class:`StreamedTranscoders`: the model's
+    per-token loss summed over ``batch["valid"]`` tokens (all tokens without it)."""
+    from mechinterp.train.losses import Objective  # analyses import the train stack lazily
+
+    return Objective(name="reconstruction", inputs=lambda batch: (batch["tokens"],),
+                     weight=lambda batch: jnp.sum(_valid(batch)),
+                     terms=_reconstruction_terms)
+
+
+class _WithValid:
+    """A data source's examples plus ``valid`` (tokens that are not ``pad_id``)."""
+
+    def __init__(self, source, pad_id: int | None):
+        self.source, self.pad_id = source, pad_id
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index):
+        example = {k: np.asarray(v) for k, v in self.source[index].items()}
+        tokens = example["tokens"]
+        valid = np.ones(tokens.shape) if self.pad_id is None else tokens != self.pad_id
+        return {"tokens": tokens, "valid": valid.astype(np.float32)}
 
 
 def unit_scale(a: Array, weights: Array, centre: bool) -> Array:
@@ -330,70 +436,58 @@ def fold_scales(tc_params, x_scale: Array, y_scale: Array) -> dict:
 
 @dataclasses.dataclass
 class TrainedTranscoders:
-    """A module, its per-layer parameters (leading layer axis), the training config and the
-    loss history (one dict of per-layer arrays per logged step)."""
+    """A module, its per-layer parameters (leading layer axis, on raw activations), the
+    training config and the training log (``metrics.jsonl`` records of the run)."""
 
     transcoder: Transcoder
     params: Any
     config: TrainingConfig
-    history: list[dict[str, np.ndarray]]
+    history: list[dict[str, float]]
 
 
-def train_transcoders(model, params, batches: Iterable[Mapping[str, Array]],
-                      config: TrainingConfig, log_every: int = 50,
-                      callback: Callable[[int, dict], None] | None = None
-                      ) -> TrainedTranscoders:
-    """Train one transcoder (or SAE) per decoder layer on activations streamed from
-    ``model``: each batch ``{"tokens": (B, T), "valid": (B, T) optional}`` is run through the
-    decoder (:func:`mlp_activations`) and discarded after its step. ``valid`` (e.g.
-    ``tokens != pad_id``) marks the positions that enter the loss. Uses Adam (optax);
-    ``b_dec`` starts at the first batch's mean target."""
-    d_model = model.config.d_model
-    transcoder = config.module(d_model)
-    tc_params = init_layers(transcoder, jax.random.key(config.seed), model.config.n_layers)
-    tx = optax.adam(config.learning_rate)
-    opt_state = tx.init(tc_params)
+def train_transcoders(model, params, source, config: TrainingConfig, workdir,
+                      *, pad_id: int | None = None, log_every: int = 50,
+                      fit_overrides: Mapping[str, Any] | None = None) -> TrainedTranscoders:
+    """Train one transcoder (or SAE) per layer of ``model`` with :func:`mechinterp.train.fit`
+    on activations streamed from it (:class:`StreamedTranscoders`).
 
-    @jax.jit
-    def train_step(tc_params, opt_state, x, y, weights, x_scale, y_scale):
-        x, y = x / x_scale[:, None, None], y / y_scale[:, None, None]
+    ``source``: a random-access data source of ``{"tokens": (T,)}`` examples (e.g. a tfds
+    split's ``as_data_source``); ``pad_id`` tokens are not trained on. ``workdir`` gets
+    fit's metrics log and checkpoints (a run started again resumes). The scales and
+    ``b_dec`` (the mean target) come from the first batch. ``fit_overrides``: entries of the
+    fit config to change, e.g. ``{"mesh": {"data": 1}}``.
+    """
+    from mechinterp.train import default_config, fit  # the training stack, only when training
+    from mechinterp.train.data import batches
 
-        def loss_fn(p):
-            losses = layer_losses(transcoder, p, x, y, weights, config.sparsity_coef)
-            return jnp.sum(losses["loss"]), losses
-        grads, losses = jax.grad(loss_fn, has_aux=True)(tc_params)
-        updates, opt_state = tx.update(grads, opt_state, tc_params)
-        return optax.apply_updates(tc_params, updates), opt_state, losses
+    source = _WithValid(source, pad_id)
+    first = next(batches(source, batch_size=config.batch_size, seed=config.seed))
+    x, y = pairs(mlp_activations(model, params, jnp.asarray(first["tokens"])), config.kind)
+    weights = jnp.asarray(first["valid"]).reshape(-1)
+    x_scale, y_scale = unit_scale(x, weights, centre=False), unit_scale(y, weights, centre=True)
+    mean = jnp.sum(weights[None, :, None] * y, axis=1) / jnp.sum(weights)
 
-    history = []
-    iterator = iter(batches)
-    for step_index in range(config.steps):
-        x, y, weights = _training_pairs(model, params, next(iterator), config.kind)
-        if step_index == 0:
-            x_scale = unit_scale(x, weights, centre=False)
-            y_scale = unit_scale(y, weights, centre=True)
-            mean = jnp.sum(weights[None, :, None] * y, axis=1) / jnp.sum(weights)
-            tc_params = {**tc_params, "b_dec": mean / y_scale[:, None]}
-        tc_params, opt_state, losses = train_step(tc_params, opt_state, x, y, weights,
-                                                  x_scale, y_scale)
-        if step_index % log_every == 0 or step_index == config.steps - 1:
-            record = {"step": step_index, **{k: np.asarray(v) for k, v in losses.items()}}
-            if not np.all(np.isfinite(record["loss"])):
-                raise FloatingPointError(f"transcoder loss is not finite at step {step_index}: "
-                                         f"{record['loss']}; lower learning_rate")
-            history.append(record)
-            if callback is not None:
-                callback(step_index, record)
-    return TrainedTranscoders(transcoder, fold_scales(tc_params, x_scale, y_scale), config,
-                              history)
-
-
-def _training_pairs(model, params, batch: Mapping[str, Array], kind: str):
-    tokens = jnp.asarray(batch["tokens"])
-    valid = batch.get("valid")
-    valid = jnp.ones(tokens.shape, jnp.float32) if valid is None else jnp.asarray(valid, jnp.float32)
-    x, y = pairs(mlp_activations(model, params, tokens), kind)
-    return x, y, valid.reshape(-1)
+    transcoder = config.module(model.config.d_model)
+    module = StreamedTranscoders(model, transcoder, config,
+                                 tuple(np.asarray(x_scale).tolist()),
+                                 tuple(np.asarray(y_scale).tolist()), pad_id)
+    fit_config = default_config()
+    fit_config.seed = config.seed
+    fit_config.optimizer.update(name="adamw", learning_rate=config.learning_rate, b2=0.999,
+                                weight_decay=0.0, clip_norm=0.0, freeze=(f"{DECODER}/.*",))
+    fit_config.schedule.update(name="constant", warmup_steps=0)
+    fit_config.data.batch_size = config.batch_size
+    fit_config.train.update(steps=config.steps, log_every=log_every, eval_every=0,
+                            checkpoint_every=config.steps, progress=False, tensorboard=False)
+    for key, value in (fit_overrides or {}).items():
+        fit_config[key] = value
+    result = fit(fit_config, workdir, module, source, objective=reconstruction_objective(),
+                 init_params={DECODER: params,
+                              TRANSCODERS: {"b_dec": mean / y_scale[:, None]}})
+    history = [json.loads(line) for line in
+               (Path(workdir) / "metrics.jsonl").read_text().splitlines() if line]
+    return TrainedTranscoders(transcoder, fold_scales(result.state.params[TRANSCODERS],
+                                                      x_scale, y_scale), config, history)
 
 
 # ---------------------------------------------------------------------------------------
@@ -450,7 +544,8 @@ def next_token_loss(logits: Array, tokens: Array, valid: Array | None = None) ->
 def evaluate(model, params, transcoder: Transcoder, tc_params,
              batches: Iterable[Mapping[str, Array]], kind: str = "transcoder"
              ) -> dict[str, Any]:
-    """Standard metrics over ``batches`` (same format as for training), per layer:
+    """Standard metrics over ``batches`` (``{"tokens": (B, T), "valid": (B, T) optional,
+    "loss_mask": (B, T) optional}``, e.g. from :func:`activation_batches`), per layer:
 
     - ``mse``: mean over tokens of ``||y - y_hat||^2``;
     - ``fve``: fraction of variance explained, ``1 - SSE / SST`` (SST around the mean of
@@ -467,7 +562,9 @@ def evaluate(model, params, transcoder: Transcoder, tc_params,
     sums = {"sse": 0.0, "y": 0.0, "yy": 0.0, "n": 0.0, "l0": 0.0, "fired": 0.0}
     losses = {"clean": [], "spliced": [], "ablated": []}
     for batch in batches:
-        x, y, w = _training_pairs(model, params, batch, kind)
+        tokens = jnp.asarray(batch["tokens"])
+        x, y = pairs(mlp_activations(model, params, tokens), kind)
+        w = _valid(batch).reshape(-1)
         y_hat, a = apply_layers(transcoder, tc_params, x)
         w_ = w[None, :, None]
         sums["sse"] += np.asarray(jnp.sum(w_ * (y - y_hat) ** 2, axis=(1, 2)))
@@ -477,7 +574,6 @@ def evaluate(model, params, transcoder: Transcoder, tc_params,
         sums["l0"] += np.asarray(jnp.sum(w[None] * jnp.sum(a > 0, -1), axis=1))
         sums["fired"] += np.asarray(jnp.sum(w_ * (a > 0), axis=1))
         if kind == "transcoder":
-            tokens = jnp.asarray(batch["tokens"])
             scored = batch.get("loss_mask", batch.get("valid"))
             clean = intervene(model, params, tokens, interventions={})
             spliced = spliced_logits(model, params, tokens, transcoder, tc_params,

@@ -119,17 +119,61 @@ def _batches(seed):
         yield {"tokens": tokens, "valid": (tokens != 0).astype(jnp.float32)}
 
 
+def _token_source(seed, n=64):
+    rng = np.random.default_rng(seed)
+    return [{"tokens": rng.integers(0, CONFIG.vocab_size, 6).astype(np.int32)}
+            for _ in range(n)]
+
+
 @pytest.mark.slow
-def test_training_on_streamed_activations_lowers_the_loss(setup):
+def test_training_through_mechinterp_train_lowers_the_loss(setup, tmp_path):
+    """TopK transcoders trained by mechinterp.train.fit on streamed activations, AuxK on:
+    the loss falls, the decoder stays frozen, the result is TopK-sparse and the run's
+    metrics log and checkpoint exist (fit's machinery, not a loop of our own)."""
     model, params, *_ = setup
-    config = T.TrainingConfig(n_features=32, activation="topk", k=4, steps=60,
-                              learning_rate=1e-2)
-    trained = T.train_transcoders(model, params, _batches(0), config, log_every=59)
-    first, last = trained.history[0]["nmse"], trained.history[-1]["nmse"]
-    assert (last < 0.5 * first).all(), (first, last)
+    config = T.TrainingConfig(n_features=32, activation="topk", k=4, steps=40,
+                              learning_rate=1e-2, batch_size=8, aux_k=8)
+    trained = T.train_transcoders(model, params, _token_source(0), config, tmp_path,
+                                  pad_id=0, log_every=10)
+    losses = [h["loss"] for h in trained.history if h["kind"] == "train"]
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert all(h["aux_loss"] >= 0 for h in trained.history)
+    assert (tmp_path / "checkpoints").is_dir()
+    tokens = jnp.asarray(np.stack([e["tokens"] for e in _token_source(1, 8)]))
     _, acts = T.apply_layers(trained.transcoder, trained.params,
-                             T.mlp_activations(model, params, next(_batches(1))["tokens"])["mlp_in"])
+                             T.mlp_activations(model, params, tokens)["mlp_in"])
     assert (np.count_nonzero(np.asarray(acts), axis=-1) <= 4).all()
+
+
+def test_auxk_reconstructs_the_residual_from_dead_features_only():
+    """AuxK against numpy: the top-k_aux pre-activations among features that never fired on
+    a weighted token, decoded, against the stop-gradient residual; padding tokens do not
+    make a feature alive; 0 when nothing is dead."""
+    rng = np.random.default_rng(0)
+    pre = rng.normal(size=(5, 6)).astype(np.float32)
+    acts = np.zeros((5, 6), np.float32)
+    acts[0, 1] = acts[3, 4] = 1.0          # features 1 and 4 fire on weighted tokens
+    acts[4, 2] = 1.0                       # feature 2 fires only on the padding token
+    weights = np.array([1, 1, 1, 1, 0], np.float32)
+    residual = rng.normal(size=(5, 3)).astype(np.float32)
+    w_dec = rng.normal(size=(6, 3)).astype(np.float32)
+    got = T.auxk_nmse(jnp.asarray(pre), jnp.asarray(acts), jnp.asarray(residual),
+                      jnp.asarray(w_dec), jnp.asarray(weights), 2)
+    dead = np.array([0, 2, 3, 5])
+    estimate = np.zeros((5, 3))
+    for n in range(5):
+        top = dead[np.argsort(-pre[n, dead])[:2]]
+        estimate[n] = np.maximum(pre[n, top], 0) @ w_dec[top]
+    w = weights.astype(bool)
+    sse = ((residual - estimate)[w] ** 2).sum()
+    sst = ((residual[w] - residual[w].mean(0)) ** 2).sum()
+    assert float(got) == pytest.approx(sse / sst, rel=1e-5)
+    grad = jax.grad(lambda r: T.auxk_nmse(jnp.asarray(pre), jnp.asarray(acts), r,
+                                          jnp.asarray(w_dec), jnp.asarray(weights), 2))
+    assert not np.asarray(grad(jnp.asarray(residual))).any()      # the residual is a target
+    alive = np.ones((5, 6), np.float32)
+    assert float(T.auxk_nmse(jnp.asarray(pre), jnp.asarray(alive), jnp.asarray(residual),
+                             jnp.asarray(w_dec), jnp.asarray(weights), 2)) == 0.0
 
 
 def test_metrics_against_numpy(setup):

@@ -44,11 +44,11 @@ from mechinterp.train import flops as flops_lib
 from mechinterp.train.checkpoint import Checkpointer, StopSignal
 from mechinterp.train.config import resolve_config
 from mechinterp.train.data import batches, build_synthetic, synthetic_tokenizer
-from mechinterp.train.losses import get_objective
+from mechinterp.train.losses import Objective, get_objective
 from mechinterp.train.mesh import check_batch_size, check_rules, global_batch, make_mesh
 from mechinterp.train.optim import lr_schedule, make_optimizer
 from mechinterp.train.state import (TrainState, abstract_train_state, init_train_state,
-                                    shardings_of)
+                                    replace_params, shardings_of)
 from mechinterp.train.step import make_eval_step, make_train_step, summarize
 from mechinterp.train.tasks import mixture_from_config
 
@@ -147,12 +147,20 @@ def _mean(records: list[dict]) -> dict[str, float]:
 
 def fit(config: ml_collections.ConfigDict, workdir: str | Path, model: nn.Module,
         train_source, eval_source=None, *, flops_per_token: float | None = None,
-        on_step: Callable[[int, TrainState], TrainState | None] | None = None) -> FitResult:
+        on_step: Callable[[int, TrainState], TrainState | None] | None = None,
+        init_params: Mapping[str, Any] | None = None,
+        objective: Objective | None = None) -> FitResult:
     """Train ``model`` on ``train_source`` as ``config`` says; see the module docstring.
 
     ``flops_per_token``: training FLOPs per token, for MFU (omit to skip MFU).
     ``on_step(step, state)``: called after every step; it may return a new state (e.g.
     with learning-rate multipliers changed by :func:`.optim.set_multipliers`).
+    ``init_params``: values for some parameters instead of their fresh initialization, a
+    nested dict mirroring part of the model's parameters (a pretrained model to fine-tune,
+    or to freeze with ``config.optimizer.freeze``); see :func:`.state.replace_params`. A
+    checkpoint in ``workdir`` wins over it (a resumed run continues from its own state).
+    ``objective``: an :class:`~.losses.Objective` object instead of the one
+    ``config.train.objective`` names (for objectives with parameters of their own).
     """
     config = resolve_config(config)
     t = config.train
@@ -163,7 +171,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str | Path, model: nn.Module
     check_batch_size(config.data.batch_size, mesh, rules, t.grad_accum)
     if eval_source is not None:
         check_batch_size(config.data.eval_batch_size, mesh, rules)
-    objective = get_objective(t.objective)
+    objective = get_objective(objective or t.objective)
     compute_dtype = jnp.dtype(t.compute_dtype) if t.compute_dtype else None
     tx, schedule = build_optimizer(config)
 
@@ -177,6 +185,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str | Path, model: nn.Module
         if start is None:
             start, state = 0, init_train_state(model, tx, inputs, mesh=mesh, rules=rules,
                                                seed=config.seed)
+            if init_params is not None:
+                state = replace_params(state, init_params)
         else:
             state = checkpointer.restore(abstract, train_iter, step=start)
         train_step = make_train_step(model, tx, shardings, mesh=mesh, rules=rules,

@@ -17,6 +17,7 @@ from typing import Any
 
 import flax.linen as nn
 import flax.struct
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import optax
@@ -126,3 +127,26 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation,
     init = _init_fn(model, tx, _input_specs(inputs), seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(check_rules(rules, mesh)):
         return jax.jit(init, out_shardings=shardings_of(abstract))()
+
+
+def replace_params(state: TrainState, values: Any) -> TrainState:
+    """``state`` with some parameters set to ``values``: a nested dict mirroring part of
+    ``state.params`` (e.g. a pretrained model's parameters under its submodule's name).
+    Each value is cast to the parameter's dtype and placed in its sharding. Raises on a path
+    that is not a parameter or a shape that differs. The optimizer state is kept: the
+    optimizers of :mod:`.optim` start from zero moments whatever the parameter values."""
+    flat = flax.traverse_util.flatten_dict(nn.meta.unbox(values), sep="/")
+    current = flax.traverse_util.flatten_dict(state.params, sep="/")
+    unknown = sorted(set(flat) - set(current))
+    if unknown:
+        raise KeyError(f"init_params has paths {unknown[:5]} that are not parameters of the "
+                       f"model; its parameters include {sorted(current)[:8]}")
+    for path, value in flat.items():
+        if tuple(jnp.shape(value)) != tuple(current[path].shape):
+            raise ValueError(f"init_params[{path!r}] has shape {jnp.shape(value)} but the "
+                             f"model's parameter has shape {current[path].shape}")
+        # a copy: the train step donates the state, which must not delete the caller's arrays
+        current[path] = jax.device_put(jnp.array(value, current[path].dtype, copy=True),
+                                       current[path].sharding)
+    return state.replace(params=flax.traverse_util.unflatten_dict(current, sep="/"))
+

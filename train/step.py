@@ -94,8 +94,9 @@ def split_microbatches(batch, n: int, sharding: NamedSharding):
 def _summaries(terms: Mapping[str, jax.Array], aux: jax.Array) -> dict[str, jax.Array]:
     weight = jnp.maximum(terms["weight"], 1.0)
     ce = terms["loss"] / weight
-    metrics = {"loss": ce + aux, "ce": ce, "aux_loss": aux,
-               "accuracy": terms["correct"] / weight, "weight": terms["weight"]}
+    metrics = {"loss": ce + aux, "ce": ce, "aux_loss": aux, "weight": terms["weight"]}
+    if "correct" in terms:  # objectives without predictions to count (reconstruction) omit it
+        metrics["accuracy"] = terms["correct"] / weight
     if "exact" in terms:
         metrics["exact_match"] = terms["exact"] / jnp.maximum(terms["sequences"], 1.0)
     return metrics

@@ -86,6 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.transcoder.learning_rate = 3e-3
     c.transcoder.steps = 1500
     c.transcoder.batch_size = 64
+    c.transcoder.aux_k = 32  # AuxK on features dead in the batch (0: off)
     c.transcoder.eval_batches = 4
 
     c.graph = ml_collections.ConfigDict()
@@ -184,19 +185,18 @@ def probes_for(mixture: TaskMixture, city: int):
     return words, np.stack([tokenizer.encode(w) for w in words]).astype(np.int32)
 
 
-def train_transcoders(config, model, params, mixture: TaskMixture):
+def train_transcoders(config, model, params, mixture: TaskMixture, builder, workdir: Path):
+    """Per-layer transcoders trained by :func:`mechinterp.train.fit` on the decoder's
+    activations over the training split (streamed: each step runs the decoder), then
+    evaluated on ``transcoder.eval_batches`` test batches."""
     tc = config.transcoder
     tokenizer, table = mixture.tokenizer(), mixture.knowledge.table(mixture.seed)
-
-    def source(index):
-        return mixture.example("train", index % config.data.num_train, tokenizer, table)
-
     training = T.TrainingConfig(
         n_features=tc.n_features, activation=tc.activation, k=tc.k,
         sparsity_coef=tc.sparsity_coef, learning_rate=tc.learning_rate, steps=tc.steps,
-        seed=config.seed)
-    batches = T.activation_batches(source, tc.batch_size, tokenizer.pad_id, config.seed)
-    trained = T.train_transcoders(model, params, batches, training,
+        batch_size=tc.batch_size, aux_k=tc.aux_k, seed=config.seed)
+    trained = T.train_transcoders(model, params, builder.as_data_source("train"), training,
+                                  workdir / "transcoders", pad_id=tokenizer.pad_id,
                                   log_every=max(1, tc.steps // 10))
 
     def test_source(index):
@@ -306,7 +306,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
 
     stages.set_postfix_str("transcoders")
     t0 = time.perf_counter()
-    trained, tc_metrics = train_transcoders(config, model, params, mixture)
+    trained, tc_metrics = train_transcoders(config, model, params, mixture, builder, workdir)
     np.savez(workdir / "transcoders.npz", **{k: np.asarray(v) for k, v in trained.params.items()})
     timings["transcoders"] = time.perf_counter() - t0
     stages.update(1)
