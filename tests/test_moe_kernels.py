@@ -18,6 +18,7 @@ from mechinterp.models.kernels import (
     gmm_ragged,
     gmm_reference,
 )
+from mechinterp.models.kernels.gmm import fits_triton
 
 # (logits shape, k, router, norm_topk_prob, block_tokens, how the logits are made)
 SLOW = pytest.mark.slow
@@ -121,6 +122,11 @@ GMM_CASES = [(40, 16, 24, [10, 0, 25, 5]),
 @pytest.mark.parametrize("impl", ["ragged", "megablox", "pallas"])
 @pytest.mark.parametrize("m,k,n,sizes", GMM_CASES)
 def test_grouped_matmul_matches_reference(impl, m, k, n, sizes):
+    backend = jax.default_backend()
+    if impl == "megablox" and backend not in ("cpu", "tpu"):
+        pytest.skip("megablox is a TPU kernel (interpreted on CPU)")
+    if impl == "pallas" and backend == "gpu" and not fits_triton(k, n):
+        pytest.skip(f"K={k}, N={n} are not Triton blocks (gmm dispatches to ragged_dot)")
     sizes = jnp.array(sizes, jnp.int32)
     k1, k2, k3 = jax.random.split(jax.random.key(m), 3)
     lhs = jax.random.normal(k1, (m, k))
@@ -168,5 +174,6 @@ def test_benchmark_smoke_run(capsys):
     assert bench.main(["--quick"])
     printed = capsys.readouterr().out
     assert "all results match their references" in printed
-    assert printed.count("(interpret)") == 4      # router, two gates, Pallas grouped matmul
+    interpreted = 4 if jax.default_backend() == "cpu" else 0  # router, 2 gates, Pallas gmm
+    assert printed.count("(interpret)") == interpreted
     assert "same-FLOPs dense" in printed and "einsum over experts" in printed

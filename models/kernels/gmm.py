@@ -24,10 +24,11 @@ Implementations (all differentiable in ``lhs`` and ``rhs``):
 :func:`gmm` dispatches: megablox on TPU, :func:`gmm_pallas` on GPU (where K and N fit
 Triton blocks), ``ragged_dot`` otherwise. Measured on an H200 (2026-11-27,
 ``benchmarks/moe_kernels.py``: 65,536 tokens x top-2 = 131,072 rows, d 1024 -> 512, 64
-balanced experts): ``ragged_dot`` 31.1 ms (float32) / 14.6 ms (bfloat16), no faster than the
-einsum over all experts (29.3 / 13.3 ms, 64 times the FLOPs); :func:`gmm_pallas` 4.8 ms
-(float32, then still TF32) / 2.1 ms (bfloat16, 64 TFLOP/s): 6.4x / 6.8x faster than
-``ragged_dot``, but 5.8x / 4.3x slower than a dense matmul of the same FLOPs (0.83 / 0.50 ms).
+balanced experts): in bfloat16, ``ragged_dot`` 14.6 ms, no faster than the einsum over all
+experts (13.3 ms, 64 times the FLOPs), :func:`gmm_pallas` 2.14-2.16 ms (63-64 TFLOP/s,
+6.8x ``ragged_dot``) but 4.3-5x slower than a dense matmul of the same FLOPs (0.43-0.50
+ms). In float32, ``ragged_dot`` (TF32) 31.1 ms, :func:`gmm_pallas` 28.4 ms with exact float32
+products (4.8 ms while it still multiplied in TF32, before ``_EXACT``).
 """
 
 from __future__ import annotations
