@@ -8,6 +8,13 @@
 #   3. the kernel and decoder tests on the GPU backend.
 # Each step has its own time limit, so one failure or hang does not hide the others.
 #   usage: bash benchmarks/gpu_session.sh OUTDIR
+# The wheels (made here, where PyPI is reachable; .whl/ is git-ignored via .git/info/exclude):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl grain array_record dm-tree ml_collections tensorflow-datasets immutabledict \
+#     simple-parsing docstring_parser tensorflow-metadata termcolor toml tensorboardX \
+#     portpicker googleapis-common-protos
+#   python3 -m pip wheel --no-deps -w .whl promise   # an sdist only
 set -u
 out=${1:?usage: bash benchmarks/gpu_session.sh OUTDIR}
 mkdir -p "$out"
