@@ -20,7 +20,8 @@ from mechinterp.train import flops
 from mechinterp.train.losses import get_objective
 from mechinterp.train.mesh import DEFAULT_RULES, global_batch, make_mesh
 from mechinterp.train.optim import lr_schedule, make_optimizer
-from mechinterp.train.state import abstract_train_state, init_train_state, shardings_of
+from mechinterp.train.state import (abstract_train_state, init_train_state, replace_params,
+                                    shardings_of)
 from mechinterp.train.step import make_eval_step, make_train_step
 from test_train_support import ToyClassifier, ToyLM, token_batch
 
@@ -114,6 +115,28 @@ def test_state_is_created_in_the_rules_shardings():
     single = init_train_state(ToyLM(), tx, (token_batch()["tokens"],), mesh=make_mesh(
         SINGLE, jax.devices()[:1]), rules=DEFAULT_RULES)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(single))
+
+
+def test_replace_params_sets_values_in_their_shardings_and_rejects_bad_paths():
+    """fit(init_params=...) goes through replace_params: given values land in the state
+    with each parameter's sharding and dtype, as copies (the step donates the state), and a
+    path or shape the model does not have is an error naming it."""
+    mesh = make_mesh(LAYOUTS["mixed"])
+    tx = make_optimizer("adamw", 0.1)
+    state = init_train_state(ToyLM(), tx, (token_batch()["tokens"],), mesh=mesh,
+                             rules=DEFAULT_RULES)
+    w_in = np.arange(16 * 32, dtype=np.float64).reshape(16, 32)
+    given = jnp.asarray(state.params["w_out"]) + 1.0
+    new = replace_params(state, {"w_in": w_in, "w_out": given})
+    np.testing.assert_array_equal(new.params["w_in"], w_in.astype(np.float32))
+    assert new.params["w_in"].dtype == jnp.float32
+    assert new.params["w_in"].sharding == state.params["w_in"].sharding
+    assert new.params["w_out"] is not given and not new.params["w_out"].is_deleted()
+    np.testing.assert_array_equal(new.params["embedding"], state.params["embedding"])
+    with pytest.raises(KeyError, match="w_inn"):
+        replace_params(state, {"w_inn": w_in})
+    with pytest.raises(ValueError, match=r"init_params\['w_in'\] has shape \(32, 16\)"):
+        replace_params(state, {"w_in": w_in.T})
 
 
 DECODER = DecoderConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,

@@ -36,7 +36,7 @@ from mechinterp.train.optim import (freeze, get_multipliers, lr_schedule, make_o
                                     mask_gradients, scale_by_multipliers, set_gradient_masks,
                                     set_multipliers)
 from mechinterp.train.state import (TrainState, abstract_train_state, init_train_state,
-                                    shardings_of)
+                                    replace_params, shardings_of)
 from mechinterp.train.step import AUX_LOSS, make_eval_step, make_train_step
 from mechinterp.train.tasks import (Arithmetic, FactRecall, InContextChain, KnowledgeBase,
                                     MultiHop, TaskMixture, mixture_from_config)
@@ -52,7 +52,7 @@ __all__ = [
     "init_train_state", "KnowledgeBase", "lr_schedule", "make_eval_step", "make_mesh",
     "make_optimizer", "make_train_step", "mask_gradients", "MESH_AXES", "mfu",
     "mixture_from_config", "MultiHop", "NonFiniteLossError", "Objective", "OBJECTIVES",
-    "peak_flops", "resolve_config", "run", "scale_by_multipliers", "set_gradient_masks",
+    "peak_flops", "replace_params", "resolve_config", "run", "scale_by_multipliers", "set_gradient_masks",
     "set_multipliers", "shard_options", "shardings_of", "StopSignal", "synthetic_tokenizer",
     "SyntheticTasks", "TaskMixture", "TrainState", "WordTokenizer",
 ]
