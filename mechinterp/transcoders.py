@@ -331,9 +331,9 @@ DECODER, TRANSCODERS = "decoder", "transcoders"
 class StreamedTranscoders(nn.Module):
     """What :func:`mechinterp.train.fit` trains: ``tokens (B, T) -> per-token loss (B, T)``.
 
-    Parameters: ``decoder`` (those of ``model``, the analysed decoder; frozen: its activations are computed under
-    ``stop_gradient`` and the optimizer freezes them) and ``transcoders`` (one per layer,
-    leading layer axis). Each step runs the decoder on the batch's tokens and trains on its
+    Parameters: ``decoder`` (those of ``model``, the analysed decoder; frozen: its
+    activations are computed under ``stop_gradient`` and the optimizer freezes them) and
+    ``transcoders`` (one per layer, leading layer axis). Each step runs the decoder on the batch's tokens and trains on its
     activations, so nothing is stored. ``x_scale``/``y_scale`` (one per layer) make inputs
     and targets unit-scale (:func:`unit_scale`); ``pad_id`` tokens are left out of the loss
     and of the dead-feature count. The AuxK loss is sown into ``aux_loss``, which the train

@@ -52,7 +52,8 @@ __all__ = [
     "init_train_state", "KnowledgeBase", "lr_schedule", "make_eval_step", "make_mesh",
     "make_optimizer", "make_train_step", "mask_gradients", "MESH_AXES", "mfu",
     "mixture_from_config", "MultiHop", "NonFiniteLossError", "Objective", "OBJECTIVES",
-    "peak_flops", "replace_params", "resolve_config", "run", "scale_by_multipliers", "set_gradient_masks",
+    "peak_flops", "replace_params", "resolve_config", "run", "scale_by_multipliers",
+    "set_gradient_masks",
     "set_multipliers", "shard_options", "shardings_of", "StopSignal", "synthetic_tokenizer",
     "SyntheticTasks", "TaskMixture", "TrainState", "WordTokenizer",
 ]
