@@ -4,9 +4,10 @@
    ``r0`` as "the state containing" and ``r1`` as "the capital of", so the prompt asks for
    the capital of the state containing city ``e5`` (plus one-hop recall ``e5 r0 = e3`` so
    the single facts are learned too; :class:`mechinterp.train.tasks.MultiHop`).
-2. Train one transcoder per layer on activations streamed from the model
-   (:mod:`mechinterp.transcoders`); report FVE, L0, dead features and the loss with the
-   transcoders spliced in.
+2. Train one transcoder per layer on activations streamed from the model, with
+   :func:`mechinterp.train.fit` (:func:`mechinterp.transcoders.train_transcoders`; TopK
+   with AuxK; run folder ``transcoders/``); report FVE, L0, dead features and the loss
+   with the transcoders spliced in.
 3. Build attribution graphs (:mod:`mechinterp.attribution_graph`) for a few correctly
    answered prompts and for each one's entity-swapped version (:func:`entity_swap`);
    prune; Replacement and Completeness; JSON + PNG per prompt.
