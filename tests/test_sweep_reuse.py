@@ -9,6 +9,7 @@ import mechinterp as mi
 from mechinterp import metrics, patching
 from mechinterp.flops import matmul_flops
 from mechinterp.models import Decoder, DecoderConfig
+from test_decoder import random_params
 from toy_models import ToyModel
 
 N_LAYERS, BATCH, SEQ, VOCAB = 2, 2, 7, 64
@@ -26,7 +27,7 @@ def setup():
     clean = jax.random.randint(jax.random.key(0), (BATCH, SEQ), 0, VOCAB)
     corrupted = clean.at[:, 2].set((clean[:, 2] + 7) % VOCAB)
     mask = jnp.ones((BATCH, SEQ), jnp.int32).at[1, :2].set(0)  # row 1 left-padded
-    params = jax.jit(model.init)(jax.random.key(1), clean)["params"]
+    params = random_params(model, clean, seed=1)
     _, cache = mi.capture(model, params, clean, mask)
     metric = metrics.logit_diff(jnp.array([1, 2]), jnp.array([4, 5]))
     return model, params, clean, corrupted, mask, cache, metric
@@ -37,8 +38,8 @@ def test_a_resumed_forward_equals_the_full_forward(scan_layers):
     model = _decoder(scan_layers)
     tokens = jax.random.randint(jax.random.key(2), (BATCH, SEQ), 0, VOCAB)
     mask = jnp.ones((BATCH, SEQ), jnp.int32).at[0, :3].set(0)
-    params = jax.jit(model.init)(jax.random.key(3), tokens)["params"]
-    full = model.apply({"params": params}, tokens, mask)
+    params = random_params(model, tokens, seed=3)
+    full = jax.jit(model.apply)({"params": params}, tokens, mask)
     state = model.resume_state(params, tokens, mask)
     for first_layer, first_pos in [(0, 0), (1, 3), (N_LAYERS - 1, SEQ - 1)]:
         tail, tail_params, kwargs = model.resume(params, state, first_layer, first_pos)
@@ -109,13 +110,14 @@ def test_logit_columns_give_the_metric_on_full_logits(tie_embeddings):
                            tie_embeddings=tie_embeddings)
     model = Decoder(config)
     tokens = jax.random.randint(jax.random.key(4), (BATCH, SEQ), 0, VOCAB)
-    params = jax.jit(model.init)(jax.random.key(5), tokens)["params"]
+    params = random_params(model, tokens, seed=5)
     metric = metrics.logit_diff(jnp.array([3, 9]), 11, pos=jnp.array([2, SEQ - 1]),
                                 reduce="none")
-    selected = model.apply({"params": params}, tokens, logit_positions=metric.positions(
+    apply = jax.jit(model.apply)
+    selected = apply({"params": params}, tokens, logit_positions=metric.positions(
         BATCH, SEQ), logit_columns=metric.columns(BATCH))
     assert selected.shape == (BATCH, 1, 2)
-    full = model.apply({"params": params}, tokens)
+    full = apply({"params": params}, tokens)
     np.testing.assert_allclose(metric.on_columns(selected), metric(full), atol=1e-5)
 
 
@@ -150,7 +152,7 @@ def test_metrics_are_pytrees_that_jit_as_arguments():
 def test_reuse_errors():
     model = ToyModel()
     x = jnp.ones((2, 4))
-    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+    params = random_params(model, x)
     _, cache = mi.capture(model, params, x, sites=["resid_pre"])
     with pytest.raises(ValueError, match="no resume protocol"):
         mi.sweep.sweep(model, params, (x,), "resid_pre", ("layer",), cache["resid_pre"],
