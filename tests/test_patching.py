@@ -8,6 +8,7 @@ import pytest
 import mechinterp as mi
 from mechinterp import metrics, patching
 from mechinterp.models import Decoder, DecoderConfig
+from test_decoder import random_params
 
 N_LAYERS, BATCH, SEQ, VOCAB = 2, 3, 6, 64
 
@@ -19,7 +20,7 @@ def setup():
     model = Decoder(config)
     clean = jax.random.randint(jax.random.key(0), (BATCH, SEQ), 0, VOCAB)
     corrupted = clean.at[:, 2].set((clean[:, 2] + 7) % VOCAB)
-    params = jax.jit(model.init)(jax.random.key(1), clean)["params"]
+    params = random_params(model, clean, seed=1)
     _, cache = mi.capture(model, params, clean)
     metric = metrics.logit_diff(jnp.array([1, 2, 3]), jnp.array([4, 5, 6]))
     return model, params, clean, corrupted, cache, metric
@@ -35,7 +36,7 @@ def _loop_reference(model, params, corrupted, cache, metric, site_name, grid_axe
         mask = np.zeros([info.shape[d] if d in dims else 1 for d in range(len(info.shape))],
                         np.float32)
         full_index = [0] * len(info.shape)
-        for d, i in zip(dims, index):
+        for d, i in zip(dims, index, strict=True):
             full_index[d] = i
         mask[tuple(full_index)] = 1.0
         patch = mi.Intervention.patch(cache[site_name], mask)
@@ -66,8 +67,9 @@ def test_patching_everything_restores_the_clean_metric(setup):
     model, params, clean, corrupted, cache, metric = setup
     result = patching.get_act_patch_resid_pre(model, params, corrupted, cache, metric,
                                               progress=False)
-    clean_value = metric(model.apply({"params": params}, clean))
-    corrupt_value = metric(model.apply({"params": params}, corrupted))
+    apply = jax.jit(model.apply)
+    clean_value = metric(apply({"params": params}, clean))
+    corrupt_value = metric(apply({"params": params}, corrupted))
     # at layer 0 the only changed position is 2: patching it restores the clean run exactly
     np.testing.assert_allclose(result.values[0, 2], clean_value, atol=1e-5)
     # positions after the answer-irrelevant ones change nothing before position 2
@@ -79,7 +81,8 @@ def test_patching_everything_restores_the_clean_metric(setup):
 
 def test_metric_on_selected_logits_equals_full_logits(setup):
     model, params, clean, _, _, _ = setup
-    logits = model.apply({"params": params}, clean)
+    apply = jax.jit(model.apply)
+    logits = apply({"params": params}, clean)
     answer = jnp.array([3, 9, 27])
     per_example_pos = jnp.array([5, 3, -1])
     for metric in [
@@ -89,7 +92,7 @@ def test_metric_on_selected_logits_equals_full_logits(setup):
         metrics.kl(logits * 0.5, pos=per_example_pos),
     ]:
         positions = metric.positions(BATCH, SEQ)
-        selected = model.apply({"params": params}, clean, logit_positions=positions)
+        selected = apply({"params": params}, clean, logit_positions=positions)
         assert selected.shape == (BATCH, 1, VOCAB)
         np.testing.assert_allclose(metric.on_selected(selected), metric(logits), rtol=1e-6)
     # known values
