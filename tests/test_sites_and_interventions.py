@@ -6,16 +6,23 @@ import numpy as np
 import pytest
 
 import mechinterp as mi
+from test_decoder import random_params
 from toy_models import ToyModel, unstack
 
 N_LAYERS, BATCH, D_IN = 3, 4, 6
 
 
+def normal(seed, shape):
+    """float32 normal noise from numpy (jax.random compiles a kernel per shape, ~2 s each
+    on CPU)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 @pytest.fixture(scope="module")
 def setup():
     model = ToyModel(n_layers=N_LAYERS)
-    x = jax.random.normal(jax.random.key(1), (BATCH, D_IN))
-    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+    x = normal(1, (BATCH, D_IN))
+    params = random_params(model, x)
     return model, params, x
 
 
@@ -72,7 +79,7 @@ def _edited_resid(model, params, x, intervention):
 def test_each_intervention_kind_applies_its_formula(setup):
     model, params, x = setup
     mask = layer_mask(0)
-    value = jax.random.normal(jax.random.key(2), (N_LAYERS, BATCH, 8))
+    value = normal(2, (N_LAYERS, BATCH, 8))
     vector = jnp.linspace(-1.0, 1.0, 8)
     cases = {
         "patch": (mi.Intervention.patch(value, mask), lambda r: value[0]),
@@ -81,8 +88,12 @@ def test_each_intervention_kind_applies_its_formula(setup):
         "scale": (mi.Intervention.scale_by(2.5, mask), lambda r: 2.5 * r),
         "steer": (mi.Intervention.steer(vector, mask), lambda r: r + vector),
     }
-    for kind, (intervention, expected) in cases.items():
-        original, received = _edited_resid(model, params, x, intervention)
+    edited = jax.jit(lambda interventions: {  # one compile for every kind
+        kind: _edited_resid(model, params, x, intervention)
+        for kind, intervention in interventions.items()})
+    got = edited({kind: intervention for kind, (intervention, _) in cases.items()})
+    for kind, (_, expected) in cases.items():
+        original, received = got[kind]
         np.testing.assert_allclose(received, expected(original), rtol=1e-6, atol=1e-6, err_msg=kind)
 
 
@@ -103,7 +114,7 @@ def test_scan_equals_unrolled_with_interventions(setup):
     model, params, x = setup
     unrolled = ToyModel(n_layers=N_LAYERS, scan_layers=False)
     unrolled_params = unstack(params, N_LAYERS)
-    value = jax.random.normal(jax.random.key(3), (N_LAYERS, BATCH, 16))
+    value = normal(3, (N_LAYERS, BATCH, 16))
     interventions = {
         "hidden": mi.Intervention.patch(value, layer_mask(1)),
         "resid_pre": mi.Intervention.scale_by(jnp.array([1.0, 0.5, 2.0])[:, None, None]),
@@ -119,9 +130,8 @@ def test_vmap_over_sixteen_interventions_equals_separate_calls(setup):
     model, params, x = setup
     _, clean = mi.capture(model, params, x)
     corrupt_x = x[::-1]
-    masks = jax.random.bernoulli(jax.random.key(4), 0.3, (16, N_LAYERS, BATCH, 8)).astype(
-        jnp.float32
-    )
+    masks = jnp.asarray(np.random.default_rng(4).random((16, N_LAYERS, BATCH, 8)) < 0.3,
+                        jnp.float32)
 
     def run(mask):
         patch = mi.Intervention.patch(clean["resid_post"], mask)
@@ -136,7 +146,7 @@ def test_gradient_wrt_mask_matches_finite_difference(setup):
     model, params, x = setup
     _, clean = mi.capture(model, params, x)
     corrupt_x = x * -1.0
-    direction = jax.random.normal(jax.random.key(5), (N_LAYERS, BATCH, 16))
+    direction = normal(5, (N_LAYERS, BATCH, 16))
 
     def metric(mask):
         patch = mi.Intervention.patch(clean["hidden"], mask)
@@ -223,7 +233,7 @@ def test_sites_missing_in_some_dropped_layers_are_listed_but_refused():
                            scan_layers=False, attn_layers=(0, 2), mlp_layers=(1,))
     model = Decoder(config)
     tokens = jnp.zeros((1, 4), jnp.int32)
-    params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+    params = random_params(model, tokens)
     sites = mi.list_sites(model, tokens)
     assert sites["attn.z"].missing_layers == (1,)
     assert sites["mlp_out"].missing_layers == (0, 2)
