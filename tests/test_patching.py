@@ -18,7 +18,7 @@ def setup():
     config = DecoderConfig(vocab_size=VOCAB, d_model=32, n_layers=N_LAYERS, n_heads=4,
                            n_kv_heads=2, d_mlp=48)
     model = Decoder(config)
-    clean = jax.random.randint(jax.random.key(0), (BATCH, SEQ), 0, VOCAB)
+    clean = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (BATCH, SEQ)), jnp.int32)
     corrupted = clean.at[:, 2].set((clean[:, 2] + 7) % VOCAB)
     params = random_params(model, clean, seed=1)
     _, cache = mi.capture(model, params, clean)

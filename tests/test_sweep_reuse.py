@@ -15,6 +15,11 @@ from toy_models import ToyModel
 N_LAYERS, BATCH, SEQ, VOCAB = 2, 2, 7, 64
 
 
+def random_tokens(seed):
+    """Token ids from numpy (jax.random compiles a kernel per shape, ~1 s on CPU)."""
+    return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (BATCH, SEQ)), jnp.int32)
+
+
 def _decoder(scan_layers=True):
     config = DecoderConfig(vocab_size=VOCAB, d_model=32, n_layers=N_LAYERS, n_heads=4,
                            n_kv_heads=2, d_mlp=48, scan_layers=scan_layers)
@@ -24,7 +29,7 @@ def _decoder(scan_layers=True):
 @pytest.fixture(scope="module")
 def setup():
     model = _decoder()
-    clean = jax.random.randint(jax.random.key(0), (BATCH, SEQ), 0, VOCAB)
+    clean = random_tokens(0)
     corrupted = clean.at[:, 2].set((clean[:, 2] + 7) % VOCAB)
     mask = jnp.ones((BATCH, SEQ), jnp.int32).at[1, :2].set(0)  # row 1 left-padded
     params = random_params(model, clean, seed=1)
@@ -36,7 +41,7 @@ def setup():
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_a_resumed_forward_equals_the_full_forward(scan_layers):
     model = _decoder(scan_layers)
-    tokens = jax.random.randint(jax.random.key(2), (BATCH, SEQ), 0, VOCAB)
+    tokens = random_tokens(2)
     mask = jnp.ones((BATCH, SEQ), jnp.int32).at[0, :3].set(0)
     params = random_params(model, tokens, seed=3)
     full = jax.jit(model.apply)({"params": params}, tokens, mask)
@@ -109,7 +114,7 @@ def test_logit_columns_give_the_metric_on_full_logits(tie_embeddings):
     config = DecoderConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, d_mlp=48,
                            tie_embeddings=tie_embeddings)
     model = Decoder(config)
-    tokens = jax.random.randint(jax.random.key(4), (BATCH, SEQ), 0, VOCAB)
+    tokens = random_tokens(4)
     params = random_params(model, tokens, seed=5)
     metric = metrics.logit_diff(jnp.array([3, 9]), 11, pos=jnp.array([2, SEQ - 1]),
                                 reduce="none")
@@ -142,7 +147,7 @@ def test_a_repeated_sweep_does_not_recompile(setup):
 
 
 def test_metrics_are_pytrees_that_jit_as_arguments():
-    logits = jax.random.normal(jax.random.key(0), (2, 3, 11))
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 11)), jnp.float32)
     metric = metrics.logit_diff(jnp.array([1, 2]), jnp.array([3, 4]), pos=1)
     leaves = jax.tree.leaves(metric)
     assert len(leaves) == 3  # pos, correct_ids, incorrect_ids; reduce is static
