@@ -4,7 +4,6 @@ patching cells against the TransformerLens-named grid, and an end-to-end smoke r
 import json
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -39,7 +38,7 @@ def test_twins_are_deterministic_and_differ_in_one_token_and_the_answer(task):
     assert (differs.sum(1) == 1).all()
     np.testing.assert_array_equal(differs.argmax(1), twins.changed)
     assert (twins.clean_answer != twins.corrupt_answer).all()
-    for row, answer in zip(twins.clean, twins.clean_answer):  # the answer is right
+    for row, answer in zip(twins.clean, twins.clean_answer, strict=True):  # the answer is right
         words = tokenizer.decode(row).split()
         if task == "recall":
             e, r = int(words[2][1:]), int(words[3][1:])
@@ -63,7 +62,7 @@ def test_reasoning_test_items_use_held_out_premise_combinations():
     tokenizer = mixture.tokenizer()
     for split, expected in (("test", True), ("train", False)):
         twins = rr.make_twins(mixture, "reasoning", split, 16, seed=0)
-        for row, answer in zip(twins.clean, twins.clean_answer):
+        for row, answer in zip(twins.clean, twins.clean_answer, strict=True):
             words = tokenizer.decode(row).split()
             start = int(words[words.index("?") + 1][1:])
             end = int(tokenizer.decode([answer])[1:])
