@@ -50,16 +50,16 @@ def test_tiny_decoder_learns_a_task_mixture_via_mechinterp_run(tmp_path):
     workdir = tmp_path / "run"
     config_file = tmp_path / "learn.py"
     config_file.write_text(LEARN_CONFIG.format(workdir=str(workdir)))
-    assert cli.main(["run", str(config_file), "train.steps=200"]) == 0
+    assert cli.main(["run", str(config_file), "train.steps=300"]) == 0
     final = _records(workdir, "eval")[-1]
-    assert final["step"] == 200
+    assert final["step"] == 300
     assert final["accuracy"] > 0.95 and final["exact_match"] > 0.9, final
     train = _records(workdir, "train")
     assert train[-1]["loss"] < 0.1 * train[0]["loss"]
     assert {"grad_norm", "lr", "tokens_per_s", "accuracy"} <= set(train[-1])
-    assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 200
-    assert "stopped: **done** at step 200" in (workdir / "report.md").read_text()
-    assert Checkpointer(workdir / "checkpoints").latest_step() == 200
+    assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 300
+    assert "stopped: **done** at step 300" in (workdir / "report.md").read_text()
+    assert Checkpointer(workdir / "checkpoints").latest_step() == 300
 
 
 def _toy_config(steps=8):
