@@ -1,0 +1,135 @@
+"""The family protocol: what an analysis may ask of a model family.
+
+A family is a Flax module whose activations pass through :func:`mechinterp.site`. Beyond
+its sites it may implement the capabilities below (plain methods and class attributes,
+checked structurally); analyses call :func:`require` and get :class:`MissingCapability`,
+naming the capability and the family, where one is absent. Analyses never inspect call
+signatures, parameter-tree names or a family's classes. Walk-through:
+``docs/adding_a_family.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+Array = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SublayerSites:
+    """One kind of sublayer (``"attn"``, ``"mlp"``, ...) as sites: the residual stream it
+    reads (``residual_in``), what it adds back (``output``), and the residual after the add
+    (``residual_out``). Its normalized input is ``LinearisableNorms.sublayer_input``."""
+
+    residual_in: str
+    output: str
+    residual_out: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStructure:
+    """A residual network of ``n_layers`` layers. ``residual`` lists the per-layer residual
+    sites in forward order (e.g. ``("resid_pre", "resid_mid", "resid_post")``), each with a
+    leading layer axis; ``sublayers`` maps each sublayer kind, in forward order, to its
+    sites; ``present[kind]`` lists the layers that have that sublayer (all by default)."""
+
+    n_layers: int
+    residual: tuple[str, ...]
+    sublayers: Mapping[str, SublayerSites]
+    present: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+    def layers_with(self, kind: str) -> tuple[int, ...]:
+        if kind not in self.sublayers:
+            raise KeyError(f"no sublayer kind {kind!r}; this family has {tuple(self.sublayers)}")
+        return self.present.get(kind, tuple(range(self.n_layers)))
+
+
+class MissingCapability(TypeError):
+    """A family lacks a capability an analysis needs."""
+
+
+@runtime_checkable
+class HasLayers(Protocol):
+    """Its layer structure and residual sites."""
+
+    def layer_structure(self) -> LayerStructure: ...
+
+
+@runtime_checkable
+class Resumable(Protocol):
+    """Resuming a forward from a cached state (sweep reuse): a patch at layer ``l``, position
+    ``p`` leaves layers below ``l`` and (causal models) positions before ``p`` unchanged.
+
+    ``resume_state(params, *inputs, **kwargs)`` returns the state (``None`` where these
+    inputs cannot resume); ``resume(params, state, first_layer, first_pos)`` returns
+    ``(model, params, kwargs)`` with ``model.apply({"params": params}, None, **kwargs)``
+    computing the rest, its per-layer sites sliced ``[first_layer:]`` and position sites
+    ``[first_pos:]``."""
+
+    def resume_state(self, params, *inputs, **kwargs) -> Any: ...
+
+    def resume(self, params, state, first_layer: int, first_pos: int
+               ) -> tuple[Any, Any, dict[str, Any]]: ...
+
+
+@runtime_checkable
+class SelectsOutputs(Protocol):
+    """Computing only selected outputs: ``output_selection(positions, columns)`` returns the
+    call keywords that make the forward return outputs at ``positions`` (batch, k) only and,
+    when ``columns`` (batch, k, c) is given and ``"columns"`` is in ``selectable_outputs``,
+    only those output columns (batch, k, c)."""
+
+    selectable_outputs: ClassVar[frozenset[str]]
+
+    def output_selection(self, positions: Array, columns: Array | None = None
+                         ) -> dict[str, Array]: ...
+
+
+@runtime_checkable
+class LinearisableNorms(Protocol):
+    """Linearising norms (attribution graphs): ``frozen_norms()`` is a context in which every
+    norm's data-dependent scale is treated as a constant (forward unchanged, no gradient
+    through the scale, so the network is linear in the residual stream); ``sublayer_input(params, kind, residual, frozen)``
+    is the normalized input sublayer ``kind`` computes from its residual stream (layer
+    axis first), with the scale frozen (no gradient through it) when ``frozen``."""
+
+    def frozen_norms(self) -> contextlib.AbstractContextManager: ...
+
+    def sublayer_input(self, params, kind: str, residual: Array, frozen: bool = False
+                       ) -> Array: ...
+
+
+@runtime_checkable
+class RemovesSublayers(Protocol):
+    """Removing sublayers (LLM-Drop): ``remove_sublayers(params, [(kind, layer), ...])``
+    returns ``(new_model, new_params)``, a genuinely smaller model."""
+
+    def remove_sublayers(self, params, sublayers: Sequence[tuple[str, int]]
+                         ) -> tuple[Any, Any]: ...
+
+
+CAPABILITIES = (HasLayers, Resumable, SelectsOutputs, LinearisableNorms, RemovesSublayers)
+
+
+def has(model, capability: type) -> bool:
+    """Whether ``model`` implements ``capability`` (one of :data:`CAPABILITIES`)."""
+    return isinstance(model, capability)
+
+
+def require(model, capability: type, needed_by: str) -> Any:
+    """``model`` itself if it implements ``capability``, else :class:`MissingCapability`
+    naming the capability, the family and the analysis (``needed_by``)."""
+    if not has(model, capability):
+        raise MissingCapability(
+            f"{needed_by} needs the {capability.__name__} capability "
+            f"({(capability.__doc__ or '').split(':')[0].strip().rstrip('.')}), which "
+            f"{type(model).__name__} does not implement; see docs/adding_a_family.md")
+    return model
+
+
+def capabilities(model) -> Iterator[str]:
+    """The names of the capabilities ``model`` implements."""
+    return (c.__name__ for c in CAPABILITIES if has(model, c))
