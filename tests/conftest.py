@@ -9,5 +9,18 @@ jax.config.update("jax_num_cpu_devices", 8)
 # by default (~1e-3 relative error). No effect on CPU, where float32 is already exact.
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# A persistent compilation cache outside the checkout: the suite is compile-bound on CPU,
+# and a second run (or a CI run on the same machine) loads compiled programs instead of
+# compiling them again. Subprocesses the tests start inherit it through the environment.
+# MECHINTERP_TEST_JAX_CACHE= (empty) turns it off.
+_CACHE = os.environ.setdefault(
+    "MECHINTERP_TEST_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mechinterp",
+                                              "jax_test_cache"))
+if _CACHE:
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+    jax.config.update("jax_compilation_cache_dir", _CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+
 # Tests import small helper modules (toy models) from this folder.
 sys.path.insert(0, os.path.dirname(__file__))
