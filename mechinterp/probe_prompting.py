@@ -42,6 +42,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from mechinterp.api import intervene
+from mechinterp.family import HasLayers, require
+from mechinterp.interventions import Intervention
 from mechinterp.transcoders import Transcoder, apply_layers, mlp_activations
 
 CATEGORIES = ("Semantic", "Say X", "Relationship", "Review")
@@ -138,18 +141,20 @@ def supernodes(labels: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[
 
 def logit_lens_names(model, params, tc_params, features: Iterable[tuple[int, int]],
                      vocabulary: Sequence[str]) -> list[str]:
-    """The token each feature's decoder vector promotes most: ``argmax (w_dec * g) W_U``
-    with ``g`` the final norm's weight (``lm_head``, or the tied embedding)."""
-    import flax.linen as nn
-
-    p = nn.meta.unbox(params)
-    unembed = p["lm_head"] if "lm_head" in p else p["embedding"].T
-    g = p["norm"]["scale"]
-    names = []
-    for layer, feature in features:
-        scores = (tc_params["W_dec"][layer, feature] * g) @ unembed
-        names.append(vocabulary[int(jnp.argmax(scores))])
-    return names
+    """The token each feature's decoder vector promotes most: the vector written as the
+    residual stream after the last layer (the family's last residual site), read through
+    the model's final norm and unembedding. For the decoder that is ``argmax (w_dec * g)
+    W_U`` with ``g`` the final norm's weight (the norm's ``1 / rms`` is a positive factor)."""
+    features = list(features)
+    structure = require(model, HasLayers, "logit_lens_names").layer_structure()
+    n_layers, last = structure.n_layers, structure.residual[-1]
+    vectors = jnp.stack([tc_params["W_dec"][layer, feature] for layer, feature in features])
+    value = jnp.broadcast_to(vectors[None, None], (n_layers, 1, *vectors.shape))
+    mask = (jnp.arange(n_layers) == n_layers - 1).astype(jnp.float32)[:, None, None, None]
+    tokens = jnp.zeros((1, len(features)), jnp.int32)  # every position is overwritten
+    logits = intervene(model, params, tokens,
+                       interventions={last: Intervention.patch(value, mask=mask)})[0]
+    return [vocabulary[int(i)] for i in jnp.argmax(logits, axis=-1)]
 
 
 # ---------------------------------------------------------------------------------------

@@ -143,3 +143,24 @@ def test_require_names_the_capability_the_family_and_the_analysis():
         "which my_analysis needs")
     assert isinstance(error.value, TypeError) and isinstance(error.value, ValueError)
     assert family.require(Decoder(CONFIG), family.Resumable, "x") is not None
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_logit_lens_names_read_the_unembedding_through_the_model(tie):
+    """Writing a vector as the last residual stream and reading the logits gives the token
+    of ``argmax (w * g) W_U``, the formula that used to read ``lm_head`` / ``embedding``
+    and the final norm's ``scale`` by name."""
+    from mechinterp import probe_prompting
+
+    model = Decoder(dataclasses.replace(CONFIG, vocab_size=40, tie_embeddings=tie))
+    params = random_params(model, tokens(1, 4, 40), seed=3)
+    tc_params = {"W_dec": jnp.asarray(np.random.default_rng(0).standard_normal((3, 50, 16)),
+                                      jnp.float32)}
+    features = [(layer, f) for layer in range(3) for f in range(50)]
+    vocabulary = [f"w{i}" for i in range(40)]
+    unembed = params["embedding"].T if tie else params["lm_head"]
+    expected = [vocabulary[int(jnp.argmax((tc_params["W_dec"][layer, f]
+                                           * params["norm"]["scale"]) @ unembed))]
+                for layer, f in features]
+    assert probe_prompting.logit_lens_names(model, params, tc_params, features,
+                                            vocabulary) == expected
