@@ -355,7 +355,7 @@ def first_order_logit_effects(model, params, graph: AttributionGraph, tc_params,
                               freeze_norms: bool = False, freeze_patterns: bool = False
                               ) -> np.ndarray:
     """The real decoder's first-order (JVP) change of each target's demeaned logit when
-    ``delta * w_dec`` of each feature is added to ``mlp_out``, optionally with the RMSNorm
+    ``delta * w_dec`` of each feature is added to ``mlp_out``, optionally with the norm
     factors and/or attention patterns frozen (MLPs stay real). Separates the graph's
     approximations: with both frozen, a last-layer feature's effect equals its direct edge."""
     tokens = jnp.asarray(graph.tokens)[None]
