@@ -2,35 +2,12 @@
 prompts that keep a seed prompt's syntax but swap its concepts ("Automated Circuit
 Interpretation via Probe Prompting"; METHODS.md item 2).
 
-For each feature ``(layer, feature)`` of a (pruned) attribution graph, the probe prompts
-give an *activation signature*:
-
-- ``peak_consistency``: share of the probes where it fires whose peak position holds the
-  feature's most common peak token (``modal_peak``);
-- ``distinct_peaks``: number of different peak tokens over those probes;
-- ``function_share``: share of those peaks that fall on function words (syntax: ``=``,
-  task and special tokens, ...);
-- ``sparsity``: share of all (probe, position) cells where it is inactive;
-- ``layer`` (and relative depth ``layer / (n_layers - 1)``).
-
-Ordered, transparent rules (:class:`Rules`, :func:`classify`) turn a signature into a
-category; the first rule that matches wins:
-
-1. one consistent peak on a content word (``distinct_peaks == 1`` and
-   ``peak_consistency >= consistency``) -> **Semantic**, named by that token;
-2. mostly function-word peaks, high confidence (``peak_consistency >= say_consistency``),
-   late layer (depth >= ``late_depth``) -> **Say "X"**, named by the token its decoder
-   vector promotes most (logit lens through the final norm's weight);
-3. dense (``sparsity < dense_sparsity``) -> **Relationship**, named by its modal peak;
-4. early layer (depth < ``early_depth``) or mostly content-word peaks -> **Semantic**
-   (concept), named by its modal peak;
-5. otherwise **Review**.
-
-(The paper's thresholds are not in METHODS.md; the defaults here are inferred and are
-fields of :class:`Rules`.) Supernodes are the features sharing a category and a name.
-The geometric baseline clusters the same features by their decoder directions (k-means on
-unit vectors, as many clusters as supernodes); both groupings are scored by pooled peak-token
-consistency and by mean within-group correlation of activation profiles.
+Each feature of a (pruned) attribution graph gets an activation signature over the probe
+prompts (peak consistency, distinct peaks, function-word share, sparsity, layer); ordered,
+transparent rules (:class:`Rules`, :func:`classify`) turn it into a category (Semantic,
+Say "X", Relationship, Review) and a name; supernodes are the features sharing both. A
+geometric baseline clusters the same features by decoder direction. The signature, the
+rules and the scores in full: ``docs/probe_prompting.md``.
 """
 
 from __future__ import annotations

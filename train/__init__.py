@@ -14,11 +14,8 @@
 or, config-driven, ``mechinterp run CONFIG`` with ``config.job = "mechinterp.train.loop:run"``
 (see :func:`mechinterp.train.config.default_config`).
 
-Modules: ``mesh`` (mesh, logical-axis rules, batch sharding), ``state`` (train state,
-sharded init), ``step`` (train/eval steps), ``losses``, ``optim`` (optax pieces),
-``checkpoint`` (Orbax), ``tasks`` (synthetic tasks), ``tokenizer`` (word-level and Hugging
-Face), ``data`` (tfds + grain), ``digits`` (scikit-learn digits with class splits and
-rotations), ``timeseries`` (statsmodels series as windows), ``flops`` (FLOPs, MFU),
+Modules: ``mesh``, ``state``, ``step``, ``losses``, ``optim``, ``checkpoint`` (Orbax),
+``tasks``, ``tokenizer``, ``data`` (tfds + grain), ``digits``, ``timeseries``, ``flops``,
 ``config``, ``loop`` (``fit``, ``run``), ``transcoders`` (``train_transcoders``).
 """
 
