@@ -1,63 +1,16 @@
-"""Attribution graphs over transcoder features (Ameisen et al. 2025, "Circuit Tracing:
-Revealing Computational Graphs in Language Models"; the circuit-tracer library).
+"""Attribution graphs over transcoder features (Ameisen et al. 2025, "Circuit Tracing";
+the circuit-tracer library).
 
-For one prompt, the *local replacement model* is the decoder with
-
-- every MLP replaced by its transcoder plus an error node (``mlp_out - y_hat``, a constant),
-- attention patterns frozen at their values on the prompt,
-- every RMSNorm's ``1 / rms(x)`` factor frozen at its value on the prompt.
-
-It is then linear from the *sources* (input token embeddings, active features'
-activations, error vectors) to the *targets* (feature pre-activations, logits), so the
-direct effect of source ``s`` on target ``t`` is exact::
-
-    A[t, s] = a_s * w_dec,s . d t / d (write at s's layer and position)
-
-with ``a_s`` the activation (1 for token and error nodes, whose written vector is the
-embedding / error itself). A target's incoming edges plus a constant (``target_bias``) add
-up to its value on the prompt: the constant is the target's value with every source at zero,
-i.e. the effect of the biases (encoder ``b_enc``, decoder ``b_dec``, attention) and, by
-default, of everything the MLPs write at position 0. Gradients come from the real decoder,
-run with interventions (``attn.pattern`` and ``mlp_out`` patched, ``embed`` patched to the
-differentiated embeddings; :func:`mechinterp.intervention_variables`) and its RMSNorms
-frozen by a Flax method interceptor; the rows of ``A`` are ``jax.vmap`` of one ``jax.vjp``
-over chunks of targets.
-
-**Position 0** (the BOS token, the attention sink) is excluded by default, as in
-circuit-tracer: its features are not nodes and its error vectors are zero, so its whole MLP
-output (features, ``b_dec`` and reconstruction error alike) is held at its clean value and
-counted in ``target_bias``. Under causal attention position 0 sees only itself, so on
-every prompt that starts with BOS its activations are the same and its features carry
-nothing about the prompt. The position-0 token node stays (its embedding reaches later
-positions through the frozen attention), and so do the position-0 error nodes, with no
-edges (zero influence). Replacement and Completeness keep their definitions below: they
-read the normalized adjacency, in which the constant position-0 output is attributed to no
-node (neither to error nodes, so it does not lower them, nor to tokens or features).
-``attribute(..., exclude_first_position=False)`` makes position 0 like any other.
-
-Node order (circuit-tracer's): features, error nodes (layer-major, ``layer * n_pos + pos``),
-token nodes, logit nodes. ``A[target, source]``; token and error rows are zero.
-
-Scores and pruning (circuit-tracer definitions), with ``Â = |A|`` row-normalized (each
-row divided by its sum) and ``w`` the logit nodes' probabilities (0 elsewhere):
-
-- influence ``I = w^T (Â + Â^2 + ...) = w^T ((1 - Â)^{-1} - 1)`` (a DAG: the series ends);
-- **replacement score** = ``I(tokens) / (I(tokens) + I(errors))``: the share of the logits'
-  (normalized) dependence on the inputs that flows from tokens through features only,
-  error nodes being the unexplained part. (METHODS.md's wording counts features with the
-  tokens; since every path ends at a token or an error node, circuit-tracer's form, used
-  here, is the one that sums to 1 with the error share.)
-- **completeness score** = ``sum_i (1 - e_i) (I_i + w_i) / sum_i (I_i + w_i)``, where
-  ``e_i = sum over error nodes j of Â[i, j]`` is the share of node i's normalized input
-  coming directly from error nodes.
-- node pruning keeps the feature and error nodes with the largest influence until they
-  hold share ``node_threshold`` of the feature and error nodes' total influence (tokens
-  and logits are always kept; taking the share over features and errors only is our
-  reading of circuit-tracer); edge pruning scores edge
-  ``s -> t`` by ``Â[t, s] (I_t + w_t)`` on the node-pruned graph and keeps edges up to
-  cumulative share ``edge_threshold``; then feature and error nodes left without kept
-  outgoing edges, and features left without kept incoming edges, are dropped (repeated
-  until nothing changes).
+For one prompt, the *local replacement model* is the model with every MLP replaced by its
+transcoder plus a constant error node, attention patterns frozen and norms linearised
+(:class:`mechinterp.family.LinearisableNorms`). It is linear from the sources (token
+embeddings, active features, error vectors) to the targets (feature pre-activations,
+logits), so the direct effect ``A[t, s]`` of source ``s`` on target ``t`` is exact; rows of
+``A`` are ``jax.vmap`` of one ``jax.vjp`` over chunks of targets. Node order
+(circuit-tracer's): features, error nodes (``layer * n_pos + pos``), token nodes, logit
+nodes. Position 0 (BOS) is excluded by default. Scores and pruning:
+:mod:`mechinterp.attribution_graph_scores`. Definitions and design notes:
+``docs/attribution_graphs.md``.
 """
 
 from __future__ import annotations
@@ -69,22 +22,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mechinterp import api
+from mechinterp.attribution_graph_scores import (GraphScores, PrunedGraph,
+                                                 cumulative_threshold, graph_scores,
+                                                 influence, normalize_matrix, prune)
+from mechinterp.family import (HasLayers, LinearisableNorms, SelectsOutputs, SublayerSites,
+                               require)
 from mechinterp.interventions import Intervention
 from mechinterp.sites import INTERMEDIATES
-from mechinterp.transcoders import (
-    Transcoder,
-    apply_layers,
-    mlp_norm_weight,
-    rms_normalize,
-    steer_features,
-)
+from mechinterp.transcoders import Transcoder, apply_layers, steer_features
 
 Array = jax.Array
 SCHEMA = "mechinterp.attribution_graph/1"
@@ -94,16 +45,17 @@ SCHEMA = "mechinterp.attribution_graph/1"
 # The local replacement model.
 
 
-def _freeze_rms_norms(next_fun, args, kwargs, context):
-    """Flax method interceptor: every RMSNorm of the decoder with ``1/rms(x)`` treated as a
-    constant (stop_gradient), so the norm is linear in ``x`` around the prompt."""
-    from mechinterp.models.layers import RMSNorm  # only the decoder family needs this
+__all__ = ["AttributionGraph", "GraphScores", "PrunedGraph", "actual_logit_effects",
+           "attribute", "cumulative_threshold", "first_order_logit_effects", "graph_scores",
+           "influence", "normalize_matrix", "plot", "predicted_logit_effects", "prune",
+           "replacement_forward", "save_json", "select_logits", "to_json"]
 
-    module = context.module
-    if not (isinstance(module, RMSNorm) and context.method_name == "__call__"):
-        return next_fun(*args, **kwargs)
-    weight = nn.meta.unbox(module.get_variable("params", "scale"))
-    return rms_normalize(args[0], jnp.asarray(weight, module.dtype), module.eps, frozen=True)
+
+def _mlp(model, needed_by: str = "attribution graphs") -> SublayerSites:
+    """The MLP sublayer's sites, after checking the capabilities the graph needs."""
+    for capability in (LinearisableNorms, SelectsOutputs):
+        require(model, capability, needed_by)
+    return require(model, HasLayers, needed_by).layer_structure().sublayers["mlp"]
 
 
 @flax.struct.dataclass
@@ -119,12 +71,12 @@ class _Prompt:
 
 
 def _clean_run(model, params, tokens: Array) -> _Prompt:
+    mlp = _mlp(model)
     tokens = jnp.asarray(tokens)[None]
     logits, cache = api.capture(model, params, tokens,
-                                sites=("embed", "attn.pattern", "resid_mid", "mlp_out"))
-    weight = mlp_norm_weight(model, params)[:, None, :]
-    mlp_in = rms_normalize(cache["resid_mid"][:, 0], weight, model.config.rms_norm_eps)
-    return _Prompt(tokens, cache["embed"][0], cache["attn.pattern"], cache["mlp_out"][:, 0],
+                                sites=("embed", "attn.pattern", mlp.residual_in, mlp.output))
+    mlp_in = model.sublayer_input(params, "mlp", cache[mlp.residual_in][:, 0])
+    return _Prompt(tokens, cache["embed"][0], cache["attn.pattern"], cache[mlp.output][:, 0],
                    mlp_in, logits[0, -1])
 
 
@@ -132,20 +84,21 @@ def replacement_forward(model, params, prompt: _Prompt, embed: Array, mlp_write:
                         ) -> tuple[Array, Array]:
     """The local replacement model: ``(embed (T, d), mlp_write (L, T, d))`` ->
     ``(resid_mid (L, T, d), logits at the last position (V,))``, linear (affine) in its
-    inputs, equal to the decoder's values at ``(prompt.embed, prompt.mlp_out)``."""
+    inputs, equal to the model's values at ``(prompt.embed, prompt.mlp_out)``."""
+    mlp = _mlp(model, "replacement_forward")
     tokens = prompt.tokens
-    kwargs = {"logit_positions": jnp.full((1, 1), tokens.shape[1] - 1, jnp.int32)}
+    kwargs = model.output_selection(jnp.full((1, 1), tokens.shape[1] - 1, jnp.int32))
     interventions = {
         "embed": Intervention.patch(embed[None]),
         "attn.pattern": Intervention.patch(jax.lax.stop_gradient(prompt.pattern)),
-        "mlp_out": Intervention.patch(mlp_write[:, None]),
+        mlp.output: Intervention.patch(mlp_write[:, None]),
     }
     variables, infos = api.intervention_variables(model, tokens, interventions=interventions,
                                                   **kwargs)
-    with nn.intercept_methods(_freeze_rms_norms):
+    with model.frozen_norms():
         logits, state = model.apply({"params": params, **variables}, tokens,
                                     mutable=[INTERMEDIATES], **kwargs)
-    resid_mid = api.read_sites(state, infos, "resid_mid")["resid_mid"][:, 0]
+    resid_mid = api.read_sites(state, infos, mlp.residual_in)[mlp.residual_in][:, 0]
     return resid_mid, logits[0, 0]
 
 
@@ -163,7 +116,7 @@ class AttributionGraph:
     logits at the last position. ``target_values``: each feature's pre-activation and each
     target's demeaned logit on the prompt (rows of ``adjacency`` sum to these minus
     ``target_bias``, the constant part: biases of the encoder, decoder and attention, and
-    with ``first_position_excluded`` the MLP outputs at position 0; module docstring).
+    with ``first_position_excluded`` the MLP outputs at position 0; ``docs/attribution_graphs.md``).
     """
 
     adjacency: np.ndarray
@@ -247,14 +200,12 @@ def _target_rows(model, params, tc_params, prompt: _Prompt, errors: Array, feats
                  activations: Array, logit_ids: Array, cotangents: Array):
     """Target values and the rows ``cotangents @ d targets / d sources`` of the adjacency
     (one ``vmap`` of one ``vjp``); targets = feature pre-activations, then demeaned logits."""
-    weight = mlp_norm_weight(model, params)[:, None, :]
-    eps = model.config.rms_norm_eps
     encoder = tc_params["W_enc"][feats[:, 0], :, feats[:, 2]]  # (S, d)
     enc_bias = tc_params["b_enc"][feats[:, 0], feats[:, 2]]
 
     def targets(embed, mlp_write):
         resid_mid, logits = replacement_forward(model, params, prompt, embed, mlp_write)
-        mlp_in = rms_normalize(resid_mid, weight, eps, frozen=True)
+        mlp_in = model.sublayer_input(params, "mlp", resid_mid, frozen=True)
         pre = jnp.sum(mlp_in[feats[:, 0], feats[:, 1]] * encoder, -1) + enc_bias
         return jnp.concatenate([pre, logits[logit_ids] - jnp.mean(logits)])
 
@@ -280,7 +231,7 @@ def attribute(model, params, tokens, transcoder: Transcoder, tc_params, *,
     ``vmap(vjp)``; features and logits are padded to multiples of 32 and 8, so prompts of
     one length share a few compilations. ``exclude_first_position`` (default, as
     circuit-tracer): no feature nodes at position 0 and zero error vectors there, the MLP
-    outputs at position 0 counting in ``target_bias`` (module docstring).
+    outputs at position 0 counting in ``target_bias`` (``docs/attribution_graphs.md``).
     """
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
@@ -327,7 +278,7 @@ def attribute(model, params, tokens, transcoder: Transcoder, tc_params, *,
     graph = AttributionGraph(
         adjacency=np.zeros(()), features=features, activations=activations, tokens=tokens,
         logit_tokens=np.asarray(logit_tokens), logit_probabilities=np.asarray(probs),
-        n_layers=model.config.n_layers,
+        n_layers=model.layer_structure().n_layers,
         target_values=np.asarray(values, np.float64)[wanted],
         target_bias=np.zeros(()), token_strings=token_strings,
         first_position_excluded=exclude_first_position)
@@ -339,97 +290,6 @@ def attribute(model, params, tokens, transcoder: Transcoder, tc_params, *,
     graph.target_bias = graph.target_values - target_rows.sum(axis=1)
     return graph
 
-
-# ---------------------------------------------------------------------------------------
-# Influence, scores, pruning (plain numpy, float64).
-
-
-def normalize_matrix(adjacency: np.ndarray) -> np.ndarray:
-    """``|A|`` with each row divided by its sum (rows summing to 0 stay 0)."""
-    absolute = np.abs(np.asarray(adjacency, np.float64))
-    sums = absolute.sum(axis=1, keepdims=True)
-    return np.divide(absolute, sums, out=np.zeros_like(absolute), where=sums > 0)
-
-
-def influence(normalized: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``w^T (Â + Â^2 + ...) = w^T ((1 - Â)^{-1} - 1)``: each node's total (normalized,
-    indirect and direct) influence on the weighted targets."""
-    n = len(normalized)
-    total = np.linalg.solve((np.eye(n) - normalized).T, weights)
-    return total - weights
-
-
-def cumulative_threshold(scores: np.ndarray, share: float) -> float:
-    """The smallest score kept when keeping the largest scores until their sum reaches
-    ``share`` of the total."""
-    ordered = np.sort(np.asarray(scores, np.float64).ravel())[::-1]
-    total = ordered.sum()
-    if total <= 0:
-        return np.inf
-    index = int(np.searchsorted(np.cumsum(ordered) / total, share))
-    return float(ordered[min(index, len(ordered) - 1)])
-
-
-@dataclasses.dataclass(frozen=True)
-class GraphScores:
-    replacement: float
-    completeness: float
-
-
-def graph_scores(graph: AttributionGraph) -> GraphScores:
-    """Replacement and completeness scores (module docstring)."""
-    normalized = normalize_matrix(graph.adjacency)
-    weights = graph.logit_weights()
-    infl = influence(normalized, weights)
-    errors = slice(graph.n_features, graph.n_features + graph.n_errors)
-    token_start = graph.n_features + graph.n_errors
-    token_infl = infl[token_start: token_start + graph.n_pos].sum()
-    error_infl = infl[errors].sum()
-    non_error = 1.0 - normalized[:, errors].sum(axis=1)
-    output = infl + weights
-    return GraphScores(replacement=float(token_infl / (token_infl + error_infl)),
-                       completeness=float((non_error * output).sum() / output.sum()))
-
-
-@dataclasses.dataclass
-class PrunedGraph:
-    """Boolean ``node_mask`` (n_nodes,) and ``edge_mask`` (n_nodes, n_nodes) over the
-    graph's nodes and ``adjacency`` entries, and every node's ``influence`` on the logits
-    (unpruned graph)."""
-
-    graph: AttributionGraph
-    node_mask: np.ndarray
-    edge_mask: np.ndarray
-    influence: np.ndarray
-
-
-def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98
-          ) -> PrunedGraph:
-    """Prune by cumulative influence (module docstring; circuit-tracer's defaults)."""
-    for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
-        if not 0.0 < value <= 1.0:
-            raise ValueError(f"{name} must be in (0, 1], got {value}")
-    weights = graph.logit_weights()
-    node_infl = influence(normalize_matrix(graph.adjacency), weights)
-    always = graph.n_features + graph.n_errors  # tokens and logits from here on
-    node_mask = node_infl >= cumulative_threshold(node_infl[:always], node_threshold)
-    node_mask[always:] = True
-
-    pruned = graph.adjacency * node_mask[:, None] * node_mask[None, :]
-    normalized = normalize_matrix(pruned)
-    target_infl = influence(normalized, weights) + weights
-    edge_scores = normalized * target_infl[:, None]
-    edge_mask = (edge_scores >= cumulative_threshold(edge_scores, edge_threshold)) & (pruned != 0)
-
-    while True:
-        keep = node_mask.copy()
-        keep[:always] &= edge_mask[:, :always].any(axis=0)  # has a kept outgoing edge
-        keep[:graph.n_features] &= edge_mask[:graph.n_features].any(axis=1)  # and an incoming
-        edge_mask &= keep[:, None] & keep[None, :]
-        if (keep == node_mask).all():
-            break
-        node_mask = keep
-    return PrunedGraph(graph, node_mask, edge_mask, node_infl)
 
 
 # ---------------------------------------------------------------------------------------
@@ -463,7 +323,7 @@ def actual_logit_effects(model, params, graph: AttributionGraph, tc_params,
     tokens = jnp.asarray(graph.tokens)[None]
     shape = (graph.n_layers, 1, graph.n_pos, tc_params["W_dec"].shape[-1])
     features = [tuple(int(v) for v in graph.features[i]) for i in feature_nodes]
-    steer = steer_features(tc_params, features, deltas, shape)
+    steer = {_mlp(model).output: steer_features(tc_params, features, deltas, shape)["mlp_out"]}
     base = api.intervene(model, params, tokens, interventions={})[0, -1]
     steered = api.intervene(model, params, tokens, interventions=steer)[0, -1]
 
@@ -476,13 +336,13 @@ def actual_logit_effects(model, params, graph: AttributionGraph, tc_params,
 def _steered_logit_jvp(model, params, tokens, pattern, add, logit_ids, freeze_norms,
                        freeze_patterns):
     def demeaned_logits(eps):
-        interventions = {"mlp_out": Intervention.steer(eps * add)}
+        interventions = {_mlp(model).output: Intervention.steer(eps * add)}
         if freeze_patterns:
             interventions["attn.pattern"] = Intervention.patch(pattern)
         ivs, _ = api.intervention_variables(model, tokens, interventions=interventions)
         variables = {"params": params, **ivs}
         if freeze_norms:
-            with nn.intercept_methods(_freeze_rms_norms):
+            with model.frozen_norms():
                 logits = model.apply(variables, tokens)[0, -1]
         else:
             logits = model.apply(variables, tokens)[0, -1]
@@ -495,7 +355,7 @@ def first_order_logit_effects(model, params, graph: AttributionGraph, tc_params,
                               freeze_norms: bool = False, freeze_patterns: bool = False
                               ) -> np.ndarray:
     """The real decoder's first-order (JVP) change of each target's demeaned logit when
-    ``delta * w_dec`` of each feature is added to ``mlp_out``, optionally with the RMSNorm
+    ``delta * w_dec`` of each feature is added to ``mlp_out``, optionally with the norm
     factors and/or attention patterns frozen (MLPs stay real). Separates the graph's
     approximations: with both frozen, a last-layer feature's effect equals its direct edge."""
     tokens = jnp.asarray(graph.tokens)[None]

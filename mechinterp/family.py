@@ -47,21 +47,23 @@ class LayerStructure:
         return self.present.get(kind, tuple(range(self.n_layers)))
 
 
-class MissingCapability(TypeError):
-    """A family lacks a capability an analysis needs."""
+class MissingCapability(TypeError, ValueError):
+    """A family lacks a capability an analysis needs (a ``TypeError``: the family's type
+    lacks it; also a ``ValueError`` for callers that check an analysis's arguments)."""
 
 
 @runtime_checkable
 class HasLayers(Protocol):
-    """Its layer structure and residual sites."""
+    """Layer structure: its layers, residual sites and sublayers."""
 
     def layer_structure(self) -> LayerStructure: ...
 
 
 @runtime_checkable
 class Resumable(Protocol):
-    """Resuming a forward from a cached state (sweep reuse): a patch at layer ``l``, position
-    ``p`` leaves layers below ``l`` and (causal models) positions before ``p`` unchanged.
+    """Resume protocol: resuming a forward from a cached state (sweep reuse). A patch at
+    layer ``l``, position ``p`` leaves layers below ``l`` and (causal models) positions
+    before ``p`` unchanged.
 
     ``resume_state(params, *inputs, **kwargs)`` returns the state (``None`` where these
     inputs cannot resume); ``resume(params, state, first_layer, first_pos)`` returns
@@ -77,10 +79,11 @@ class Resumable(Protocol):
 
 @runtime_checkable
 class SelectsOutputs(Protocol):
-    """Computing only selected outputs: ``output_selection(positions, columns)`` returns the
-    call keywords that make the forward return outputs at ``positions`` (batch, k) only and,
-    when ``columns`` (batch, k, c) is given and ``"columns"`` is in ``selectable_outputs``,
-    only those output columns (batch, k, c)."""
+    """Output selection: computing only selected outputs (answer logits).
+    ``output_selection(positions, columns)`` returns the call keywords that make the forward
+    return outputs at ``positions`` (batch, k) only and, when ``columns`` (batch, c) is given
+    and ``"columns"`` is in ``selectable_outputs``, only those output columns per example
+    (batch, k, c)."""
 
     selectable_outputs: ClassVar[frozenset[str]]
 
@@ -90,11 +93,12 @@ class SelectsOutputs(Protocol):
 
 @runtime_checkable
 class LinearisableNorms(Protocol):
-    """Linearising norms (attribution graphs): ``frozen_norms()`` is a context in which every
-    norm's data-dependent scale is treated as a constant (forward unchanged, no gradient
-    through the scale, so the network is linear in the residual stream); ``sublayer_input(params, kind, residual, frozen)``
-    is the normalized input sublayer ``kind`` computes from its residual stream (layer
-    axis first), with the scale frozen (no gradient through it) when ``frozen``."""
+    """Norm linearisation (attribution graphs). ``frozen_norms()`` is a context in which
+    every norm's data-dependent scale is a constant for differentiation (forward unchanged,
+    so the network is linear in the residual stream around the input);
+    ``sublayer_input(params, kind, residual, frozen)`` is the normalized input that
+    sublayer ``kind`` computes from its residual stream ``residual`` (layer axis first, then
+    any axes, features last), with the scale frozen likewise when ``frozen``."""
 
     def frozen_norms(self) -> contextlib.AbstractContextManager: ...
 
@@ -104,8 +108,10 @@ class LinearisableNorms(Protocol):
 
 @runtime_checkable
 class RemovesSublayers(Protocol):
-    """Removing sublayers (LLM-Drop): ``remove_sublayers(params, [(kind, layer), ...])``
-    returns ``(new_model, new_params)``, a genuinely smaller model."""
+    """Sublayer removal (LLM-Drop). ``remove_sublayers(params, [(kind, layer), ...])``
+    returns ``(new_model, new_params)``: a genuinely smaller model without those sublayers
+    (and their weights), whose ``layer_structure().present`` lists what is left; a layer
+    left with no sublayer is removed and later layers move down. Errors: ``ValueError``."""
 
     def remove_sublayers(self, params, sublayers: Sequence[tuple[str, int]]
                          ) -> tuple[Any, Any]: ...
@@ -123,10 +129,11 @@ def require(model, capability: type, needed_by: str) -> Any:
     """``model`` itself if it implements ``capability``, else :class:`MissingCapability`
     naming the capability, the family and the analysis (``needed_by``)."""
     if not has(model, capability):
+        what = (capability.__doc__ or "").split(":")[0].split(".")[0].strip()
+        what = what[:1].lower() + what[1:]
         raise MissingCapability(
-            f"{needed_by} needs the {capability.__name__} capability "
-            f"({(capability.__doc__ or '').split(':')[0].strip().rstrip('.')}), which "
-            f"{type(model).__name__} does not implement; see docs/adding_a_family.md")
+            f"{type(model).__name__} has no {what} (the {capability.__name__} capability of "
+            f"mechinterp.family), which {needed_by} needs; see docs/adding_a_family.md")
     return model
 
 

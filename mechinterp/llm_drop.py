@@ -1,25 +1,13 @@
-"""LLM-Drop: which attention / MLP sublayers or whole blocks a decoder can lose.
+"""LLM-Drop: which attention / MLP sublayers or whole blocks a model can lose.
 
 After "What Matters in Transformers? Not All Attention is Needed" (He et al., 2024). A
-pre-norm sublayer maps its residual input ``X`` to ``Y = X + f(norm(X))``; its similarity
-score over a calibration set is
-
-    S = E_tokens [ X . Y / (||X|| ||Y||) ]          (importance = 1 - S)
-
-with ``(X, Y)`` = (``resid_pre``, ``resid_mid``) for attention, (``resid_mid``,
-``resid_post``) for the MLP and (``resid_pre``, ``resid_post``) for a whole block. A
-sublayer with ``S`` near 1 barely changes the stream, so it is dropped first. Variants:
-``"attn"`` (attention only), ``"mlp"`` (MLP only), ``"block"`` (whole layers) and
-``"joint"`` (attention and MLP sublayers ranked together); ``iterative=True`` rescores after
-every drop, one-shot ranks once.
-
-Scoring reads sites, so it works on any decoder whose layers record ``resid_pre``,
-``resid_mid`` and ``resid_post`` (ours, or one from ``load_hf``). While a drop order is
-built, already-chosen sublayers are zeroed with interventions on ``attn_out`` / ``mlp_out``
-(``x + 0`` is exactly the dropped sublayer). :func:`drop` then performs the surgery on a
-:class:`~mechinterp.models.Decoder`: it returns a smaller model whose config lists the kept
-sublayers (``attn_layers`` / ``mlp_layers``; layers that lose both are removed and the rest
-renumbered) and a parameter tree without the dropped weights and their norms.
+sublayer's similarity score is ``S = E_tokens[cos(X, Y)]`` between the residual stream
+before and after it (importance ``1 - S``); the highest ``S`` is dropped first. Variants
+``"attn"``, ``"mlp"``, ``"block"`` and ``"joint"``; ``iterative=True`` rescores after every
+drop. Scoring reads the sites ``resid_pre``, ``resid_mid`` and ``resid_post`` and zeroes
+already-chosen sublayers with interventions; :func:`drop` removes them for real through the
+family's :class:`~mechinterp.family.RemovesSublayers` capability. Details:
+``docs/llm_drop.md``.
 """
 
 from __future__ import annotations
@@ -27,11 +15,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 
-import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
 from mechinterp.api import capture, list_sites
+from mechinterp.family import HasLayers, RemovesSublayers, require
 from mechinterp.interventions import Intervention
 
 KINDS = ("attn", "mlp", "block")
@@ -156,45 +144,24 @@ def drop_order(model, params, tokens, token_mask=None, *, variant: str, n: int,
 
 
 def drop(model, params, sublayers: Sequence[Sublayer]):
-    """``(new_model, new_params)``: ``model`` (a :class:`~mechinterp.models.Decoder`) without
-    ``sublayers``, indexed by the model's layers. The new config keeps the kept sublayers in
-    ``attn_layers`` / ``mlp_layers``; a layer left with neither is removed and later layers
-    move down. Scanned parameters stay scanned when every layer keeps the same sublayers,
-    otherwise the result is unrolled (``scan_layers=False``)."""
-    from mechinterp.models.decoder import stack_layers, unstack_layers
-
-    c = model.config
-    attn = [c.has_attention(i) for i in range(c.n_layers)]
-    mlp = [c.has_mlp(i) for i in range(c.n_layers)]
-    seen = set()
+    """``(new_model, new_params)``: ``model`` without ``sublayers``, indexed by the model's
+    layers (a ``"block"`` is its attention and its MLP), by the family's sublayer removal
+    (:class:`~mechinterp.family.RemovesSublayers`): a genuinely smaller model, a layer left
+    with no sublayer removed and later layers moved down."""
+    structure = require(model, HasLayers, "llm_drop.drop").layer_structure()
+    require(model, RemovesSublayers, "llm_drop.drop")
+    n_layers = structure.n_layers
+    present = {kind: set(structure.layers_with(kind)) for kind in ("attn", "mlp")}
+    parts = []
     for s in sublayers:
-        if s.kind not in KINDS or not 0 <= s.layer < c.n_layers:
-            raise ValueError(f"cannot drop {s!r}: kinds are {KINDS}, layers 0..{c.n_layers - 1}")
-        parts = ("attn", "mlp") if s.kind == "block" else (s.kind,)
-        for part in parts:
-            present = attn if part == "attn" else mlp
-            if (part, s.layer) in seen or not present[s.layer]:
+        if s.kind not in KINDS or not 0 <= s.layer < n_layers:
+            raise ValueError(f"cannot drop {s!r}: kinds are {KINDS}, layers 0..{n_layers - 1}")
+        for part in ("attn", "mlp") if s.kind == "block" else (s.kind,):
+            if s.layer not in present[part]:
                 raise ValueError(f"cannot drop {s}: layer {s.layer} has no {part} sublayer left "
                                  "(listed twice, or already dropped)")
-            seen.add((part, s.layer))
-            present[s.layer] = False
-    kept = [i for i in range(c.n_layers) if attn[i] or mlp[i]]
-    if not kept:
+            present[part].discard(s.layer)
+            parts.append((part, s.layer))
+    if not any(present.values()):
         raise ValueError(f"dropping {len(sublayers)} sublayers leaves no layer; keep at least one")
-    mlp_name = "moe" if c.n_experts > 0 else "mlp"
-    layers = (unstack_layers(params, c.n_layers) if c.scan_layers
-              else dict(nn.meta.unbox(params)))
-    new_params = {k: v for k, v in layers.items() if not k.startswith("layers_")}
-    for new, old in enumerate(kept):
-        removed = (set() if attn[old] else {"attn", "attn_norm"}) | (
-            set() if mlp[old] else {mlp_name, "mlp_norm"})
-        new_params[f"layers_{new}"] = {k: v for k, v in layers[f"layers_{old}"].items()
-                                       if k not in removed}
-    attn_layers = tuple(j for j, i in enumerate(kept) if attn[i])
-    mlp_layers = tuple(j for j, i in enumerate(kept) if mlp[i])
-    uniform = all(len(t) in (0, len(kept)) for t in (attn_layers, mlp_layers))
-    config = dataclasses.replace(c, n_layers=len(kept), attn_layers=attn_layers,
-                                 mlp_layers=mlp_layers, scan_layers=c.scan_layers and uniform)
-    if config.scan_layers:
-        new_params = stack_layers(new_params)
-    return type(model)(config), new_params
+    return model.remove_sublayers(params, parts)

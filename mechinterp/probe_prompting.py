@@ -2,35 +2,12 @@
 prompts that keep a seed prompt's syntax but swap its concepts ("Automated Circuit
 Interpretation via Probe Prompting"; METHODS.md item 2).
 
-For each feature ``(layer, feature)`` of a (pruned) attribution graph, the probe prompts
-give an *activation signature*:
-
-- ``peak_consistency``: share of the probes where it fires whose peak position holds the
-  feature's most common peak token (``modal_peak``);
-- ``distinct_peaks``: number of different peak tokens over those probes;
-- ``function_share``: share of those peaks that fall on function words (syntax: ``=``,
-  task and special tokens, ...);
-- ``sparsity``: share of all (probe, position) cells where it is inactive;
-- ``layer`` (and relative depth ``layer / (n_layers - 1)``).
-
-Ordered, transparent rules (:class:`Rules`, :func:`classify`) turn a signature into a
-category; the first rule that matches wins:
-
-1. one consistent peak on a content word (``distinct_peaks == 1`` and
-   ``peak_consistency >= consistency``) -> **Semantic**, named by that token;
-2. mostly function-word peaks, high confidence (``peak_consistency >= say_consistency``),
-   late layer (depth >= ``late_depth``) -> **Say "X"**, named by the token its decoder
-   vector promotes most (logit lens through the final norm's weight);
-3. dense (``sparsity < dense_sparsity``) -> **Relationship**, named by its modal peak;
-4. early layer (depth < ``early_depth``) or mostly content-word peaks -> **Semantic**
-   (concept), named by its modal peak;
-5. otherwise **Review**.
-
-(The paper's thresholds are not in METHODS.md; the defaults here are inferred and are
-fields of :class:`Rules`.) Supernodes are the features sharing a category and a name.
-The geometric baseline clusters the same features by their decoder directions (k-means on
-unit vectors, as many clusters as supernodes); both groupings are scored by pooled peak-token
-consistency and by mean within-group correlation of activation profiles.
+Each feature of a (pruned) attribution graph gets an activation signature over the probe
+prompts (peak consistency, distinct peaks, function-word share, sparsity, layer); ordered,
+transparent rules (:class:`Rules`, :func:`classify`) turn it into a category (Semantic,
+Say "X", Relationship, Review) and a name; supernodes are the features sharing both. A
+geometric baseline clusters the same features by decoder direction. The signature, the
+rules and the scores in full: ``docs/probe_prompting.md``.
 """
 
 from __future__ import annotations
@@ -42,6 +19,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from mechinterp.api import intervene
+from mechinterp.family import HasLayers, require
+from mechinterp.interventions import Intervention
 from mechinterp.transcoders import Transcoder, apply_layers, mlp_activations
 
 CATEGORIES = ("Semantic", "Say X", "Relationship", "Review")
@@ -138,18 +118,20 @@ def supernodes(labels: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[
 
 def logit_lens_names(model, params, tc_params, features: Iterable[tuple[int, int]],
                      vocabulary: Sequence[str]) -> list[str]:
-    """The token each feature's decoder vector promotes most: ``argmax (w_dec * g) W_U``
-    with ``g`` the final norm's weight (``lm_head``, or the tied embedding)."""
-    import flax.linen as nn
-
-    p = nn.meta.unbox(params)
-    unembed = p["lm_head"] if "lm_head" in p else p["embedding"].T
-    g = p["norm"]["scale"]
-    names = []
-    for layer, feature in features:
-        scores = (tc_params["W_dec"][layer, feature] * g) @ unembed
-        names.append(vocabulary[int(jnp.argmax(scores))])
-    return names
+    """The token each feature's decoder vector promotes most: the vector written as the
+    residual stream after the last layer (the family's last residual site), read through
+    the model's final norm and unembedding. For the decoder that is ``argmax (w_dec * g)
+    W_U`` with ``g`` the final norm's weight (the norm's ``1 / rms`` is a positive factor)."""
+    features = list(features)
+    structure = require(model, HasLayers, "logit_lens_names").layer_structure()
+    n_layers, last = structure.n_layers, structure.residual[-1]
+    vectors = jnp.stack([tc_params["W_dec"][layer, feature] for layer, feature in features])
+    value = jnp.broadcast_to(vectors[None, None], (n_layers, 1, *vectors.shape))
+    mask = (jnp.arange(n_layers) == n_layers - 1).astype(jnp.float32)[:, None, None, None]
+    tokens = jnp.zeros((1, len(features)), jnp.int32)  # every position is overwritten
+    logits = intervene(model, params, tokens,
+                       interventions={last: Intervention.patch(value, mask=mask)})[0]
+    return [vocabulary[int(i)] for i in jnp.argmax(logits, axis=-1)]
 
 
 # ---------------------------------------------------------------------------------------

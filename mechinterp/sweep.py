@@ -1,30 +1,23 @@
 """The sweep engine: a grid of single-cell interventions as a few vmapped computations.
 
-A grid names some axes of a site (e.g. ``("layer", "pos")`` of ``resid_pre``). Each grid
-cell is an intervention whose mask is one-hot on those axes and 1 on every other axis. The
-cells are evaluated with ``jax.vmap`` over their integer indices only: each cell builds its
-mask inside the computation, and the large operand (the source cache that values are
-patched from) is shared by all cells (``in_axes=None``). Cells run in equal chunks (the last
-one padded) so memory stays within a budget.
+A grid names some axes of a site (e.g. ``("layer", "pos")`` of ``resid_pre``). Each cell is
+an intervention whose mask is one-hot on those axes; cells run with ``jax.vmap`` over their
+indices only, sharing the large operand (the source cache, ``in_axes=None``), in equal
+chunks that fit a memory budget. A metric that names the logits it reads gets only those
+from a family with the output-selection capability (:mod:`mechinterp.family`).
 
-Reuse of unchanged work. A patch at layer ``l`` and position ``p`` of a causal model leaves
-every layer below ``l``, and every position before ``p`` at every layer, as they were in the
-unpatched run. A model that offers the resume protocol (``model.resume_state(params,
-*inputs, **kwargs)`` once, then ``model.resume(params, state, first_layer, first_pos) ->
-(model, params, kwargs)``, see :meth:`mechinterp.models.decoder.Decoder.resume`; a
-``None`` state means it cannot resume these inputs) lets the sweep group cells by layer and by block of positions and run each group from the cached
-residual stream at its layer, for its positions only, reading the earlier positions' keys
-and values from the cache. ``position_blocks`` sets how many position groups there are
-(more blocks: less work, more compilations; one compilation per group and chunk size,
-cached across calls). Each :class:`SweepResult` reports the matmul FLOPs it executed and
-those of the naive way (one full forward, full-vocabulary logits, per cell).
+Reuse: a family with the resume protocol (:class:`mechinterp.family.Resumable`) lets the
+sweep group cells by layer and block of positions and run each group from the cached
+residual stream at its layer, for its positions only (a patch at layer ``l``, position ``p``
+of a causal model changes nothing below ``l`` or before ``p``). ``position_blocks`` sets
+how many position groups there are. Each :class:`SweepResult` reports the matmul FLOPs it
+executed and those of the naive way (one full forward, full logits, per cell).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import itertools
 import json
 import weakref
@@ -37,6 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mechinterp.api import SiteInfo, _CallSignature, _hashable, intervene, list_sites
+from mechinterp.family import Resumable, SelectsOutputs, has, require
 from mechinterp.flops import matmul_flops
 from mechinterp.interventions import Intervention
 from mechinterp.metrics import Metric
@@ -100,32 +94,27 @@ class SweepResult:
         return pd.Series(self.values.reshape(-1), index=index, name="metric").reset_index()
 
 
-def _accepts(model, argument: str) -> bool:
-    return argument in inspect.signature(type(model).__call__).parameters
-
-
 def _selects_logits(model, metric) -> bool:
-    return isinstance(metric, Metric) and _accepts(model, "logit_positions")
+    return isinstance(metric, Metric) and has(model, SelectsOutputs)
 
 
 def evaluate_metric(model, params, inputs, kwargs, metric, interventions,
                     logit_positions=None):
     """Run ``model`` with ``interventions`` and reduce its logits with ``metric``.
 
-    A :class:`~mechinterp.metrics.Metric` on a model that accepts ``logit_positions`` gets
-    only the logits it reads (at ``logit_positions`` if given, else at the metric's own
-    positions; only its ``columns`` if it names some and the model accepts
-    ``logit_columns``); any other callable gets the full logits.
+    A :class:`~mechinterp.metrics.Metric` on a family with output selection
+    (:class:`~mechinterp.family.SelectsOutputs`) gets only the logits it reads (at
+    ``logit_positions`` if given, else at the metric's own positions; only its ``columns``
+    if it names some and the family selects columns); any other callable gets the full
+    logits.
     """
     if _selects_logits(model, metric):
         if logit_positions is None:
             batch, seq_len = inputs[0].shape[:2]
             logit_positions = metric.positions(batch, seq_len)
-        kwargs = dict(kwargs, logit_positions=logit_positions)
         columns = (metric.columns(logit_positions.shape[0])
-                   if _accepts(model, "logit_columns") else None)
-        if columns is not None:
-            kwargs["logit_columns"] = columns
+                   if "columns" in model.selectable_outputs else None)
+        kwargs = dict(kwargs, **model.output_selection(logit_positions, columns))
         logits = intervene(model, params, *inputs, interventions=interventions, **kwargs)
         return metric.on_selected(logits) if columns is None else metric.on_columns(logits)
     return metric(intervene(model, params, *inputs, interventions=interventions, **kwargs))
@@ -167,16 +156,13 @@ def _resume_state(model, params, inputs, model_kwargs, info, grid_axes, reuse, w
     if reuse is False or (reuse is None and not worth_it):
         return None
     name = type(model).__name__
-    if not hasattr(model, "resume") or not hasattr(model, "resume_state"):
-        why = f"{name} has no resume protocol (resume_state and resume methods)"
-    elif not info.axes or info.axes[0] != LAYER_AXIS or LAYER_AXIS not in grid_axes:
+    if not has(model, Resumable):
+        if reuse:
+            require(model, Resumable, "sweep(reuse=True) (pass reuse=False or None)")
+        return None
+    why = None
+    if not info.axes or info.axes[0] != LAYER_AXIS or LAYER_AXIS not in grid_axes:
         why = f"the grid {grid_axes} over site {info.name!r} has no layer axis to start from"
-    else:
-        try:
-            inspect.signature(model.resume_state).bind(params, *inputs, **model_kwargs)
-            why = None
-        except TypeError as error:
-            why = f"{name}.resume_state does not take these arguments ({error})"
     state = None if why else model.resume_state(params, *inputs, **model_kwargs)
     if state is None and why is None:
         why = f"{name}.resume_state returned None for these inputs"
@@ -266,8 +252,8 @@ def sweep(
     sliced to a resumed run, is the resumed run's intervention). ``chunk_size`` cells run
     at once; by default as many as fit ``memory_budget`` bytes of activations. ``labels``
     name the entries of grid axes (e.g. ``{"pos": token_strings}``) for tables and plots.
-    ``reuse=True`` skips work a cell cannot change (see the module docstring) when the
-    model offers the resume protocol, ``reuse=False`` runs every cell from the input, and
+    ``reuse=True`` skips work a cell cannot change (see the module docstring; the family
+    needs the :class:`~mechinterp.family.Resumable` capability), ``reuse=False`` runs every cell from the input, and
     ``None`` reuses when that saves more than the extra compilations cost (see
     :data:`REUSE_FLOPS_PER_GROUP`);
     ``position_blocks`` groups positions for reuse. Errors (unknown site or axis, a source

@@ -1,45 +1,21 @@
-"""Per-layer transcoders and residual-stream SAEs for a :class:`~mechinterp.models.Decoder`.
+"""Per-layer transcoders and residual-stream SAEs of any family with layer structure and
+norm linearisation (:mod:`mechinterp.family`), e.g. :class:`~mechinterp.models.Decoder`.
 
-A transcoder approximates one layer's MLP through a wide, sparse feature layer::
-
-    a = sigma(W_enc x + b_enc)            x = the MLP's input  (mlp_norm(resid_mid))
-    y_hat = W_dec^T a + b_dec             y = the MLP's output (site ``mlp_out``)
-
-and a residual SAE is the same module trained to reconstruct its own input (``y = x``).
-``sigma`` is one of
-
-- ``"relu"``: ``max(0, z)``, trained with the sparsity penalty
-  ``lambda * sum_f a_f ||W_dec,f||`` (Anthropic, "Towards Monosemanticity" / April 2024 update);
-- ``"topk"``: keep the ``k`` largest pre-activations (then ReLU), no penalty (Gao et al. 2024,
-  "Scaling and evaluating sparse autoencoders");
-- ``"jumprelu"``: ``z * H(z - theta)`` with a learned per-feature threshold ``theta``, trained
-  with an L0 penalty ``lambda * sum_f H(z_f - theta_f)`` whose gradient with respect to
-  ``theta`` comes from a straight-through estimator with a rectangle kernel of bandwidth
-  ``eps`` (Rajamanoharan et al. 2024, "Jumping Ahead", eqs. 11-12)::
-
-      d/dtheta JumpReLU(z)  := -(theta / eps) K((z - theta) / eps)
-      d/dtheta H(z - theta) := -(1 / eps) K((z - theta) / eps),   K(u) = 1[|u| < 1/2]
-
-  (the gradient with respect to ``z`` is the usual one: ``H(z - theta)`` for JumpReLU, 0
-  for the step).
-
-One :class:`Transcoder` is one layer; a model's transcoders are one parameter tree with a
-leading layer axis (built with ``jax.vmap`` of ``init``), like the decoder's scanned layers.
-Training streams activations: each step runs the decoder on a fresh batch of tokens
-(:func:`mlp_activations`) and nothing is stored.
-
-Splicing is an intervention on ``mlp_out`` (:func:`splice_interventions`): the MLP output is
-replaced by the transcoder's output, plus the error term ``mlp_out - y_hat`` when asked,
-which makes the spliced model reproduce the original exactly (to float rounding).
+A transcoder approximates one layer's MLP through a wide, sparse feature layer,
+``a = sigma(W_enc x + b_enc)``, ``y_hat = W_dec^T a + b_dec`` with ``x`` the MLP's
+normalized input and ``y`` its output (site ``mlp_out``); a residual SAE is the same module
+trained to reconstruct its own input. ``sigma`` is ``"relu"``, ``"topk"`` or
+``"jumprelu"`` (straight-through threshold gradients). A model's transcoders are one
+parameter tree with a leading layer axis. Splicing is an intervention on the MLP output:
+the transcoder's output, plus the error term ``mlp_out - y_hat`` when asked (then the
+spliced model reproduces the original). Training: :mod:`mechinterp.train.transcoders`.
+Design notes and references: ``docs/transcoders.md``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -49,6 +25,7 @@ import numpy as np
 import optax
 
 from mechinterp.api import capture, intervene
+from mechinterp.family import HasLayers, LinearisableNorms, require
 from mechinterp.interventions import Intervention
 
 Array = jax.Array
@@ -211,46 +188,24 @@ def layer_params(tc_params, layer: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# Activations of a Decoder (no dependency on the family: parameters are read by name).
+# A model's MLP activations, through the family protocol.
 
 
-def _per_layer(params: Mapping, path: tuple[str, ...], n_layers: int) -> Array:
-    """A per-layer parameter of a scanned (``layers``) or unrolled (``layers_i``) decoder."""
-    params = nn.meta.unbox(params)
-
-    def get(tree):
-        for key in path:
-            tree = tree[key]
-        return tree
-    if "layers" in params:
-        return get(params["layers"])
-    return jnp.stack([get(params[f"layers_{i}"]) for i in range(n_layers)])
-
-
-def rms_normalize(x: Array, weight: Array, eps: float, frozen: bool = False) -> Array:
-    """The decoder's RMSNorm: ``weight * x / sqrt(mean(x^2) + eps)`` (normalized in float32).
-
-    ``frozen``: the factor ``1 / sqrt(mean(x^2) + eps)`` is a constant for differentiation
-    (``stop_gradient``), so the norm is linear in ``x`` (attribution graphs)."""
-    h = x.astype(jnp.float32)
-    factor = jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
-    if frozen:
-        factor = jax.lax.stop_gradient(factor)
-    return weight * (h * factor).astype(x.dtype)
-
-
-def mlp_norm_weight(model, params) -> Array:
-    """(layer, d_model): each layer's ``mlp_norm`` scale."""
-    return _per_layer(params, ("mlp_norm", "scale"), model.config.n_layers)
+def mlp_sites(model, needed_by: str = "transcoders"):
+    """The sites of ``model``'s MLP sublayer (:class:`~mechinterp.family.SublayerSites`)."""
+    return require(model, HasLayers, needed_by).layer_structure().sublayers["mlp"]
 
 
 def mlp_activations(model, params, tokens: Array, **kwargs) -> dict[str, Array]:
-    """One forward of ``model``: ``resid_mid``, ``mlp_in`` (= ``mlp_norm(resid_mid)``, the
-    MLP's input) and ``mlp_out``, each (layer, batch, pos, d_model)."""
-    _, cache = capture(model, params, tokens, sites=("resid_mid", "mlp_out"), **kwargs)
-    weight = mlp_norm_weight(model, params)[:, None, None, :]
-    mlp_in = rms_normalize(cache["resid_mid"], weight, model.config.rms_norm_eps)
-    return {"resid_mid": cache["resid_mid"], "mlp_in": mlp_in, "mlp_out": cache["mlp_out"]}
+    """One forward of ``model``: ``resid_mid`` (the MLP's residual input), ``mlp_in`` (its
+    normalized input, :meth:`~mechinterp.family.LinearisableNorms.sublayer_input`) and
+    ``mlp_out`` (its output), each (layer, batch, pos, d_model)."""
+    sites = mlp_sites(model, "mlp_activations")
+    require(model, LinearisableNorms, "mlp_activations")
+    _, cache = capture(model, params, tokens, sites=(sites.residual_in, sites.output), **kwargs)
+    mlp_in = model.sublayer_input(params, "mlp", cache[sites.residual_in])
+    return {"resid_mid": cache[sites.residual_in], "mlp_in": mlp_in,
+            "mlp_out": cache[sites.output]}
 
 
 def pairs(activations: Mapping[str, Array], kind: str) -> tuple[Array, Array]:
@@ -265,229 +220,11 @@ def pairs(activations: Mapping[str, Array], kind: str) -> tuple[Array, Array]:
     return x.reshape(x.shape[0], -1, x.shape[-1]), y.reshape(y.shape[0], -1, y.shape[-1])
 
 
-# ---------------------------------------------------------------------------------------
-# Training.
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingConfig:
-    """How to train one transcoder (or SAE) per layer.
-
-    The loss per token is ``sum_layers [ ||y - y_hat||^2 / d + lambda * sparsity ]`` on unit-
-    scaled activations (``y`` divided by its centred RMS, so the batch mean of the first
-    term is each layer's NMSE = sum ||y - y_hat||^2 / sum ||y - mean(y)||^2), plus, when
-    ``aux_k > 0``, the AuxK loss (Gao et al. 2024, section A.2)::
-
-        L_aux = aux_coef * sum_layers ||e - e_hat||^2 / ||e - mean(e)||^2,
-        e = y - y_hat (no gradient),  e_hat = W_dec^T TopK_aux(z restricted to dead features)
-
-    which trains features that fired on none of the batch's tokens (dead within the last
-    batch: the window is one batch of tokens) to explain what the live ones miss.
-    ``batch_size`` counts sequences; ``learning_rate`` is Adam's (constant, no clipping).
-    """
-
-    n_features: int = 256
-    activation: str = "relu"
-    kind: str = "transcoder"
-    k: int = 8
-    sparsity_coef: float = 1e-3
-    bandwidth: float = 0.05
-    init_threshold: float = 0.05
-    learning_rate: float = 1e-3
-    steps: int = 500
-    batch_size: int = 32
-    aux_k: int = 0
-    aux_coef: float = 1 / 32
-    seed: int = 0
-
-    def module(self, d_model: int) -> Transcoder:
-        return Transcoder(d_in=d_model, d_out=d_model, n_features=self.n_features,
-                          activation=self.activation, k=self.k, bandwidth=self.bandwidth,
-                          init_threshold=self.init_threshold)
-
-
-def auxk_nmse(pre: Array, acts: Array, residual: Array, w_dec: Array, weights: Array,
-              aux_k: int) -> Array:
-    """One layer's AuxK term (see :class:`TrainingConfig`): the NMSE of reconstructing
-    ``residual`` (tokens, d) from the ``aux_k`` largest pre-activations ``pre`` (tokens, F)
-    among features whose activations ``acts`` are zero on every weighted token; 0 when no
-    feature is dead."""
-    dead = ~jnp.any((acts > 0) & (weights[:, None] > 0), axis=0)
-    masked = jnp.where(dead, pre, jnp.finfo(pre.dtype).min)
-    values, index = jax.lax.top_k(masked, min(aux_k, pre.shape[-1]))
-    values = jnp.where(dead[index], jax.nn.relu(values), 0.0)
-    estimate = jnp.einsum("nk,nkd->nd", values, w_dec[index])
-    residual = jax.lax.stop_gradient(residual)
-    total = jnp.sum(weights)
-    mean = jnp.sum(weights[:, None] * residual, axis=0) / total
-    sse = jnp.sum(weights * jnp.sum((residual - estimate) ** 2, -1))
-    sst = jnp.sum(weights * jnp.sum((residual - mean) ** 2, -1))
-    return jnp.where(jnp.any(dead), sse / jnp.maximum(sst, 1e-12), 0.0)
-
-
-DECODER, TRANSCODERS = "decoder", "transcoders"
-
-
-class StreamedTranscoders(nn.Module):
-    """What :func:`mechinterp.train.fit` trains: ``tokens (B, T) -> per-token loss (B, T)``.
-
-    Parameters: ``decoder`` (those of ``model``, the analysed decoder; frozen: its
-    activations are computed under ``stop_gradient`` and the optimizer freezes them) and
-    ``transcoders`` (one per layer, leading layer axis). Each step runs the decoder on the batch's tokens and trains on its
-    activations, so nothing is stored. ``x_scale``/``y_scale`` (one per layer) make inputs
-    and targets unit-scale (:func:`unit_scale`); ``pad_id`` tokens are left out of the loss
-    and of the dead-feature count. The AuxK loss is sown into ``aux_loss``, which the train
-    step adds to the objective.
-    """
-
-    model: nn.Module
-    transcoder: Transcoder
-    config: TrainingConfig
-    x_scale: tuple[float, ...]
-    y_scale: tuple[float, ...]
-    pad_id: int | None = None
-
-    @nn.compact
-    def __call__(self, tokens: Array) -> Array:
-        # both run as pure functions of their parameters, not as bound submodules
-        decoder, transcoder = self.model.clone(parent=None), self.transcoder.clone(parent=None)
-        n_layers = decoder.config.n_layers
-        decoder_params = self.param(DECODER, lambda key: decoder.init(key, tokens)["params"])
-        tc_params = self.param(TRANSCODERS,
-                               lambda key: init_layers(transcoder, key, n_layers))
-        x, y = pairs(mlp_activations(decoder, jax.lax.stop_gradient(decoder_params), tokens),
-                     self.config.kind)
-        x = x / jnp.asarray(self.x_scale)[:, None, None]
-        y = y / jnp.asarray(self.y_scale)[:, None, None]
-        weights = (jnp.ones(tokens.size) if self.pad_id is None
-                   else (tokens.reshape(-1) != self.pad_id).astype(jnp.float32))
-
-        def layer(p, xi, yi):
-            def parts(module, xi):
-                y_hat, acts = module(xi)
-                return y_hat, acts, module.pre(xi), module.sparsity(xi)
-            y_hat, acts, pre, sparsity = nn.apply(parts, transcoder)({"params": p}, xi)
-            per_token = (jnp.mean((yi - y_hat) ** 2, -1)
-                         + self.config.sparsity_coef * sparsity)
-            aux = (auxk_nmse(pre, acts, yi - y_hat, p["W_dec"], weights, self.config.aux_k)
-                   if self.config.aux_k else jnp.zeros(()))
-            return per_token, aux
-
-        per_token, aux = jax.vmap(layer)(tc_params, x, y)
-        if self.config.aux_k:
-            self.sow("aux_loss", "auxk", self.config.aux_coef * jnp.sum(aux))
-        return jnp.sum(per_token, axis=0).reshape(tokens.shape)
-
-
-def _reconstruction_terms(per_token: Array, batch) -> dict[str, Array]:
-    valid = _valid(batch)
-    return {"loss": jnp.sum(per_token * valid), "weight": jnp.sum(valid)}
-
-
-def _valid(batch) -> Array:
+def valid_weights(batch) -> Array:
+    """A batch's ``valid`` weights (batch, pos) as float32, ones without them."""
     valid = batch.get("valid")
     return (jnp.ones(batch["tokens"].shape) if valid is None
             else jnp.asarray(valid, jnp.float32))
-
-
-def reconstruction_objective():
-    """The :class:`mechinterp.train.Objective` of :class:`StreamedTranscoders`: the model's
-    per-token loss summed over ``batch["valid"]`` tokens (all tokens without it)."""
-    from mechinterp.train.losses import Objective  # analyses import the train stack lazily
-
-    return Objective(name="reconstruction", inputs=lambda batch: (batch["tokens"],),
-                     weight=lambda batch: jnp.sum(_valid(batch)),
-                     terms=_reconstruction_terms)
-
-
-class _WithValid:
-    """A data source's examples plus ``valid`` (tokens that are not ``pad_id``)."""
-
-    def __init__(self, source, pad_id: int | None):
-        self.source, self.pad_id = source, pad_id
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index):
-        example = {k: np.asarray(v) for k, v in self.source[index].items()}
-        tokens = example["tokens"]
-        valid = np.ones(tokens.shape) if self.pad_id is None else tokens != self.pad_id
-        return {"tokens": tokens, "valid": valid.astype(np.float32)}
-
-
-def unit_scale(a: Array, weights: Array, centre: bool) -> Array:
-    """(layer,) RMS per coordinate of ``a`` (layer, tokens, d) over weighted tokens,
-    around the weighted mean when ``centre``."""
-    total = jnp.sum(weights)
-    if centre:
-        a = a - jnp.sum(weights[None, :, None] * a, axis=1, keepdims=True) / total
-    return jnp.sqrt(jnp.sum(weights[None] * jnp.mean(a * a, -1), axis=1) / total)
-
-
-def fold_scales(tc_params, x_scale: Array, y_scale: Array) -> dict:
-    """Parameters trained on ``x / x_scale -> y / y_scale`` as parameters on raw ``x -> y``:
-    ``W_enc / x_scale``, ``W_dec * y_scale``, ``b_dec * y_scale``; activations (and so
-    thresholds and TopK) are unchanged."""
-    return {**tc_params, "W_enc": tc_params["W_enc"] / x_scale[:, None, None],
-            "W_dec": tc_params["W_dec"] * y_scale[:, None, None],
-            "b_dec": tc_params["b_dec"] * y_scale[:, None]}
-
-
-@dataclasses.dataclass
-class TrainedTranscoders:
-    """A module, its per-layer parameters (leading layer axis, on raw activations), the
-    training config and the training log (``metrics.jsonl`` records of the run)."""
-
-    transcoder: Transcoder
-    params: Any
-    config: TrainingConfig
-    history: list[dict[str, float]]
-
-
-def train_transcoders(model, params, source, config: TrainingConfig, workdir,
-                      *, pad_id: int | None = None, log_every: int = 50,
-                      fit_overrides: Mapping[str, Any] | None = None) -> TrainedTranscoders:
-    """Train one transcoder (or SAE) per layer of ``model`` with :func:`mechinterp.train.fit`
-    on activations streamed from it (:class:`StreamedTranscoders`).
-
-    ``source``: a random-access data source of ``{"tokens": (T,)}`` examples (e.g. a tfds
-    split's ``as_data_source``); ``pad_id`` tokens are not trained on. ``workdir`` gets
-    fit's metrics log and checkpoints (a run started again resumes). The scales and
-    ``b_dec`` (the mean target) come from the first batch. ``fit_overrides``: entries of the
-    fit config to change, e.g. ``{"mesh": {"data": 1}}``.
-    """
-    from mechinterp.train import default_config, fit  # the training stack, only when training
-    from mechinterp.train.data import batches
-
-    source = _WithValid(source, pad_id)
-    first = next(batches(source, batch_size=config.batch_size, seed=config.seed))
-    x, y = pairs(mlp_activations(model, params, jnp.asarray(first["tokens"])), config.kind)
-    weights = jnp.asarray(first["valid"]).reshape(-1)
-    x_scale, y_scale = unit_scale(x, weights, centre=False), unit_scale(y, weights, centre=True)
-    mean = jnp.sum(weights[None, :, None] * y, axis=1) / jnp.sum(weights)
-
-    transcoder = config.module(model.config.d_model)
-    module = StreamedTranscoders(model, transcoder, config,
-                                 tuple(np.asarray(x_scale).tolist()),
-                                 tuple(np.asarray(y_scale).tolist()), pad_id)
-    fit_config = default_config()
-    fit_config.seed = config.seed
-    fit_config.optimizer.update(name="adamw", learning_rate=config.learning_rate, b2=0.999,
-                                weight_decay=0.0, clip_norm=0.0, freeze=(f"{DECODER}/.*",))
-    fit_config.schedule.update(name="constant", warmup_steps=0)
-    fit_config.data.batch_size = config.batch_size
-    fit_config.train.update(steps=config.steps, log_every=log_every, eval_every=0,
-                            checkpoint_every=config.steps, progress=False, tensorboard=False)
-    for key, value in (fit_overrides or {}).items():
-        fit_config[key] = value
-    result = fit(fit_config, workdir, module, source, objective=reconstruction_objective(),
-                 init_params={DECODER: params,
-                              TRANSCODERS: {"b_dec": mean / y_scale[:, None]}})
-    history = [json.loads(line) for line in
-               (Path(workdir) / "metrics.jsonl").read_text().splitlines() if line]
-    return TrainedTranscoders(transcoder, fold_scales(result.state.params[TRANSCODERS],
-                                                      x_scale, y_scale), config, history)
 
 
 # ---------------------------------------------------------------------------------------
@@ -501,14 +238,14 @@ def _layer_mask(layers, n_layers: int) -> Array:
 
 
 def splice_interventions(transcoder: Transcoder, tc_params, mlp_in: Array,
-                         mlp_out: Array | None = None, layers: Iterable[int] | None = None
-                         ) -> dict[str, Intervention]:
-    """``{"mlp_out": patch}`` replacing the MLP output of ``layers`` (default all) by the
-    transcoder's output on ``mlp_in`` (layer, batch, pos, d_model), plus the error term
+                         mlp_out: Array | None = None, layers: Iterable[int] | None = None,
+                         site: str = "mlp_out") -> dict[str, Intervention]:
+    """``{site: patch}`` replacing the MLP output (``site``) of ``layers`` (default all) by
+    the transcoder's output on ``mlp_in`` (layer, batch, pos, d_model), plus the error term
     ``mlp_out - y_hat`` when ``mlp_out`` is given (then the patch reproduces ``mlp_out``)."""
     y_hat, _ = apply_layers(transcoder, tc_params, mlp_in)
     value = y_hat if mlp_out is None else y_hat + (mlp_out - y_hat)
-    return {"mlp_out": Intervention.patch(value, mask=_layer_mask(layers, mlp_in.shape[0]))}
+    return {site: Intervention.patch(value, mask=_layer_mask(layers, mlp_in.shape[0]))}
 
 
 def spliced_logits(model, params, tokens: Array, transcoder: Transcoder, tc_params, *,
@@ -521,14 +258,17 @@ def spliced_logits(model, params, tokens: Array, transcoder: Transcoder, tc_para
     ``l``'s input depends only on layers ``< l``, so recomputing the patch from the spliced
     model's own ``mlp_in`` ``n_layers`` times reaches the fixed point (n_layers + 1 forwards).
     """
+    site = mlp_sites(model, "spliced_logits").output
     acts = mlp_activations(model, params, tokens)
     if error_term:
-        ivs = splice_interventions(transcoder, tc_params, acts["mlp_in"], acts["mlp_out"], layers)
+        ivs = splice_interventions(transcoder, tc_params, acts["mlp_in"], acts["mlp_out"], layers,
+                                   site)
         return intervene(model, params, tokens, interventions=ivs)
-    ivs = splice_interventions(transcoder, tc_params, acts["mlp_in"], layers=layers)
-    for _ in range(model.config.n_layers - 1):
+    ivs = splice_interventions(transcoder, tc_params, acts["mlp_in"], layers=layers, site=site)
+    for _ in range(model.layer_structure().n_layers - 1):
         acts = mlp_activations(model, params, tokens, interventions=ivs)
-        ivs = splice_interventions(transcoder, tc_params, acts["mlp_in"], layers=layers)
+        ivs = splice_interventions(transcoder, tc_params, acts["mlp_in"], layers=layers,
+                                   site=site)
     return intervene(model, params, tokens, interventions=ivs)
 
 
@@ -564,7 +304,7 @@ def evaluate(model, params, transcoder: Transcoder, tc_params,
     for batch in batches:
         tokens = jnp.asarray(batch["tokens"])
         x, y = pairs(mlp_activations(model, params, tokens), kind)
-        w = _valid(batch).reshape(-1)
+        w = valid_weights(batch).reshape(-1)
         y_hat, a = apply_layers(transcoder, tc_params, x)
         w_ = w[None, :, None]
         sums["sse"] += np.asarray(jnp.sum(w_ * (y - y_hat) ** 2, axis=(1, 2)))
@@ -578,8 +318,8 @@ def evaluate(model, params, transcoder: Transcoder, tc_params,
             clean = intervene(model, params, tokens, interventions={})
             spliced = spliced_logits(model, params, tokens, transcoder, tc_params,
                                      error_term=False)
-            ablated = intervene(model, params, tokens,
-                                interventions={"mlp_out": Intervention.zero()})
+            ablated = intervene(model, params, tokens, interventions={
+                mlp_sites(model, "evaluate").output: Intervention.zero()})
             for name, logits in (("clean", clean), ("spliced", spliced), ("ablated", ablated)):
                 losses[name].append(next_token_loss(logits, tokens, scored))
     n = sums["n"]

@@ -12,6 +12,7 @@ compute ``dtype``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -67,6 +68,32 @@ class RMSNorm(nn.Module):
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
         return scale * h.astype(x.dtype)
+
+
+def rms_normalize(x: Array, weight: Array, eps: float, frozen: bool = False) -> Array:
+    """:class:`RMSNorm` as a function: ``weight * x / sqrt(mean(x^2) + eps)`` (normalized in
+    float32). ``frozen``: the factor ``1 / sqrt(mean(x^2) + eps)`` is a constant for
+    differentiation (``stop_gradient``), so the norm is linear in ``x``."""
+    h = x.astype(jnp.float32)
+    factor = jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
+    if frozen:
+        factor = jax.lax.stop_gradient(factor)
+    return weight * (h * factor).astype(x.dtype)
+
+
+def _freeze_rms_norm(next_fun, args, kwargs, context):
+    module = context.module
+    if not (isinstance(module, RMSNorm) and context.method_name == "__call__"):
+        return next_fun(*args, **kwargs)
+    weight = nn.meta.unbox(module.get_variable("params", "scale"))
+    return rms_normalize(args[0], jnp.asarray(weight, module.dtype), module.eps, frozen=True)
+
+
+def frozen_rms_norms() -> contextlib.AbstractContextManager:
+    """A context (a Flax method interceptor) in which every :class:`RMSNorm` treats its
+    ``1 / rms(x)`` factor as a constant for differentiation: the forward is unchanged and
+    the norm is linear in ``x`` around the input (attribution graphs)."""
+    return nn.intercept_methods(_freeze_rms_norm)
 
 
 def rope_inv_freq(d_head: int, theta: float,

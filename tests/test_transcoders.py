@@ -13,6 +13,7 @@ from mechinterp.models.layers import GatedMLP
 
 import mechinterp as mi
 from mechinterp import transcoders as T
+from mechinterp.train import transcoders as TT
 
 CONFIG = DecoderConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, d_mlp=32)
 N_FEATURES = 24
@@ -106,7 +107,7 @@ def test_fold_scales_gives_the_same_map_on_raw_activations():
     x = jax.random.normal(jax.random.key(1), (2, 5, 8)) * 3.0
     x_scale, y_scale = jnp.array([3.0, 0.5]), jnp.array([0.01, 2.0])
     y_unit, a_unit = T.apply_layers(tc, p, x / x_scale[:, None, None])
-    y_raw, a_raw = T.apply_layers(tc, T.fold_scales(p, x_scale, y_scale), x)
+    y_raw, a_raw = T.apply_layers(tc, TT.fold_scales(p, x_scale, y_scale), x)
     np.testing.assert_allclose(a_raw, a_unit, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(y_raw, y_unit * y_scale[:, None, None], rtol=1e-5, atol=1e-7)
 
@@ -131,9 +132,9 @@ def test_training_through_mechinterp_train_lowers_the_loss(setup, tmp_path):
     the loss falls, the decoder stays frozen, the result is TopK-sparse and the run's
     metrics log and checkpoint exist (fit's machinery, not a loop of our own)."""
     model, params, *_ = setup
-    config = T.TrainingConfig(n_features=32, activation="topk", k=4, steps=40,
+    config = TT.TrainingConfig(n_features=32, activation="topk", k=4, steps=40,
                               learning_rate=1e-2, batch_size=8, aux_k=8)
-    trained = T.train_transcoders(model, params, _token_source(0), config, tmp_path,
+    trained = TT.train_transcoders(model, params, _token_source(0), config, tmp_path,
                                   pad_id=0, log_every=10)
     losses = [h["loss"] for h in trained.history if h["kind"] == "train"]
     assert losses[-1] < 0.6 * losses[0], losses
@@ -157,7 +158,7 @@ def test_auxk_reconstructs_the_residual_from_dead_features_only():
     weights = np.array([1, 1, 1, 1, 0], np.float32)
     residual = rng.normal(size=(5, 3)).astype(np.float32)
     w_dec = rng.normal(size=(6, 3)).astype(np.float32)
-    got = T.auxk_nmse(jnp.asarray(pre), jnp.asarray(acts), jnp.asarray(residual),
+    got = TT.auxk_nmse(jnp.asarray(pre), jnp.asarray(acts), jnp.asarray(residual),
                       jnp.asarray(w_dec), jnp.asarray(weights), 2)
     dead = np.array([0, 2, 3, 5])
     estimate = np.zeros((5, 3))
@@ -168,11 +169,11 @@ def test_auxk_reconstructs_the_residual_from_dead_features_only():
     sse = ((residual - estimate)[w] ** 2).sum()
     sst = ((residual[w] - residual[w].mean(0)) ** 2).sum()
     assert float(got) == pytest.approx(sse / sst, rel=1e-5)
-    grad = jax.grad(lambda r: T.auxk_nmse(jnp.asarray(pre), jnp.asarray(acts), r,
+    grad = jax.grad(lambda r: TT.auxk_nmse(jnp.asarray(pre), jnp.asarray(acts), r,
                                           jnp.asarray(w_dec), jnp.asarray(weights), 2))
     assert not np.asarray(grad(jnp.asarray(residual))).any()      # the residual is a target
     alive = np.ones((5, 6), np.float32)
-    assert float(T.auxk_nmse(jnp.asarray(pre), jnp.asarray(alive), jnp.asarray(residual),
+    assert float(TT.auxk_nmse(jnp.asarray(pre), jnp.asarray(alive), jnp.asarray(residual),
                              jnp.asarray(w_dec), jnp.asarray(weights), 2)) == 0.0
 
 

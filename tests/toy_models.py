@@ -1,8 +1,11 @@
-"""A tiny residual MLP that uses sites, scanned or unrolled, for testing the core alone."""
+"""Tiny models that use sites, for testing the core alone: a residual MLP (scanned or
+unrolled) with no capabilities, and ToyFamily, the smallest family that speaks the family
+protocol."""
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mechinterp.family import LayerStructure, SublayerSites
 from mechinterp.sites import SiteSpec, site
 
 
@@ -63,3 +66,59 @@ def unstack(params, n_layers):
     for i in range(n_layers):
         out[f"layers_{i}"] = jax.tree.map(lambda a: a[i], params["layers"])
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# The smallest family that speaks the family protocol (docs/adding_a_family.md): a token
+# model whose layers are residual MLPs, with the layer structure and output selection
+# capabilities and none of the others.
+
+
+class ToyFamilyBlock(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        x = site(self, "resid_pre", x)
+        hidden = site(self, "mlp.hidden", jnp.tanh(nn.Dense(self.width, name="up")(x)))
+        x = x + site(self, "mlp_out", nn.Dense(x.shape[-1], name="down")(hidden))
+        return site(self, "resid_post", x), None
+
+
+class ToyFamily(nn.Module):
+    """tokens (batch, pos) -> logits (batch, pos, vocab) through ``n_layers`` residual MLPs
+    (each position on its own). Capabilities: ``HasLayers``, ``SelectsOutputs``."""
+
+    vocab: int = 11
+    d_model: int = 8
+    width: int = 16
+    n_layers: int = 2
+
+    SITES = {
+        "embed": SiteSpec(("batch", "pos", "d_model"), "token embeddings"),
+        "resid_pre": SiteSpec(("layer", "batch", "pos", "d_model"), "block input"),
+        "mlp.hidden": SiteSpec(("layer", "batch", "pos", "neuron"), "MLP neurons"),
+        "mlp_out": SiteSpec(("layer", "batch", "pos", "d_model"), "MLP output"),
+        "resid_post": SiteSpec(("layer", "batch", "pos", "d_model"), "block output"),
+        "logits": SiteSpec(("batch", "pos", "vocab"), "next-token logits"),
+    }
+    selectable_outputs = frozenset({"positions"})
+
+    @nn.compact
+    def __call__(self, tokens, logit_positions=None):
+        x = site(self, "embed", nn.Embed(self.vocab, self.d_model, name="token_embed")(tokens))
+        stack = nn.scan(ToyFamilyBlock, variable_axes={"params": 0, "intermediates": 0,
+                                                       "interventions": 0},
+                        split_rngs={"params": True}, length=self.n_layers)
+        x, _ = stack(self.width, name="layers")(x, None)
+        if logit_positions is not None:
+            x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
+        return site(self, "logits", nn.Dense(self.vocab, name="unembed")(x))
+
+    def layer_structure(self) -> LayerStructure:
+        return LayerStructure(n_layers=self.n_layers, residual=("resid_pre", "resid_post"),
+                              sublayers={"mlp": SublayerSites("resid_pre", "mlp_out",
+                                                              "resid_post")})
+
+    def output_selection(self, positions, columns=None):
+        return {"logit_positions": positions}

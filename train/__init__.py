@@ -14,12 +14,9 @@
 or, config-driven, ``mechinterp run CONFIG`` with ``config.job = "mechinterp.train.loop:run"``
 (see :func:`mechinterp.train.config.default_config`).
 
-Modules: ``mesh`` (mesh, logical-axis rules, batch sharding), ``state`` (train state,
-sharded init), ``step`` (train/eval steps), ``losses``, ``optim`` (optax pieces),
-``checkpoint`` (Orbax), ``tasks`` (synthetic tasks), ``tokenizer`` (word-level and Hugging
-Face), ``data`` (tfds + grain), ``digits`` (scikit-learn digits with class splits and
-rotations), ``timeseries`` (statsmodels series as windows), ``flops`` (FLOPs, MFU),
-``config``, ``loop`` (``fit``, ``run``).
+Modules: ``mesh``, ``state``, ``step``, ``losses``, ``optim``, ``checkpoint`` (Orbax),
+``tasks``, ``tokenizer``, ``data`` (tfds + grain), ``digits``, ``timeseries``, ``flops``,
+``config``, ``loop`` (``fit``, ``run``), ``transcoders`` (``train_transcoders``).
 """
 
 from mechinterp.train.checkpoint import Checkpointer, StopSignal
@@ -42,6 +39,7 @@ from mechinterp.train.tasks import (Arithmetic, FactRecall, InContextChain, Know
                                     MultiHop, TaskMixture, mixture_from_config)
 from mechinterp.train.timeseries import build_timeseries, load_series, normalization
 from mechinterp.train.tokenizer import HFTokenizer, WordTokenizer, load_tokenizer
+from mechinterp.train.transcoders import train_transcoders  # after fit: it trains with it
 
 __all__ = [
     "abstract_train_state", "Arithmetic", "AUX_LOSS", "batch_sharding", "batches",
@@ -55,5 +53,5 @@ __all__ = [
     "peak_flops", "replace_params", "resolve_config", "run", "scale_by_multipliers",
     "set_gradient_masks",
     "set_multipliers", "shard_options", "shardings_of", "StopSignal", "synthetic_tokenizer",
-    "SyntheticTasks", "TaskMixture", "TrainState", "WordTokenizer",
+    "SyntheticTasks", "TaskMixture", "TrainState", "train_transcoders", "WordTokenizer",
 ]

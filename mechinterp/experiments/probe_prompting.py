@@ -5,7 +5,7 @@
    the capital of the state containing city ``e5`` (plus one-hop recall ``e5 r0 = e3`` so
    the single facts are learned too; :class:`mechinterp.train.tasks.MultiHop`).
 2. Train one transcoder per layer on activations streamed from the model, with
-   :func:`mechinterp.train.fit` (:func:`mechinterp.transcoders.train_transcoders`; TopK
+   :func:`mechinterp.train.fit` (:func:`mechinterp.train.transcoders.train_transcoders`; TopK
    with AuxK; run folder ``transcoders/``); report FVE, L0, dead features and the loss
    with the transcoders spliced in.
 3. Build attribution graphs (:mod:`mechinterp.attribution_graph`) for a few correctly
@@ -40,6 +40,7 @@ from mechinterp import attribution_graph as G
 from mechinterp import probe_prompting as P
 from mechinterp import transcoders as T
 from mechinterp.experiments.recall_reasoning import _get, _set, logits_of, train_family
+from mechinterp.train import transcoders as TT
 from mechinterp.train.data import build_synthetic
 from mechinterp.train.tasks import TaskMixture, mixture_from_config
 
@@ -192,11 +193,11 @@ def train_transcoders(config, model, params, mixture: TaskMixture, builder, work
     evaluated on ``transcoder.eval_batches`` test batches."""
     tc = config.transcoder
     tokenizer, table = mixture.tokenizer(), mixture.knowledge.table(mixture.seed)
-    training = T.TrainingConfig(
+    training = TT.TrainingConfig(
         n_features=tc.n_features, activation=tc.activation, k=tc.k,
         sparsity_coef=tc.sparsity_coef, learning_rate=tc.learning_rate, steps=tc.steps,
         batch_size=tc.batch_size, aux_k=tc.aux_k, seed=config.seed)
-    trained = T.train_transcoders(model, params, builder.as_data_source("train"), training,
+    trained = TT.train_transcoders(model, params, builder.as_data_source("train"), training,
                                   workdir / "transcoders", pad_id=tokenizer.pad_id,
                                   log_every=max(1, tc.steps // 10))
 
