@@ -8,6 +8,7 @@ land in site-packages.
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,9 +39,14 @@ def test_installed_editable_pointing_at_this_checkout():
 @pytest.mark.slow
 def test_regular_install_has_one_import_root(tmp_path):
     target = tmp_path / "site"
+    # Build from a copy: building in the checkout leaves mechinterp.egg-info and build/ there,
+    # and that egg-info then shadows the editable install's record in the next session.
+    source_copy = tmp_path / "source"
+    shutil.copytree(REPO, source_copy, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-         "--no-build-isolation", "--target", str(target), str(REPO)],
+         "--no-build-isolation", "--target", str(target), str(source_copy)],
         check=True,
         cwd=tmp_path,
     )
