@@ -15,10 +15,10 @@ What is measured: the step is compiled ahead of time (its temp memory, XLA's
 for the backward pass and scratch, not parameters or optimizer state), then ``--warmup``
 untimed steps and ``--steps`` steps, each waited for with ``block_until_ready``; the step
 time is their median. tokens/s = batch * seq / step time. Model FLOPs per token come from
-:mod:`mechinterp.train.flops` (PaLM appendix B: ``6 N + 12 L H d_head S``, attention not
+:mod:`mechinterp.train.flop_counts` (PaLM appendix B: ``6 N + 12 L H d_head S``, attention not
 halved for causality, the backward's recomputed attention weights not counted), so
 MFU = tokens/s * FLOPs per token / (devices * peak), with the device's dense bfloat16 peak
-from ``flops.PEAK_FLOPS`` (H100 SXM 989 TFLOP/s, H100 PCIe 756, H200 989, A100 312, TPUs)
+from ``flop_counts.PEAK_FLOPS`` (H100 SXM 989 TFLOP/s, H100 PCIe 756, H200 989, A100 312, TPUs)
 or ``--peak-flops``. On a CPU there is no table entry: MFU is reported as n/a unless
 ``--peak-flops`` is given, and CPU numbers say nothing about accelerator MFU.
 
@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from mechinterp.models import Decoder, DecoderConfig
-from mechinterp.train import flops as flops_lib
+from mechinterp.train import flop_counts
 from mechinterp.train.mesh import DEFAULT_RULES, global_batch, make_mesh
 from mechinterp.train.optim import make_optimizer
 from mechinterp.train.state import abstract_train_state, init_train_state, shardings_of
@@ -92,9 +92,9 @@ def measure(size: str, *, batch: int, seq: int, dtype: str, steps: int, warmup: 
         if i >= warmup:
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    flops_per_token = flops_lib.decoder_train_flops_per_token(config, seq)
+    flops_per_token = flop_counts.decoder_train_flops_per_token(config, seq)
     tokens_per_s = batch * seq / seconds
-    utilization = flops_lib.mfu(flops_per_token * batch * seq, seconds, jax.device_count(),
+    utilization = flop_counts.mfu(flops_per_token * batch * seq, seconds, jax.device_count(),
                                 peak)
     return {
         "size": size, "params": sum(x.size for x in jax.tree.leaves(abstract.params)),
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed steps before the timed ones")
     parser.add_argument("--peak-flops", type=float, default=None,
-                        help="peak FLOP/s per device for MFU (default: flops.PEAK_FLOPS)")
+                        help="peak FLOP/s per device for MFU (default: flop_counts.PEAK_FLOPS)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     seq = args.seq or (64 if cpu else 2048)
     batch = args.batch or (8 if cpu else 4 * jax.device_count())
     dtype = args.dtype or ("float32" if cpu else "bfloat16")
-    peak = args.peak_flops or flops_lib.peak_flops()
+    peak = args.peak_flops or flop_counts.peak_flops()
     if batch % jax.device_count():
         parser.error(f"--batch {batch} must be a multiple of the {jax.device_count()} devices")
 

@@ -14,9 +14,9 @@
 
 import importlib
 
-from mechinterp import (ablation, attribution, components, experts, flops, metrics,
+from mechinterp import (ablation, attribution, components, experts, jaxpr_flops, metrics,
                         path_patching, patching, sweep)
-from mechinterp.api import (SiteInfo, capture, intervene, intervention_variables, list_sites,
+from mechinterp.site_io import (SiteInfo, capture, intervene, intervention_variables, list_sites,
                             read_sites, site_table)
 from mechinterp.interventions import Intervention
 from mechinterp.sites import SiteSpec, site, site_is_used
@@ -26,7 +26,7 @@ __all__ = [
     "attribution",
     "components",
     "experts",
-    "flops",
+    "jaxpr_flops",
     "metrics",
     "path_patching",
     "patching",

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mechinterp.api import capture, intervene, list_sites
+from mechinterp.site_io import capture, intervene, list_sites
 from mechinterp.components import Component, component_masks
 from mechinterp.interventions import Intervention
 from mechinterp.metrics import Accuracy

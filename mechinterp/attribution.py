@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from mechinterp.api import list_sites
+from mechinterp.site_io import list_sites
 from mechinterp.interventions import Intervention
 from mechinterp.sweep import SweepResult, evaluate_metric
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mechinterp import api
+from mechinterp import site_io
 from mechinterp.attribution_graph_scores import (GraphScores, PrunedGraph,
                                                  cumulative_threshold, graph_scores,
                                                  influence, normalize_matrix, prune)
@@ -73,7 +73,7 @@ class _Prompt:
 def _clean_run(model, params, tokens: Array) -> _Prompt:
     mlp = _mlp(model)
     tokens = jnp.asarray(tokens)[None]
-    logits, cache = api.capture(model, params, tokens,
+    logits, cache = site_io.capture(model, params, tokens,
                                 sites=("embed", "attn.pattern", mlp.residual_in, mlp.output))
     mlp_in = model.sublayer_input(params, "mlp", cache[mlp.residual_in][:, 0])
     return _Prompt(tokens, cache["embed"][0], cache["attn.pattern"], cache[mlp.output][:, 0],
@@ -93,12 +93,12 @@ def replacement_forward(model, params, prompt: _Prompt, embed: Array, mlp_write:
         "attn.pattern": Intervention.patch(jax.lax.stop_gradient(prompt.pattern)),
         mlp.output: Intervention.patch(mlp_write[:, None]),
     }
-    variables, infos = api.intervention_variables(model, tokens, interventions=interventions,
+    variables, infos = site_io.intervention_variables(model, tokens, interventions=interventions,
                                                   **kwargs)
     with model.frozen_norms():
         logits, state = model.apply({"params": params, **variables}, tokens,
                                     mutable=[INTERMEDIATES], **kwargs)
-    resid_mid = api.read_sites(state, infos, mlp.residual_in)[mlp.residual_in][:, 0]
+    resid_mid = site_io.read_sites(state, infos, mlp.residual_in)[mlp.residual_in][:, 0]
     return resid_mid, logits[0, 0]
 
 
@@ -324,8 +324,8 @@ def actual_logit_effects(model, params, graph: AttributionGraph, tc_params,
     shape = (graph.n_layers, 1, graph.n_pos, tc_params["W_dec"].shape[-1])
     features = [tuple(int(v) for v in graph.features[i]) for i in feature_nodes]
     steer = {_mlp(model).output: steer_features(tc_params, features, deltas, shape)["mlp_out"]}
-    base = api.intervene(model, params, tokens, interventions={})[0, -1]
-    steered = api.intervene(model, params, tokens, interventions=steer)[0, -1]
+    base = site_io.intervene(model, params, tokens, interventions={})[0, -1]
+    steered = site_io.intervene(model, params, tokens, interventions=steer)[0, -1]
 
     def demeaned(logits):
         return np.asarray(logits[graph.logit_tokens] - jnp.mean(logits), np.float64)
@@ -339,7 +339,7 @@ def _steered_logit_jvp(model, params, tokens, pattern, add, logit_ids, freeze_no
         interventions = {_mlp(model).output: Intervention.steer(eps * add)}
         if freeze_patterns:
             interventions["attn.pattern"] = Intervention.patch(pattern)
-        ivs, _ = api.intervention_variables(model, tokens, interventions=interventions)
+        ivs, _ = site_io.intervention_variables(model, tokens, interventions=interventions)
         variables = {"params": params, **ivs}
         if freeze_norms:
             with model.frozen_norms():
@@ -362,7 +362,7 @@ def first_order_logit_effects(model, params, graph: AttributionGraph, tc_params,
     shape = (graph.n_layers, 1, graph.n_pos, tc_params["W_dec"].shape[-1])
     features = [tuple(int(v) for v in graph.features[i]) for i in feature_nodes]
     add = steer_features(tc_params, features, deltas, shape)["mlp_out"].add
-    _, cache = api.capture(model, params, tokens, sites=("attn.pattern",))
+    _, cache = site_io.capture(model, params, tokens, sites=("attn.pattern",))
     return np.asarray(_steered_logit_jvp(model, params, tokens, cache["attn.pattern"], add,
                                          jnp.asarray(graph.logit_tokens), freeze_norms,
                                          freeze_patterns), np.float64)

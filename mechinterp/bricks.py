@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from mechinterp.ablation import sweep_component_sets
-from mechinterp.api import capture
+from mechinterp.site_io import capture
 from mechinterp.components import component
 from mechinterp.llm_drop import token_batches
 

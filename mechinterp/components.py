@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from mechinterp.api import SiteInfo
+from mechinterp.site_io import SiteInfo
 
 
 @dataclasses.dataclass(frozen=True)

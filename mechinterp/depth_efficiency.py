@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mechinterp.api import capture, intervene, list_sites
+from mechinterp.site_io import capture, intervene, list_sites
 from mechinterp.interventions import Intervention
 from mechinterp.llm_drop import cosine, mlp_out_site, token_batches
 

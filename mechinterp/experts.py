@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from mechinterp.api import Intervention, capture, intervene, list_sites
+from mechinterp.site_io import Intervention, capture, intervene, list_sites
 from mechinterp.patching import _grid
 
 WEIGHTS = "moe.weights"

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from mechinterp.api import capture, list_sites
+from mechinterp.site_io import capture, list_sites
 from mechinterp.family import HasLayers, RemovesSublayers, require
 from mechinterp.interventions import Intervention
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from mechinterp.api import capture, list_sites
+from mechinterp.site_io import capture, list_sites
 from mechinterp.interventions import Intervention
 from mechinterp.sweep import (
     SweepResult,

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from mechinterp.api import intervene
+from mechinterp.site_io import intervene
 from mechinterp.family import HasLayers, require
 from mechinterp.interventions import Intervention
 from mechinterp.transcoders import Transcoder, apply_layers, mlp_activations

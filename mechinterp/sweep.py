@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from mechinterp.api import SiteInfo, _CallSignature, _hashable, intervene, list_sites
+from mechinterp.site_io import SiteInfo, _CallSignature, _hashable, intervene, list_sites
 from mechinterp.family import Resumable, SelectsOutputs, has, require
-from mechinterp.flops import matmul_flops
+from mechinterp.jaxpr_flops import matmul_flops
 from mechinterp.interventions import Intervention
 from mechinterp.metrics import Metric
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mechinterp.api import capture, intervene
+from mechinterp.site_io import capture, intervene
 from mechinterp.family import HasLayers, LinearisableNorms, require
 from mechinterp.interventions import Intervention
 

@@ -154,7 +154,7 @@ class DecoderCapabilities:
         values, the key mask and the RoPE positions. ``None`` where these inputs cannot
         resume: other call keywords (``cache``, ``logit_positions``, ...), or a model whose
         layers differ (dropped sublayers), whose sites do not stack into one layer axis."""
-        from mechinterp.api import capture  # the analysis core reads sites; no cycle
+        from mechinterp.site_io import capture  # the analysis core reads sites; no cycle
 
         c = self.config
         if kwargs or tokens is None or not c.uniform_layers:

@@ -11,7 +11,7 @@ from test_decoder import random_params
 
 from mechinterp import cli, llm_drop
 from mechinterp import depth_efficiency as de
-from mechinterp.api import capture
+from mechinterp.site_io import capture
 from mechinterp.experiments.recall_reasoning import logits_of
 from mechinterp.llm_drop import Sublayer
 

@@ -68,3 +68,15 @@ if __name__ == "__main__":
         done = lint_imports(installed_layout(Path(folder)))
         print(done.stdout, done.stderr, sep="")
         sys.exit(done.returncode)
+
+
+def test_every_core_module_is_under_the_core_contract():
+    """A new module in mechinterp/ is core unless it is the CLI (experiments/ is a package
+    on top): it must be listed, or the contract would silently not cover it."""
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"][
+        "contracts"]
+    core = next(c for c in contracts if "mechinterp.models" in c.get("forbidden_modules", [])
+                and "mechinterp.models" not in c["source_modules"])
+    modules = {f"mechinterp.{p.stem}" for p in (ROOT / "mechinterp").glob("*.py")
+               if p.stem not in ("__init__", "cli")}
+    assert modules == set(core["source_modules"]), modules ^ set(core["source_modules"])

@@ -13,7 +13,7 @@ from mechinterp.models import Decoder, DecoderConfig, generate, load_hf, save_hf
 from test_decoder import random_params
 
 from mechinterp import cli, llm_drop
-from mechinterp.api import capture, intervene, list_sites
+from mechinterp.site_io import capture, intervene, list_sites
 from mechinterp.experiments.recall_reasoning import logits_of
 from mechinterp.llm_drop import Sublayer
 

@@ -7,7 +7,7 @@ import pytest
 
 import mechinterp as mi
 from mechinterp import metrics, patching
-from mechinterp.flops import matmul_flops
+from mechinterp.jaxpr_flops import matmul_flops
 from mechinterp.models import Decoder, DecoderConfig
 from test_decoder import random_params
 from toy_models import ToyModel

@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from mechinterp.models import Decoder, DecoderConfig
-from mechinterp.train import flops
+from mechinterp.train import flop_counts
 from mechinterp.train.losses import get_objective
 from mechinterp.train.mesh import DEFAULT_RULES, global_batch, make_mesh
 from mechinterp.train.optim import lr_schedule, make_optimizer
@@ -251,10 +251,10 @@ def test_decoder_flop_count_matches_its_parameters():
     sizes = {jax.tree_util.keystr(p, simple=True, separator="/"): np.prod(x.shape)
              for p, x in jax.tree_util.tree_leaves_with_path(params)}
     matmul = sum(n for name, n in sizes.items() if "norm" not in name and name != "embedding")
-    assert flops.decoder_matmul_params(config) == matmul
-    per_token = flops.decoder_train_flops_per_token(config, seq_len=8)
+    assert flop_counts.decoder_matmul_params(config) == matmul
+    per_token = flop_counts.decoder_train_flops_per_token(config, seq_len=8)
     assert per_token == 6 * matmul + 12 * 3 * 4 * 8 * 8
     tied = dataclasses.replace(config, tie_embeddings=True)
-    assert flops.decoder_matmul_params(tied) == matmul
-    assert flops.mfu(1e12, 1.0, 2, 1e12) == 0.5
-    assert flops.mfu(1e12, 1.0, 2, None) is None
+    assert flop_counts.decoder_matmul_params(tied) == matmul
+    assert flop_counts.mfu(1e12, 1.0, 2, 1e12) == 0.5
+    assert flop_counts.mfu(1e12, 1.0, 2, None) is None

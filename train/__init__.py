@@ -15,7 +15,7 @@ or, config-driven, ``mechinterp run CONFIG`` with ``config.job = "mechinterp.tra
 (see :func:`mechinterp.train.config.default_config`).
 
 Modules: ``mesh``, ``state``, ``step``, ``losses``, ``optim``, ``checkpoint`` (Orbax),
-``tasks``, ``tokenizer``, ``data`` (tfds + grain), ``digits``, ``timeseries``, ``flops``,
+``tasks``, ``tokenizer``, ``data`` (tfds + grain), ``digits``, ``timeseries``, ``flop_counts``,
 ``config``, ``loop`` (``fit``, ``run``), ``transcoders`` (``train_transcoders``).
 """
 
@@ -24,7 +24,7 @@ from mechinterp.train.config import default_config, resolve_config
 from mechinterp.train.data import (SyntheticTasks, batches, build_synthetic, shard_options,
                                    synthetic_tokenizer)
 from mechinterp.train.digits import build_digits, rotate_image
-from mechinterp.train.flops import decoder_train_flops_per_token, mfu, peak_flops
+from mechinterp.train.flop_counts import decoder_train_flops_per_token, mfu, peak_flops
 from mechinterp.train.loop import FitResult, NonFiniteLossError, fit, run
 from mechinterp.train.losses import OBJECTIVES, Objective
 from mechinterp.train.mesh import (DEFAULT_RULES, MESH_AXES, batch_sharding, check_batch_size,

@@ -83,7 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 3
     c.train.async_checkpoints = True
-    c.train.peak_flops = 0.0  # per device; 0 looks the device up (flops.PEAK_FLOPS)
+    c.train.peak_flops = 0.0  # per device; 0 looks the device up (mfu.PEAK_FLOPS)
     c.train.progress = True
     c.train.tensorboard = True  # also write metrics to WORKDIR/tensorboard (tensorboardX)
     return c

@@ -40,7 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mechinterp.models import Decoder, DecoderConfig
-from mechinterp.train import flops as flops_lib
+from mechinterp.train import flop_counts
 from mechinterp.train.checkpoint import Checkpointer, StopSignal
 from mechinterp.train.config import resolve_config
 from mechinterp.train.data import batches, build_synthetic, synthetic_tokenizer
@@ -226,7 +226,7 @@ class _Loop:
                               else None)
         self.tokens_per_example = tokens_per_example
         self.flops_per_token = flops_per_token
-        self.peak = self.train.peak_flops or flops_lib.peak_flops()
+        self.peak = self.train.peak_flops or flop_counts.peak_flops()
         self.pending: list[tuple[int, dict]] = []  # (step, metrics on device), unchecked
         self.interval: list[dict] = []  # checked metrics since the last train log
         self.clock: float | None = None  # when the current timing interval started
@@ -262,7 +262,7 @@ class _Loop:
             if self.tokens_per_example:
                 tokens = batch * self.tokens_per_example
                 metrics["tokens_per_s"] = tokens / seconds
-                utilization = flops_lib.mfu((self.flops_per_token or 0) * tokens, seconds,
+                utilization = flop_counts.mfu((self.flops_per_token or 0) * tokens, seconds,
                                             jax.device_count(), self.peak)
                 if utilization:
                     metrics["mfu"] = utilization
@@ -366,6 +366,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> FitResult:
     decoder = decoder_config(config.model, synthetic_tokenizer(builder).vocab_size)
     result = fit(config, workdir, Decoder(decoder), builder.as_data_source("train"),
                  builder.as_data_source("test") if d.num_test else None,
-                 flops_per_token=flops_lib.decoder_train_flops_per_token(decoder, d.seq_len))
+                 flops_per_token=flop_counts.decoder_train_flops_per_token(decoder, d.seq_len))
     (workdir / "report.md").write_text(_report(config, result, workdir))
     return result

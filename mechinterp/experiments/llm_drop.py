@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from mechinterp import llm_drop
-from mechinterp.api import intervene, list_sites
+from mechinterp.site_io import intervene, list_sites
 from mechinterp.experiments import small_lm
 
 MODES = ("one-shot", "iterative")

@@ -70,7 +70,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mechinterp.ablation import mean_activations, sweep_component_sets
-from mechinterp.api import capture, list_sites
+from mechinterp.site_io import capture, list_sites
 from mechinterp.components import component
 from mechinterp.metrics import accuracy, logit_diff
 from mechinterp.models import Decoder
