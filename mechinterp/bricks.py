@@ -1,22 +1,17 @@
 """Neuron partitions ("bricks") of the MLP layers: task frequencies, specialization,
 co-activation clusters and partition ablation.
 
-After the survey "Configurable Foundation Models: Building LLMs from a Modular Perspective"
-(Xiao et al., 2024), whose emergent bricks are groups of feed-forward neurons that fire
-together and serve particular tasks. The survey gives no single recipe; the forms here are
-*inferred* (METHODS.md item 5):
+After "Configurable Foundation Models: Building LLMs from a Modular Perspective" (Xiao et
+al., 2024); the survey gives no recipe, so these forms are inferred (METHODS.md item 5).
+A neuron is active when ``|mlp.hidden| > tau_l`` (a per-layer quantile);
+``f[t, i]`` = share of task ``t``'s tokens on which neuron ``i`` is active and
+``s[t, i] = f[t, i] - mean_{t' != t} f[t', i]``.
 
-- a neuron is *active* on a token when ``|mlp.hidden| > tau_l``, with ``tau_l`` the
-  ``quantile`` of ``|mlp.hidden|`` over the tokens of every task and the neurons of layer
-  ``l`` (SwiGLU neurons are never exactly zero, so a plain ``> 0`` would mark all of them);
-- frequency ``f[t, i]`` = share of task ``t``'s tokens on which neuron ``i`` is active;
-  specialization ``s[t, i] = f[t, i] - mean_{t' != t} f[t', i]``;
-- partitions: k-means (scikit-learn) on the neurons' co-activation profiles, i.e. each
-  neuron's 0/1 activity over the pooled tokens of every task;
-- partition ablation: zero a partition's neurons (:mod:`mechinterp.ablation`) and measure
-  each task's metric; controls are random neuron sets of the same size.
+Key names: :func:`neuron_activations`, :func:`thresholds`, :func:`frequencies`,
+:func:`specialization`, :func:`coactivation_partitions` (k-means on co-activation),
+:func:`partition_ablation`. Neurons are indexed ``layer * d_mlp + unit``.
 
-Neurons are indexed ``layer * d_mlp + unit`` throughout.
+Design notes: docs/analyses.md ("Bricks").
 """
 
 from __future__ import annotations

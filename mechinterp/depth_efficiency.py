@@ -1,25 +1,17 @@
 """How a decoder uses its depth: contributions, layer skipping, logit lens, residual maps.
 
 After "Do Language Models Use Their Depth Efficiently?" (Csordás, Manning and Potts,
-2025). With the pre-norm residual ``h_{l+1} = h_l + a_l + m_l`` (``h_l`` = ``resid_pre``,
-``a_l`` = ``attn_out``, ``m_l`` = ``mlp_out``), averaged over tokens:
+2025), on the pre-norm residual ``h_{l+1} = h_l + a_l + m_l`` (``resid_pre``,
+``attn_out``, ``mlp_out``); e.g. relative contribution ``||a_l + m_l|| / ||h_l||``.
 
-- :func:`layer_contributions`: relative contribution ``||a_l + m_l|| / ||h_l||`` (and
-  ``||a_l|| / ||h_l||``, ``||m_l|| / ||h_l||``), and the cosines ``cos(a_l, h_l)``,
-  ``cos(m_l, h_l)``, ``cos(a_l + m_l, h_l)`` (negative: the layer erases what is there).
-- :func:`skip_effects`: skip layer ``s`` (``a_s`` and ``m_s`` zeroed, so ``h_{s+1} =
-  h_s``) and measure the relative change ``||c'_l - c_l|| / ||c_l||`` of every later layer's
-  contribution ``c_l = a_l + m_l`` (the paper's heatmap), and the change of the output
-  distribution: ``KL(p || p_skip)`` and top-1 agreement.
-- :func:`logit_lens`: the final norm and unembedding applied to the stream after each
-  layer: ``KL(p_final || p_l)`` and the overlap of the top-k tokens.
-- :func:`residual_map_r2`: ridge maps from model A's stream after layer ``i`` to model B's
-  after layer ``j`` on the same tokens, ``R^2`` on held-out tokens.
+Key names: :func:`layer_contributions` (norm ratios and cosines), :func:`skip_effects`
+(zero a layer; change of later contributions, ``KL(p || p_skip)``, top-1 agreement),
+:func:`logit_lens` (``KL(p_final || p_l)``, top-k overlap), :func:`residual_map_r2`
+(ridge maps between two models' streams, held-out ``R^2``). Everything reads or edits
+sites, so it works on any decoder with them. Unlike the paper (a maximum over
+positions), the skip measure is a mean over positions.
 
-Everything reads or edits sites (:func:`mechinterp.capture` / interventions), so it works
-on any decoder with these sites; the logit lens feeds ``h_l`` through the model's own
-final norm and unembedding by patching the last layer's ``resid_post`` to it. The paper's
-skip measure is a maximum over positions; ours is the mean (one number per token pair).
+Design notes: docs/analyses.md ("Depth efficiency").
 """
 
 from __future__ import annotations

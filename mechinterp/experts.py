@@ -2,18 +2,14 @@
 forced routings for mixture-of-experts models (any model with the ``moe.*`` sites, e.g.
 :class:`mechinterp.models.MoEDecoder`).
 
-- :func:`usage_from_weights` / :func:`expert_usage`: from the combine weights
-  ``w[layer, batch, pos, expert]`` (site ``moe.weights``, 0 where an expert is not routed),
-  per layer and expert the fraction of (non-padding) tokens routed to it and its mean weight
-  over those tokens, the same fraction per position and per token id.
-- :func:`get_act_patch_expert_out` (layer x expert, all positions) and
-  :func:`get_act_patch_expert_out_by_pos` (layer x pos x expert): patch each expert's write
-  ``moe.expert_out`` from the clean run into the corrupted run, one cell at a time, with the
-  sweep engine and the conventions of :mod:`mechinterp.patching` (TransformerLens argument
-  order: ``model, params, corrupted_tokens, clean_cache, patching_metric``).
-- :func:`ablate_experts` (zero the chosen experts' combine weights: the others are not
-  renormalized) and :func:`force_routing` (replace a layer's routing by fixed weights).
-  Naming an expert or a layer that does not exist raises ``ValueError``.
+Key names: :func:`usage_from_weights` / :func:`expert_usage` (per layer and expert, the
+share of tokens routed to it and its mean weight, from site ``moe.weights``);
+:func:`get_act_patch_expert_out` and :func:`get_act_patch_expert_out_by_pos` (patch
+``moe.expert_out`` clean into corrupted, TransformerLens argument order);
+:func:`ablate_experts` (zero combine weights, no renormalization) and
+:func:`force_routing`. Unknown experts or layers raise ``ValueError``.
+
+Design notes: docs/analyses.md ("Experts as components"); the sites: docs/moe.md.
 """
 
 from __future__ import annotations

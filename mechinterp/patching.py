@@ -1,20 +1,15 @@
 """Activation-patching grids with TransformerLens's names, argument order and semantics.
 
 ``get_act_patch_resid_pre(model, params, corrupted_tokens, clean_cache, patching_metric)``
-runs the corrupted input once per grid cell with the clean activation patched in at that
-cell (denoising) and returns the metric per cell, exactly as ``transformer_lens.patching``
-does, except that the whole grid is one vmapped, jitted computation. ``clean_cache`` is the
-dict from :func:`mechinterp.capture`; ``patching_metric`` is any callable from logits to a
-scalar or a :mod:`mechinterp.metrics` object (which then only gets the logits it needs).
+and its siblings (``get_act_patch_*``) run the corrupted input with the clean activation
+patched in at each grid cell (denoising) and return the metric per cell, as
+``transformer_lens.patching`` does, but as one vmapped, jitted computation
+(:func:`mechinterp.sweep.sweep`). Swap clean and corrupted for noising. ``clean_cache``
+comes from :func:`mechinterp.capture`; ``patching_metric`` is a callable on logits or a
+:mod:`mechinterp.metrics` object.
 
-Noising (corrupt into clean) is the same call with the roles swapped:
-``get_act_patch_resid_pre(model, params, clean_tokens, corrupted_cache, metric)``.
-
-As in TransformerLens, "head_out" grids patch ``attn.z`` (each head's output before the
-output projection, which determines the head's write to the residual), k/v grids run over
-the key/value heads of grouped-query attention, and pattern grids index heads and
-destination (query) positions. Keyword arguments (``chunk_size``, ``progress``,
-``model_kwargs`` such as an attention mask) go to :func:`mechinterp.sweep.sweep`.
+Design notes (head_out, k/v and pattern grids, keyword arguments): docs/analyses.md
+("Activation patching").
 """
 
 from __future__ import annotations

@@ -1,91 +1,17 @@
 """The shared mixture-of-experts layer: routers, SwiGLU experts, shared experts, aux losses.
 
-Every family that needs experts reuses :class:`MoE`; it knows nothing about a family's
-config. Expert weights are stacked with the logical axis ``'experts'`` first
-(``gate``/``up``: (experts, embed, mlp), ``down``: (experts, mlp, embed)) so expert
-parallelism is one rule in the sharding table.
+:class:`MoE` is reused by every family with experts; expert weights are stacked with the
+logical axis ``'experts'`` first. Output ``y = sum_i w_i E_i(x) + s(x) S(x)`` with
+``E_i(x) = down_i(silu(x gate_i) * (x up_i))`` and ``S`` an optional shared expert.
 
-Routing (``x`` one token, ``W_r`` the router, ``E`` experts, top ``k``):
+Routers (``ROUTERS``): ``softmax`` (Switch, GShard, Mixtral, Qwen-MoE), ``sigmoid``
+(DeepSeek-V3), ``centroid`` (Moirai-MoE), ``expert_choice`` (Zhou et al. 2022); GShard
+capacity dropping; Switch jitter. Aux losses in ``AUX_LOSS``: balance (Switch eq. 4,
+``alpha * E * sum_i f_i P_i``, or DiT-MoE's form) and z-loss (ST-MoE eq. 5). ``impl``
+``"dense"`` or ``"ragged"`` (grouped matmuls); ``router_impl`` ``"jnp"``, ``"fused"``,
+``"pallas"``. Key names: :func:`route`, :func:`balance_loss`, :func:`z_loss`; sites ``moe.*``.
 
-- ``router="softmax"`` (Switch, GShard, Mixtral, Qwen-MoE): ``l = x W_r``,
-  ``p = softmax(l)``, ``S = TopK(p, k)``, ``w_i = p_i`` for ``i in S`` (else 0);
-  with ``norm_topk_prob`` ``w_i = p_i / sum_{j in S} p_j`` (Mixtral always renormalizes).
-- ``router="sigmoid"`` (DeepSeek-V3 style gating): ``p = sigmoid(l)``, the same top-k, and
-  ``w_i = p_i`` or, with ``norm_topk_prob``, ``p_i / sum_{j in S} p_j``.
-- ``router="centroid"`` (Moirai-MoE, Liu et al. 2024): the logits are negative squared
-  distances to fixed centroids ``c_i`` (given, e.g. k-means of a pretrained model's
-  token representations; never trained): ``l_i = -||x - c_i||^2``; then as softmax, so the
-  ``k`` nearest centroids are selected.
-- ``router="expert_choice"`` (Zhou et al. 2022): ``P = softmax(X W_r)`` over experts for all
-  ``N = batch * pos`` tokens, and each expert takes its ``C`` highest-scoring tokens
-  (``G, I = TopK(P^T, C)``): ``w_{t,i} = P_{t,i}`` if ``t`` is in expert ``i``'s pick, else 0.
-  A token may get any number of experts (0 included: it then passes through the residual).
-  Tokens of the whole batch, all positions, compete (not causal). Executed densely.
-
-Capacity (``capacity_factor``; ``None`` = dropless): expert capacity
-``C = ceil(capacity_factor * N * k / E)``, at most ``N`` (for expert choice the tokens each
-expert takes, with ``k`` the average experts per token and ``None`` meaning factor 1). With
-token-choice routers each expert keeps its first ``C`` assignments in priority order --
-every token's first choice in token order, then every second choice
-(GShard) -- and a dropped assignment's weight becomes 0 (the others are not renormalized);
-a token with every choice dropped passes through the residual stream unchanged.
-
-Jitter (Switch Transformer): with ``jitter_noise = eps > 0`` and a ``'dropout'`` rng (the
-train step passes one; analysis runs do not), the router sees ``x * u``,
-``u ~ Uniform(1 - eps, 1 + eps)`` elementwise; the experts see ``x``.
-
-Output: ``y = sum_i w_i E_i(x) + s(x) * S(x)`` where ``E_i(x) = down_i(silu(x gate_i) *
-(x up_i))`` and ``S`` is the shared expert (a SwiGLU MLP of width ``d_shared``; DeepSeek's
-``n`` shared experts of width ``d`` are one MLP of width ``n * d``). The shared gate ``s`` is
-1 (DiT-MoE / DeepSeek: always added) or, with ``shared_expert_gated``,
-``sigmoid(x w_s)`` (Qwen2-MoE).
-
-Auxiliary losses are sown, already weighted, into the ``'aux_loss'`` collection
-(:data:`AUX_LOSS`, the collection ``train/step.py`` sums):
-
-- balance loss (Switch Transformer eq. 4, GShard): ``alpha * E * sum_i f_i P_i`` with
-  ``f_i`` the fraction of tokens that put expert ``i`` in their top-k (so
-  ``sum_i f_i = k``, as transformers' ``load_balancing_loss_func``) and ``P_i`` the mean
-  router probability of expert ``i``; ``alpha = aux_loss_coef``. It is computed per layer
-  over every token of the batch, padding included.
-- with ``balance_loss_form="dit"`` instead, DiT-MoE's (Fei et al. 2024; DeepSeekMoE eq. 12)
-  ``alpha * sum_i f'_i P_i`` with ``f'_i = E / (k N) * count_i`` (``1`` per expert under a
-  uniform load), i.e. the Switch form divided by ``k``;
-- router z-loss (ST-MoE eq. 5): ``beta * mean_tokens(logsumexp(l)^2)``,
-  ``beta = z_loss_coef``.
-
-Execution (dropless unless ``capacity_factor`` is set): ``impl="dense"`` evaluates
-every expert on every token and combines with the dense (batch, pos, expert) weights: the
-reference, exact and simple, ``E`` times the FLOPs. ``impl="ragged"`` sorts the ``k`` copies
-of each token by expert and runs the three matmuls as grouped matmuls (:func:`~mechinterp.models.kernels.gmm`:
-``ragged_dot``, or its Pallas kernel on GPU; FLOPs of ``k`` experts per token; dropped
-assignments are computed with weight 0).
-``router_impl`` picks how top-k routing and the sort are computed: ``"jnp"`` (default,
-:func:`route`), ``"fused"`` (:func:`~mechinterp.models.kernels.router.fused_router`: the
-fused Pallas router on GPU, its jnp reference elsewhere) or ``"pallas"`` (the Pallas kernel
-everywhere, interpreted on CPU); all give the same routing. Expert-choice routing, reading
-``moe.expert_out`` or ``moe.expert_in``, or editing ``moe.weights`` or ``moe.expert_out``
-always use the dense path (an edit may give weight to an expert the router did not
-select), so with ``impl="ragged"`` such runs agree with plain runs to float
-rounding, not bit for bit; with ``impl="dense"`` a no-op edit of ``moe.expert_out``,
-``moe.weights``, ``moe.topk_weights``, ``moe.expert_in``, ``moe.router_logits``,
-``moe.router_probs`` or ``moe_out`` is bit-identical (tested). A no-op edit of
-``moe.shared_out`` changes XLA's CPU compilation of the layer and
-agrees to ~1e-6, not bit for bit (seen on jax 0.10.2 CPU).
-
-Sites (per token; inside a decoder they gain leading ``layer, batch, pos`` axes):
-``moe.router_logits`` (expert), ``moe.router_probs`` (expert), ``moe.topk_indices`` (topk:
-the selected experts, best first; int32, so it can be read, not edited -- force a routing
-through ``moe.weights``) and ``moe.topk_weights`` (topk: their weights after capacity
-dropping; token-choice routers only), ``moe.weights`` (expert: the combine weight ``w_i``,
-zero outside the top-k; zeroing entry ``i`` removes expert ``i`` without renormalizing the
-others), ``moe.expert_in`` (expert, d_model: the input each expert sees, ``x`` for every
-expert unless edited; computed only when read or edited), ``moe.expert_out`` (expert,
-d_model: ``w_i E_i(x)``, each expert's write, computed only when read or edited and folded
-back as a difference),
-``moe.shared_out`` (d_model: ``s(x) S(x)``, only with a shared expert) and ``moe_out``
-(d_model: the layer output) -- the last one is recorded by the caller (the decoder block).
-An edit of ``moe.expert_in`` is folded in as ``E_i(x') - E_i(x)`` (exactly 0 for a no-op).
+Design notes (formulas, capacity, exactness of edits, the site list): docs/moe.md.
 """
 
 from __future__ import annotations

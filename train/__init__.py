@@ -1,22 +1,16 @@
 """mechinterp.train: training on sharded meshes, from a laptop to a pod, with one code path.
 
-    from mechinterp import train
-    mesh = train.make_mesh({"data": -1, "tensor": 2})
-    tx = train.make_optimizer("adamw", train.lr_schedule("cosine", 3e-4, warmup_steps=100,
-                                                          total_steps=10_000))
-    abstract = train.abstract_train_state(model, tx, (tokens,), mesh=mesh,
-                                          rules=train.DEFAULT_RULES)
-    state = train.init_train_state(model, tx, (tokens,), mesh=mesh, rules=train.DEFAULT_RULES)
-    step = train.make_train_step(model, tx, train.shardings_of(abstract), mesh=mesh,
-                                 rules=train.DEFAULT_RULES)
-    state, metrics = step(state, train.global_batch(batch, mesh, train.DEFAULT_RULES))
-
-or, config-driven, ``mechinterp run CONFIG`` with ``config.job = "mechinterp.train.loop:run"``
-(see :func:`mechinterp.train.config.default_config`).
+``make_mesh`` builds the device mesh, ``make_optimizer`` / ``lr_schedule`` the optax
+transform, ``init_train_state`` / ``abstract_train_state`` the sharded state under
+``DEFAULT_RULES``, ``make_train_step`` the jitted step and ``global_batch`` a sharded
+batch; or, config-driven, ``mechinterp run CONFIG`` with
+``config.job = "mechinterp.train.loop:run"``.
 
 Modules: ``mesh``, ``state``, ``step``, ``losses``, ``optim``, ``checkpoint`` (Orbax),
 ``tasks``, ``tokenizer``, ``data`` (tfds + grain), ``digits``, ``timeseries``, ``flop_counts``,
 ``config``, ``loop`` (``fit``, ``run``), ``transcoders`` (``train_transcoders``).
+
+Design notes and a worked example: docs/training.md.
 """
 
 from mechinterp.train.checkpoint import Checkpointer, StopSignal

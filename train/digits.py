@@ -1,23 +1,16 @@
 """scikit-learn's handwritten digits as a tfds dataset, with class splits and rotations.
 
-The 1,797 8x8 images of ``sklearn.datasets.load_digits`` (shipped with scikit-learn,
-nothing downloaded) are split per class, with a seeded permutation, into a train part and
-a test part (``test_fraction`` of each class; a class's split depends only on the seed,
-not on which classes are seen). Three splits:
+The 1,797 8x8 images of ``sklearn.datasets.load_digits`` (nothing downloaded) are split
+per class with a seeded permutation. Splits: ``train`` and ``test`` (the seen
+``classes``), ``heldout`` (every image of the other classes). Every image appears once
+per angle in ``angles``: multiples of 90 are exact ``np.rot90`` turns, others bilinear
+``scipy.ndimage.rotate``.
 
-    train     train-part images of the seen ``classes``
-    test      test-part images of the seen ``classes``
-    heldout   every image of the other classes (never in train; absent if all are seen)
+Features: ``inputs`` (float32, 64, in [0, 1], row-major), ``label`` (int32), ``angle``
+(float32, degrees), ``index`` (int32). Key names: :class:`Digits`, :func:`build_digits`,
+:func:`split_indices`, :func:`rotate_image`.
 
-Every image appears once per angle in ``angles`` (degrees, counterclockwise as displayed):
-multiples of 90 are exact ``np.rot90`` turns; other angles use ``scipy.ndimage.rotate``
-with bilinear interpolation, the same size, and zeros where the rotated image leaves the
-frame (bilinear keeps values within the original range, without spline overshoot).
-
-Features: ``inputs`` (float32, 64) the image scaled to [0, 1] and flattened row-major
-(``inputs.reshape(8, 8)`` is the image), ``label`` (int32, the digit), ``angle``
-(float32, degrees) and ``index`` (int32, the image's row in ``load_digits``). ``inputs``
-and ``label`` are what the ``classification`` objective of :mod:`.losses` reads.
+Design notes: docs/training.md ("Handwritten digits").
 """
 
 from __future__ import annotations

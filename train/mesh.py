@@ -1,31 +1,16 @@
 """Device meshes and the logical-axis rules that shard parameters, state and batches.
 
-Every mesh has the same four axes, in this order::
+Every mesh has the axes ``MESH_AXES`` = (``data``, ``fsdp``, ``tensor``, ``expert``): pure
+data parallelism, ZeRO-3 style sharded data parallelism, tensor parallelism and expert
+parallelism. Models name their parameters' axes logically (``nn.with_logical_partitioning``);
+one rules table (``DEFAULT_RULES``) maps each logical name to mesh axes, and the batch is
+split along those of ``'batch'``.
 
-    data    pure data parallelism (batch split, parameters replicated)
-    fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3 style)
-    tensor  tensor (model) parallelism: heads, MLP width and vocabulary split
-    expert  expert parallelism for mixture-of-experts layers
+Key names: :func:`make_mesh`, :func:`logical_to_spec`, :func:`batch_sharding`,
+:func:`global_batch`. Multi-host: call ``jax.distributed.initialize()`` first in every
+process, then build the mesh over ``jax.devices()``.
 
-Models name the axes of their parameters logically (``'embed'``, ``'heads'``, ...) with
-``nn.with_logical_partitioning``; one rules table maps each logical name to mesh axes. The
-batch is split along the mesh axes of the logical name ``'batch'``.
-
-Multi-host: the same program runs on every host. Call ``jax.distributed.initialize()``
-first thing in every process (the ``mechinterp run`` job does when ``config.distributed``
-is set), then build the mesh over ``jax.devices()`` (all hosts' devices). Each host loads
-only its share of every batch (see :mod:`mechinterp.train.data`). Launching:
-
-- GPU cluster (e.g. SLURM, one process per host, all GPUs of a host per process)::
-
-      srun --nodes=N --ntasks-per-node=1 python -m mechinterp.cli run CONFIG
-
-  ``jax.distributed.initialize()`` reads the coordinator, process count and index from
-  SLURM's environment; elsewhere set ``JAX_COORDINATOR_ADDRESS`` (host:port of process
-  0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` in every process.
-- TPU pod slice: run the same command on every worker
-  (``gcloud compute tpus tpu-vm ssh NAME --worker=all --command="..."``); the TPU runtime
-  supplies everything ``jax.distributed.initialize()`` needs.
+Design notes (launching on SLURM and TPU pods): docs/training.md ("Meshes").
 """
 
 from __future__ import annotations

@@ -1,21 +1,14 @@
 """Optimizers as composable optax transforms: schedules, parameter groups, multipliers, masks.
 
-Parameters are addressed by their path, ``'layers/attn/wq'``, matched with ``re.search``
-against regex patterns; the first matching pattern of a group table wins. The pieces:
+Parameters are addressed by path (``'layers/attn/wq'``) matched with ``re.search``; the
+first matching pattern of a group table wins, and a pattern that matches nothing raises.
 
-- :func:`lr_schedule`: linear warmup, then cosine / linear decay or constant.
-- :func:`freeze`: wrap any transform so matching parameters get zero updates and carry no
-  optimizer state (``optax.multi_transform``).
-- :func:`scale_by_multipliers`: per-leaf multipliers (scalars, or arrays broadcasting to
-  the parameter) carried in the optimizer state, so :func:`set_multipliers` can change them
-  between steps without recompiling the train step. As the last transform of a chain they
-  are per-group learning-rate multipliers.
-- :func:`mask_gradients`: per-leaf gradient masks, also carried in the state
-  (:func:`set_gradient_masks`); as the first transform they mask gradients before clipping
-  and moment estimates.
-- :func:`make_optimizer`: AdamW / SGD / Adafactor built from those pieces.
+Key names: :func:`lr_schedule` (warmup, then cosine / linear / constant), :func:`freeze`
+(no updates, no state), :func:`scale_by_multipliers` / :func:`set_multipliers` (per-group
+multipliers changed without recompiling), :func:`mask_gradients` /
+:func:`set_gradient_masks`, :func:`make_optimizer` (AdamW / SGD / Adafactor).
 
-A transform whose pattern matches no parameter raises instead of silently doing nothing.
+Design notes: docs/training.md ("Optimizers").
 """
 
 from __future__ import annotations

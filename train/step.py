@@ -1,25 +1,14 @@
 """The jitted train and eval steps.
 
 ``make_train_step`` returns ``step(state, batch) -> (state, metrics)``, a ``jax.jit`` with
-the state's shardings in and out and the batch split as the rules' ``'batch'`` axis says.
-Inside one step:
+the state's shardings in and out and the batch split as the rules' ``'batch'`` axis says;
+``make_eval_step`` is its evaluation twin. A step does gradient accumulation over
+``grad_accum`` microbatches (float32 sums, the full-batch gradient for any
+``grad_accum``), mixed precision (``compute_dtype`` for the forward pass only), adds
+every value sown into ``AUX_LOSS`` to the loss, and reports ``loss``, ``ce``,
+``aux_loss``, ``accuracy``, ``grad_norm``, ``lr`` and ``weight``.
 
-- **Gradient accumulation**: the batch is cut into ``grad_accum`` microbatches (row ``r``
-  goes to microbatch ``r % grad_accum``, so each stays evenly split over the data
-  devices) and gradients are summed in float32 by a ``lax.scan``. Objectives return sums,
-  divided once by the whole batch's weight, so any ``grad_accum`` gives the full-batch
-  gradient.
-- **Mixed precision**: ``compute_dtype`` (e.g. ``bfloat16``) casts floating parameters for
-  the forward pass only; master parameters, gradients and optimizer state keep the
-  parameters' own dtype (float32). Losses are computed in float32.
-- **Dropout**: the ``'dropout'`` rng is ``fold_in(fold_in(state.rng, step), microbatch)``.
-- **Auxiliary losses**: every value a module sows into the ``'aux_loss'`` collection
-  (``self.sow('aux_loss', name, value)``, e.g. a MoE balance loss, already weighted) is
-  summed and added to the loss (averaged over microbatches).
-- **Metrics**: ``loss`` (objective + aux), ``ce``, ``aux_loss``, ``accuracy`` (and
-  ``exact_match`` for sequences), ``grad_norm`` (global norm of the raw gradients, before
-  clipping), ``lr`` (the schedule's value at this step) and ``weight`` (scored targets).
-  Throughput and MFU are measured around the step by the loop (:mod:`.flops`).
+Design notes: docs/training.md ("The train and eval steps").
 """
 
 from __future__ import annotations

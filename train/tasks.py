@@ -1,27 +1,16 @@
 """A seeded family of synthetic token tasks, mixed by task tokens.
 
 Every example is ``<bos> <task-token> prompt... target... <eos> <pad>...``; the loss mask
-marks the target words and ``<eos>``. A :class:`TaskMixture` fixes the tasks and their
-weights, a shared knowledge base, the sequence length and the seed; example ``i`` of a
-split depends only on those and ``i`` (its own ``numpy`` generator), so datasets are
-reproducible and can be generated in any order.
+marks the target words and ``<eos>``. A :class:`TaskMixture` fixes the tasks, their
+weights, a shared :class:`KnowledgeBase`, the sequence length and the seed; example ``i``
+depends only on those and ``i``, so datasets are reproducible in any order.
 
-Tasks (words in quotes are vocabulary words):
+Tasks: :class:`FactRecall` (``<recall> e5 r2 = e17``), :class:`MultiHop` (compose facts),
+:class:`InContextChain` (follow a chain given as shuffled edges in context) and
+:class:`Arithmetic` (digit-by-digit addition and subtraction); optional scratchpads and
+held-out combinations.
 
-- :class:`FactRecall` ``<recall> e5 r2 = e17``: one fact of the knowledge base (entity,
-  relation -> entity). Train and test draw from all facts (recall is memorization).
-- :class:`MultiHop` ``<hop> e5 r2 r0 = e17 ; e3``: compose ``hops`` facts; with
-  ``scratchpad`` the intermediate entities are written out (``e17 ;``) before the answer.
-  A ``holdout`` fraction of (entity, relation chain) combinations appears only in test,
-  to measure composition of facts learned separately (``holdout=0``: none held out).
-- :class:`InContextChain` ``<chain> s3 > s7 ; s1 > s9 ; s7 > s1 ; ? s3 = s7 s1 s9``: a
-  chain of fresh symbols given as shuffled edges in context; follow it from its start
-  (all steps with ``scratchpad``, else only the end). Needs in-context lookup (induction).
-  A ``holdout`` fraction of (start, end) symbol combinations appears only in test;
-  ``distractors`` more chains (disjoint symbols) mixed into the edges make the answer
-  depend on the start symbol (without them the end is simply the one non-source symbol).
-- :class:`Arithmetic` ``<arith> 1 2 + 7 - 3 0 = 1 9 ; - 1 1``: add and subtract
-  ``n_terms`` numbers digit by digit; with ``scratchpad`` the running totals come first.
+Design notes (each task's format and options): docs/training.md ("Synthetic token tasks").
 """
 
 from __future__ import annotations

@@ -1,25 +1,17 @@
 """Time series shipped with statsmodels as windowed forecasting examples (a tfds dataset).
 
-A series (``SERIES``; loaded from inside statsmodels, nothing downloaded) of ``T`` time
-steps and ``C`` columns is cut at ``split = T - round(test_fraction * T)``: the first
-``split`` steps are the train period, the rest the test period. An example is a window
-``series[s : s + context]`` (the context) followed by ``series[s + context : s + context
-+ horizon]`` (the target), for ``s`` every ``stride`` steps:
-
-    train   windows lying wholly in the train period (``s + context + horizon <= split``),
-            ``s = 0, stride, ...``
-    test    windows whose target lies wholly in the test period; the context may reach
-            back into the train period (those values are known when forecasting):
-            ``s = split - context, split - context + stride, ...``
-
-Values are normalized per column with the mean and (population) standard deviation of
-the train period only, ``(x - mean) / std``, so nothing about the test period leaks into
-training; ``mean``, ``std`` and ``split`` are stored in the dataset's metadata
-(:func:`normalization`). Missing values (weekly ``co2`` has a few) are filled by linear
-interpolation in time before anything else.
+A series (``SERIES``; nothing downloaded) of ``T`` steps is cut at
+``split = T - round(test_fraction * T)``. An example is a ``context`` window followed by
+a ``horizon`` target, every ``stride`` steps: train windows lie wholly before ``split``,
+test windows have their whole target after it. Values are normalized per column with the
+train period's mean and std only (:func:`normalization`); missing values are filled by
+linear interpolation.
 
 Features: ``context`` (float32, ``(context, C)``), ``target`` (float32,
-``(horizon, C)``), ``start`` (int32, ``s``).
+``(horizon, C)``), ``start`` (int32). Key names: :class:`TimeSeries`,
+:func:`build_timeseries`, :func:`load_series`, :func:`window_starts`.
+
+Design notes: docs/training.md ("Time series").
 """
 
 from __future__ import annotations

@@ -1,29 +1,16 @@
 """Gating kernels: the fused SwiGLU gate and the threshold-gain gate.
 
-- SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer", eq. 6 without the projections):
-  ``y = silu(g) * u = g * sigmoid(g) * u``.
-- Threshold-gain gate (Dopamine-style gain on a threshold, see the design's METHODS list):
-  ``y = g * h * sigmoid((h - tau) / T)`` in training; at inference (``hard=True``) the
-  sigmoid becomes the step ``1[h > tau]`` (its ``T -> 0`` limit).
+- SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer", eq. 6):
+  ``y = silu(g) * u``.
+- Threshold-gain gate: ``y = g * h * sigmoid((h - tau) / T)``; ``hard=True`` uses the
+  step ``1[h > tau]``.
 
-Each has a plain-``jnp`` reference (``*_reference``), a Pallas implementation (``*_pallas``:
-an elementwise kernel over (rows, 128) tiles of the flattened, padded input, float32 math
-inside, cast back to the input dtype) with a ``custom_vjp`` whose backward pass is a second
-Pallas kernel, and a dispatcher (:func:`swiglu`, :func:`threshold_gain`) that picks by
-backend: Pallas on TPU, the reference on CPU and GPU, unless ``impl`` says otherwise. On an
-H200 (2026-11-27, ``benchmarks/moe_kernels.py``, 2^24 float32 elements) the Pallas kernels
-took 0.37 / 0.39 ms against XLA's fused reference's 0.17 / 0.17 ms (0.47x / 0.43x): XLA
-already fuses these elementwise chains, so the GPU default is the reference.
+Each has a ``*_reference`` (plain ``jnp``), a ``*_pallas`` kernel with a Pallas backward
+(``custom_vjp``) and a dispatcher (:func:`swiglu`, :func:`threshold_gain`): Pallas on
+TPU, the reference on CPU and GPU (on an H200 XLA's fused reference was about 2x faster),
+unless ``impl`` says otherwise.
 
-Gradients (``dy`` the output cotangent, ``s`` the sigmoid):
-SwiGLU ``dg = dy * u * s(g) * (1 + g * (1 - s(g)))``, ``du = dy * silu(g)``;
-threshold gain ``dg = dy * h * s``, ``dh = dy * g * (s + h * s * (1 - s) / T)`` with
-``s = sigmoid((h - tau) / T)``; the hard gate has ``dg = dy * h * 1[h > tau]``,
-``dh = dy * g * 1[h > tau]`` (the step's derivative is zero almost everywhere).
-``tau`` and ``T`` are static Python floats (not differentiated).
-
-The TPU path has never been run on a TPU here; the GPU (Triton) path compiled and matched
-the reference on an H200; ``interpret=True`` on CPU is what the tests run.
+Design notes (gradients, measurements, what was run where): docs/moe.md ("Gating kernels").
 """
 
 from __future__ import annotations

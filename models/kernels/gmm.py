@@ -1,34 +1,17 @@
 """Grouped matrix multiplication over experts: the matmul of dropless MoE execution.
 
-``lhs`` (M, K) holds token rows sorted by expert, ``rhs`` (E, K, N) one matrix per expert and
-``group_sizes`` (E,) how many consecutive rows each expert owns (the router's dispatch plan,
-:class:`~mechinterp.models.kernels.router.RoutingPlan`)::
+``lhs`` (M, K) holds token rows sorted by expert, ``rhs`` (E, K, N) one matrix per expert,
+``group_sizes`` (E,) how many consecutive rows each expert owns::
 
-    out[r] = lhs[r] @ rhs[g(r)],  g(r) = the group whose rows [offset_g, offset_g + size_g)
-                                  contain r;  rows past sum(group_sizes) are 0.
+    out[r] = lhs[r] @ rhs[g(r)]   (g(r) the group that owns row r; later rows are 0)
 
-Implementations (all differentiable in ``lhs`` and ``rhs``):
+Implementations: :func:`gmm_reference` (loop over experts), :func:`gmm_ragged`
+(``jax.lax.ragged_dot``), :func:`gmm_megablox` (TPU Pallas) and :func:`gmm_pallas`
+(block-padded Pallas, GPU-style). :func:`gmm` dispatches: megablox on TPU,
+:func:`gmm_pallas` on GPU where K and N fit Triton blocks (6.8x ``ragged_dot`` in
+bfloat16 on an H200), ``ragged_dot`` otherwise.
 
-- :func:`gmm_reference`: a loop over experts, each a full ``lhs @ rhs[e]`` masked to its
-  rows (``E`` times the FLOPs; the plain-``jnp`` reference).
-- :func:`gmm_ragged`: :func:`jax.lax.ragged_dot` (XLA's grouped matmul; its transpose rules
-  give the gradients).
-- :func:`gmm_megablox`: ``jax.experimental.pallas.ops.tpu.megablox.gmm``, the TPU Pallas
-  kernel with its ``custom_vjp`` (``tgmm`` for ``d rhs``). Tested here only with
-  ``interpret=True`` on CPU; never run on a TPU here.
-- :func:`gmm_pallas`: a block-padded Pallas kernel written GPU-style (each group's rows
-  copied to a tile-aligned slot, one ``(tile, K) @ (K, block)`` product per program, a
-  second kernel for ``d rhs``), with a ``custom_vjp``. Tested with ``interpret=True`` on
-  CPU; compiled with Triton and timed on an H200 (below).
-
-:func:`gmm` dispatches: megablox on TPU, :func:`gmm_pallas` on GPU (where K and N fit
-Triton blocks), ``ragged_dot`` otherwise. Measured on an H200 (2026-11-27,
-``benchmarks/moe_kernels.py``: 65,536 tokens x top-2 = 131,072 rows, d 1024 -> 512, 64
-balanced experts): in bfloat16, ``ragged_dot`` 14.6 ms, no faster than the einsum over all
-experts (13.3 ms, 64 times the FLOPs), :func:`gmm_pallas` 2.14-2.16 ms (63-64 TFLOP/s,
-6.8x ``ragged_dot``) but 4.3-5x slower than a dense matmul of the same FLOPs (0.43-0.50
-ms). In float32, ``ragged_dot`` (TF32) 31.1 ms, :func:`gmm_pallas` 28.4 ms with exact float32
-products (4.8 ms while it still multiplied in TF32, before ``_EXACT``).
+Design notes (the H200 timings, what was tested where): docs/moe.md ("Grouped matmul").
 """
 
 from __future__ import annotations

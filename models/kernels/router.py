@@ -1,36 +1,16 @@
 """Fused top-k router: logits -> probabilities -> top-k -> the dispatch plan, in one kernel.
 
-For router logits ``l`` (tokens, E) and ``k`` experts per token:
+For logits ``l`` (tokens, E): ``p = softmax(l)`` or ``sigmoid(l)``, the top-``k`` experts
+per token (ties: lower index first) with weights ``p`` or ``p / sum_{S} p``, and the
+:class:`RoutingPlan` of the ``T * k`` assignments: ``group_sizes``, ``group_offsets`` and
+``order`` (assignments sorted by expert, stably), the rows a grouped matmul reads.
 
-- probabilities ``p = softmax(l)`` (Switch, Mixtral) or ``p = sigmoid(l)`` (DeepSeek-V3);
-- top-k: ``S_t`` the ``k`` largest ``p_t`` (ties: the lower expert index first, as
-  :func:`jax.lax.top_k`), weights ``w_tj = p_{t, i_tj}`` or, renormalized,
-  ``w_tj = p_{t, i_tj} / sum_{l in S_t} p_{t, l}``;
-- the dispatch plan of the ``T * k`` assignments ``a = t * k + j``: ``group_sizes[e]`` (how
-  many assignments expert ``e`` gets), ``group_offsets[e]`` (where its rows start) and
-  ``order``: the assignments sorted by expert, ties by ``a`` (``argsort(indices.ravel(),
-  stable=True)``), so ``order // k`` are the token rows a grouped matmul reads.
+The Pallas kernel works per block of tokens; the cross-block prefix sum and scatter are a
+short ``jnp`` epilogue; the backward is a second Pallas kernel (``custom_vjp``).
+:func:`fused_router` dispatches: the kernel on GPU (Triton), :func:`fused_router_reference`
+elsewhere; ``impl="pallas"`` forces the kernel (interpreted on CPU, as the tests run it).
 
-The Pallas kernel runs over blocks of ``block_tokens`` tokens and computes, per block,
-probabilities, top-k indices and weights (``k`` rounds of argmax), the block's per-expert
-counts and each assignment's rank among the earlier assignments of its expert in the block
-(an exclusive prefix sum over tokens, done as a strictly-lower-triangular matmul so it also
-maps to Triton's ``tl.dot``). GPU grid programs cannot pass state between blocks, so the
-cross-block part -- an exclusive cumulative sum over the (blocks, E) counts and the scatter
-``order[offset_e + block_prefix_e + rank] = a`` of ``T * k`` integers -- is a short ``jnp``
-epilogue. Gradients (only ``probs`` and ``weights`` are differentiable) go through a
-``custom_vjp`` whose backward is a second Pallas kernel:
-
-- renormalized: ``dp_i += (dw_i - sum_l dw_l w_l) / sum_{l in S} p_l`` for ``i`` in ``S``,
-  otherwise ``dp_i += dw_i``;
-- softmax: ``dl = p * (dp - sum_i dp_i p_i)``; sigmoid: ``dl = dp * p * (1 - p)``.
-
-:func:`fused_router` dispatches: the Pallas kernel on GPU (Triton), the reference elsewhere;
-``impl="pallas"`` forces the kernel (``interpret=True`` on CPU, as the tests run it) and
-``impl="reference"`` the plain-``jnp`` :func:`fused_router_reference`. The interpreted kernel
-is a correctness tool (hundreds of times slower than the reference on CPU), which is why CPU
-defaults to the reference. The GPU (Triton) path has never been run on a GPU here: only
-``interpret=True`` on CPU is tested.
+Design notes (the kernel, gradients, measurements): docs/moe.md ("Fused top-k router").
 """
 
 from __future__ import annotations
