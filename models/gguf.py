@@ -95,14 +95,37 @@ class GGUFTokenizer(NamedTuple):
 # --------------------------------------------------------------------------- reading
 
 
-def _reader(path: Path):
-    import gguf
+def _gguf():
+    try:
+        import gguf
+    except ImportError as error:
+        raise ImportError("reading GGUF files needs the gguf package: pip install "
+                          "'gguf>=0.10' (or the extra: pip install 'mechinterp[real]')"
+                          ) from error
+    return gguf
 
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return "gguf " + version("gguf")
+    except PackageNotFoundError:
+        return "gguf, version unknown"
+
+
+def _reader(path: Path):
+    gguf = _gguf()
     if not path.is_file():
         raise FileNotFoundError(f"no GGUF file at {path}")
     try:
         reader = gguf.GGUFReader(path)
     except Exception as error:  # the reader raises ValueError, KeyError, IndexError, ...
+        if "GGMLQuantizationType" in str(error):
+            raise ValueError(
+                f"{path}: a tensor has an unknown quantization type ({error}); it may be a "
+                f"type newer than this gguf package ({_version()}): upgrade gguf, or the file "
+                "is corrupt") from error
         raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): "
                          f"{type(error).__name__}: {error}") from error
     return reader
@@ -256,10 +279,11 @@ def hf_config_from_gguf(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int
             hf.update(num_local_experts=n_experts, intermediate_size=d_expert)
         else:
             # llama.cpp renormalizes the top-k weights for qwen3moe and not for qwen2moe
-            # (its build_moe_ffn norm_w argument); the files carry no flag.
+            # (its build_moe_ffn norm_w argument); files of these architectures carry no
+            # flag, but a {arch}.expert_weights_norm key, where present, decides.
+            norm = meta.get(f"{a}.expert_weights_norm", arch == "Qwen3MoeForCausalLM")
             hf.update(num_experts=n_experts, moe_intermediate_size=d_expert,
-                      intermediate_size=int(ffn or d_expert),
-                      norm_topk_prob=arch == "Qwen3MoeForCausalLM")
+                      intermediate_size=int(ffn or d_expert), norm_topk_prob=bool(norm))
         if arch == "Qwen2MoeForCausalLM":
             shared = tensor_shapes.get("blk.0.ffn_gate_shexp.weight")
             hf["shared_expert_intermediate_size"] = int(
