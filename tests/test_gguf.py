@@ -453,3 +453,36 @@ def test_smollm2_matches_transformers(smollm2):
 def test_smollm2_answers_paris(smollm2):
     _, tokenizer, _, _, ours = smollm2
     assert tokenizer.tokenizer.decode([int(ours[0, -1].argmax())]) == " Paris"
+
+
+def test_header_reader_matches_gguf_reader(tmp_path, small_file):
+    """load_gguf's own header reader gives GGUFReader's metadata and tensor bytes (string,
+    integer, float and bool scalars and arrays; tensors after a custom alignment)."""
+    from mechinterp.models.gguf import _read
+
+    config, _ = small_file
+    path = tmp_path / "fields.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_custom_alignment(64)
+    writer.add_array("tokenizer.ggml.tokens", ["a", "Ġb", "é", ""])
+    writer.add_array("tokenizer.ggml.token_type", [1, 3, 1, 6])
+    writer.add_array("test.floats", [0.5, -2.0])
+    writer.add_bool("test.flag", True)
+    writer.add_float32("test.eps", 1e-5)
+    writer.add_string("test.text", "hé")
+    writer.add_tensor("a.weight", np.arange(6, dtype=np.float32).reshape(2, 3))
+    writer.add_tensor("b.weight", quants.quantize(np.ones((2, 32), np.float32), Q.Q8_0),
+                      raw_dtype=Q.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    meta, tensors = _read(path)
+    reader = gguf.GGUFReader(path)
+    theirs = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert meta == theirs
+    for ours, their in zip(tensors, reader.tensors, strict=True):
+        assert (ours.name, ours.qtype, ours.shape) == (
+            their.name, their.tensor_type, tuple(reversed(their.shape.tolist())))
+        np.testing.assert_array_equal(np.asarray(ours.data).reshape(-1),
+                                      np.asarray(their.data).view(np.uint8).reshape(-1))
