@@ -397,8 +397,8 @@ def _rope_scaling(meta: dict, a: str, path: Path, theta: float, d_head: int,
                          "'none', 'linear', and Llama 3 scaling (a rope_freqs tensor)")
     if not has_rope_freqs:
         return None
-    # Llama 3.x: llama.cpp stores the per-frequency divisors, not their parameters; fitted in
-    # _check_rope_freqs once the tensor is read.
+    # Llama 3.x: llama.cpp stores the per-frequency divisors, not their parameters; fitted by
+    # _llama3_scaling once the tensor is read.
     return {"rope_type": "llama3", "factor": None,
             "original_max_position_embeddings": int(
                 meta.get(f"{a}.rope.scaling.original_context_length", 8192))}
@@ -431,37 +431,30 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def permute_for_gguf(w: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's converter permutation of a q/k weight (HF layout -> GGUF ``llama``
-    layout); the inverse of what :func:`load_gguf` applies."""
-    rows = w.shape[0]
-    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def hf_name(gguf_name: str, arch: str) -> list[tuple[str, int | None]]:
-    """The Hugging Face tensor name(s) of a GGUF tensor: ``[(name, expert)]`` where
-    ``expert`` indexes the leading axis of a stacked expert tensor (``None``: the whole
-    tensor). Unknown names give ``[]``."""
+def hf_name(gguf_name: str, arch: str) -> tuple[str, bool] | None:
+    """The Hugging Face name of a GGUF tensor for Hugging Face class ``arch``, and whether
+    it is a stacked expert tensor (then the name has a ``{}`` for the expert index);
+    ``None`` for a name this family does not know."""
     if gguf_name in _GLOBAL_NAMES:
-        return [(_GLOBAL_NAMES[gguf_name], None)]
+        return _GLOBAL_NAMES[gguf_name], False
     match = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
     if not match:
-        return []
+        return None
     prefix, rest = f"model.layers.{match[1]}.", match[2]
     mixtral = arch == "MixtralForCausalLM"
     block = "block_sparse_moe." if mixtral else "mlp."
     if rest == "ffn_gate_inp.weight":
-        return [(prefix + block + "gate.weight", None)]
+        return prefix + block + "gate.weight", False
     if rest in _LAYER_NAMES:
-        return [(prefix + _LAYER_NAMES[rest], None)]
+        return prefix + _LAYER_NAMES[rest], False
     stem = rest.removesuffix(".weight")
     if stem in _EXPERT_NAMES:
-        return [(f"{prefix}{block}experts.{{}}.{_EXPERT_NAMES[stem][0 if mixtral else 1]}"
-                 ".weight", -1)]
+        return (f"{prefix}{block}experts.{{}}.{_EXPERT_NAMES[stem][0 if mixtral else 1]}"
+                ".weight", True)
     if mixtral and (old := _OLD_MIXTRAL_EXPERT.fullmatch(rest)):
         name = {"gate": "w1", "up": "w3", "down": "w2"}[old[1]]
-        return [(f"{prefix}{block}experts.{old[2]}.{name}.weight", None)]
-    return []
+        return f"{prefix}{block}experts.{old[2]}.{name}.weight", False
+    return None
 
 
 def _reshape(path: Path, name: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -508,52 +501,49 @@ def load_gguf(path, dtype=jnp.float32, scan_layers: bool = True) -> tuple[Decode
     unrolled: dict[str, Any] = {}
     seen: set[str] = set()
     for tensor in tensors:
-        names = hf_name(tensor.name, arch)
-        if tensor.name == "rope_freqs.weight":
+        if tensor.name == "rope_freqs.weight":  # read above, into the config
             continue
-        if not names or all(n.format(0) not in expected for n, _ in names):
-            if tensor.name == "output.weight" and config.tie_embeddings:
-                continue
+        named = hf_name(tensor.name, arch)
+        if named is None or named[0].format(0) not in expected:
             raise ValueError(f"{path}: unexpected tensor {tensor.name} for {arch} (an "
                              "unsupported feature of this architecture?)")
+        name, stacked = named
         value = _dequantize(path, tensor)
-        for name, expert in names:
-            if expert is not None:  # stacked experts: (experts, out, in)
-                parts = [(name.format(j), value[j]) for j in range(value.shape[0])]
-            else:
-                parts = [(name, value)]
-            for full, array in parts:
-                if full not in expected:
-                    raise ValueError(f"{path}: tensor {tensor.name} gives {full}, which {arch} "
-                                     "with this config does not have")
-                spec = expected[full]
-                if permuted and full.endswith(".q_proj.weight"):
-                    array = _unpermute(array, config.n_heads)
-                elif permuted and full.endswith(".k_proj.weight"):
-                    array = _unpermute(array, config.n_kv_heads)
-                if array.shape != spec.hf_shape:
-                    array = _reshape(path, tensor.name, array, spec.hf_shape)
-                node = unrolled
-                for key in spec.path[:-1]:
-                    node = node.setdefault(key, {})
-                ours = np.asarray(spec.to_ours(array), dtype)
-                if spec.expert is None:
-                    node[spec.path[-1]] = ours
-                else:
-                    node.setdefault(spec.path[-1], {})[spec.expert] = ours
-                seen.add(full)
+        if stacked:  # (experts, out, in)
+            parts = [(name.format(j), value[j]) for j in range(value.shape[0])]
+        else:
+            parts = [(name, value)]
+        for full, array in parts:
+            if full not in expected:
+                raise ValueError(f"{path}: tensor {tensor.name} gives {full}, which {arch} "
+                                 "with this config does not have")
+            spec = expected[full]
+            if permuted and full.endswith(".q_proj.weight"):
+                array = _unpermute(array, config.n_heads)
+            elif permuted and full.endswith(".k_proj.weight"):
+                array = _unpermute(array, config.n_kv_heads)
+            if array.shape != spec.hf_shape:
+                array = _reshape(path, tensor.name, array, spec.hf_shape)
+            node = unrolled
+            for key in spec.path[:-1]:
+                node = node.setdefault(key, {})
+            ours = np.asarray(spec.to_ours(array), dtype)
+            if spec.expert is None:
+                node[spec.path[-1]] = ours
+            else:  # collected by expert index, stacked below
+                node.setdefault(spec.path[-1], {})[spec.expert] = ours
+            seen.add(full)
     missing = sorted(set(expected) - seen)
     if missing:
         raise ValueError(f"{path}: missing tensors (Hugging Face names) {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''} that {arch} needs")
 
-    def stack_experts(leaf):
-        return np.stack([leaf[j] for j in sorted(leaf)]) if isinstance(leaf, dict) and all(
-            isinstance(k, int) for k in leaf) else leaf
+    def is_experts(node):
+        return isinstance(node, dict) and bool(node) and all(isinstance(k, int) for k in node)
 
-    unrolled = jax.tree.map(stack_experts, unrolled,
-                            is_leaf=lambda x: isinstance(x, dict) and x and all(
-                                isinstance(k, int) for k in x))
+    unrolled = jax.tree.map(
+        lambda node: np.stack([node[j] for j in sorted(node)]) if is_experts(node) else node,
+        unrolled, is_leaf=is_experts)
     if scan_layers:
         layers = [unrolled.pop(f"layers_{i}") for i in range(config.n_layers)]
         unrolled["layers"] = jax.tree.map(lambda *a: np.stack(a), *layers)

@@ -507,3 +507,12 @@ def test_readme_real_checkpoint_example(smollm2, monkeypatch, capsys):
                         lambda p: tokenizer if p == path else pytest.fail(p))
     exec(code, {})
     assert capsys.readouterr().out == " Paris\n"
+
+
+def test_rope_freqs_that_are_not_llama3(tmp_path, small_file):
+    config, _ = small_file
+    path = tmp_path / "odd-rope.gguf"
+    write_gguf(path, config, to_hf(config, random_params(config)), "llama",
+               rope_freqs=np.linspace(1.0, 3.0, config.d_head // 2, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"odd-rope\.gguf.*rope_freqs\.weight does not match"):
+        load_gguf(path)
