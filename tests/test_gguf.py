@@ -8,7 +8,9 @@ by ``gguf.quants.quantize``. For quantized types the reference is the source mod
 every weight replaced by its dequantized value (``gguf.quants.dequantize``), which
 ``load_gguf`` must reproduce exactly; the K-quants (Q4_K, Q5_K, Q6_K), which ``gguf`` cannot
 quantize in numpy, are written as hand-built random blocks and the reference model is
-their dequantized values.
+their dequantized values. The F32 files of every architecture transformers' GGUF loader
+reads are also compared with that loader (Mixtral: it reads a llama file with experts as a
+dense Llama, so there is no such reference).
 """
 
 import importlib.util
@@ -516,3 +518,34 @@ def test_rope_freqs_that_are_not_llama3(tmp_path, small_file):
                rope_freqs=np.linspace(1.0, 3.0, config.d_head // 2, dtype=np.float32))
     with pytest.raises(ValueError, match=r"odd-rope\.gguf.*rope_freqs\.weight does not match"):
         load_gguf(path)
+
+
+# Config fields transformers' GGUF loader does not read from these files (its mapping has
+# no attention.key_length for qwen3 and no expert widths for qwen2moe/qwen3moe), passed to
+# from_pretrained explicitly. It reads a llama file with experts (Mixtral) as a dense Llama,
+# so Mixtral has no transformers reference here.
+HF_GGUF_OVERRIDES = {
+    "qwen2": {}, "llama_tied": {}, "qwen3": dict(head_dim=32),
+    "qwen2moe": dict(moe_intermediate_size=48, shared_expert_intermediate_size=80),
+    "qwen3moe": dict(moe_intermediate_size=48),
+}
+
+
+@pytest.mark.parametrize("name", list(HF_GGUF_OVERRIDES))
+def test_tiny_files_match_transformers(tmp_path, name):
+    """The tiny F32 files, loaded by transformers' own GGUF code: same logits to 1e-5 (an
+    independent check of the names, q/k bias, q/k norm, shared expert and routing)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    gguf_arch, fields = ARCHS[name]
+    config = DecoderConfig(**fields, scan_layers=False)
+    path = tmp_path / f"{name}.gguf"
+    write_gguf(path, config, to_hf(config, random_params(config, seed=1)), gguf_arch)
+    model, params = load_gguf(path, scan_layers=False)
+    ours = logits(model, params)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=path.name, dtype=torch.float32,
+        **HF_GGUF_OVERRIDES[name]).eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor(TOKENS)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
