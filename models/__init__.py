@@ -2,12 +2,14 @@
 
 The LLaMA / Mistral / Qwen2 / Qwen3 decoder family and its mixture-of-experts variants
 (Mixtral, Qwen2-MoE, Qwen3-MoE), its generation loop and Hugging Face checkpoint I/O; shared
-blocks live in :mod:`mechinterp.models.layers` and :mod:`mechinterp.models.moe`.
+blocks live in :mod:`mechinterp.models.layers` and :mod:`mechinterp.models.moe`; GGUF
+(llama.cpp) files load with :func:`load_gguf` (needs the ``gguf`` package: the ``real`` extra).
 """
 
 from .decoder import (Decoder, DecoderConfig, KVCache, MoEDecoder, decoder_class, init_cache,
                       stack_layers, unstack_layers)
 from .generate import generate
+from .gguf import load_gguf, load_gguf_tokenizer
 from .hf import load_hf, save_hf
 from .moe import MoE
 
@@ -20,6 +22,8 @@ __all__ = [
     "decoder_class",
     "generate",
     "init_cache",
+    "load_gguf",
+    "load_gguf_tokenizer",
     "load_hf",
     "save_hf",
     "stack_layers",

@@ -23,3 +23,11 @@ def test_readme_example_runs(tmp_path):
     assert namespace["grid"].shape == (2, 6)
     assert namespace["ablated_logits"].shape == (1, 6, 8000)
     assert set(namespace["cache"]) == set(namespace["sites"])
+
+
+def test_ci_runs_the_readmes_test_command():
+    """CI (.ci/run) runs exactly the README's test command, so the README's claim holds."""
+    root = README.parent
+    readme_command = next(line.strip() for line in README.read_text().splitlines()
+                          if line.strip().startswith("python3 -m venv") and "pytest" in line)
+    assert readme_command in (root / ".ci" / "run").read_text()
