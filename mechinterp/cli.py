@@ -31,7 +31,7 @@ from pathlib import Path
 import ml_collections
 
 
-def _config_function(path: str | Path):
+def config_function(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
@@ -51,7 +51,7 @@ def takes_arg(get_config) -> bool:
 def load_config(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
     """``get_config(arg)`` of a config file (``get_config()`` if it takes no argument and
     ``arg`` is None)."""
-    get_config = _config_function(path)
+    get_config = config_function(path)
     if takes_arg(get_config):
         return get_config(arg)
     if arg is not None:
@@ -136,7 +136,7 @@ def split_preset(overrides: list[str]) -> tuple[str | None, list[str]]:
 
 def resolve(config_path: str, overrides: list[str]) -> ml_collections.ConfigDict:
     """The config of ``config_path`` with its preset and ``overrides`` applied."""
-    get_config = _config_function(config_path)
+    get_config = config_function(config_path)
     if takes_arg(get_config):
         preset, overrides = split_preset(overrides)
         config = get_config(preset)

@@ -98,10 +98,8 @@ def test_patching_cells_equal_the_transformerlens_named_grid():
     assert result["grids"]["heads"].shape == (2, 2)
 
 
-def test_smoke_preset_end_to_end(tmp_path):
-    workdir = tmp_path / "run"
-    assert cli.main(["run", "configs/recall_reasoning.py", "preset=smoke",
-                     f"workdir={workdir}"]) == 0
+def test_smoke_preset_end_to_end(smoke_run):
+    workdir = smoke_run("recall_reasoning")  # shared with tests/test_configs_smoke.py
     report = (workdir / "report.md").read_text()
     assert "## Dissociation" in report and "own-task drop" in report
     assert "## Accuracies" in report and "| paper's claim | ours | reproduced? |" in report
