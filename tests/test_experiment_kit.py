@@ -88,6 +88,17 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(config_file, tmp_
     assert kept["steps"] == 100
 
 
+def test_a_folder_in_use_by_a_live_job_is_refused(tmp_path):
+    config = ml_collections.ConfigDict({"seed": 0})
+    kit.write_json(tmp_path / "run.json", {"status": "running", "pid": os.getppid()})
+    with pytest.raises(kit.RunFolderMismatch, match="in use by a running job"):
+        with kit.Run(config, tmp_path):
+            pass
+    kit.write_json(tmp_path / "run.json", {"status": "running", "pid": 2 ** 22 + 12345})
+    with kit.Run(config, tmp_path):  # a dead pid: an interrupted run, continue
+        pass
+
+
 # --------------------------------------------------------------------------- JSON, report
 
 

@@ -125,7 +125,23 @@ class Run:
         return {k: v for k, v in flat.items()
                 if not any(k == i or k.startswith(i + ".") for i in self.ignore)}
 
+    def _check_not_running(self) -> None:
+        path = self.workdir / "run.json"
+        if not path.exists():
+            return
+        status = json.loads(path.read_text())
+        pid = status.get("pid")
+        if status.get("status") != "running" or not pid or pid == os.getpid():
+            return
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return  # the process is gone: a crashed or killed run, safe to continue
+        raise RunFolderMismatch(f"{self.workdir} is in use by a running job (pid {pid}); "
+                                "wait for it or use another workdir")
+
     def _check_config(self) -> None:
+        self._check_not_running()
         path = self.workdir / "config.json"
         if not path.exists():
             return
