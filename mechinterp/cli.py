@@ -1,12 +1,19 @@
 """``mechinterp run CONFIG [key=value ...]`` and ``mechinterp plot RESULT``: the console.
 
-A config is a Python file whose ``get_config()`` returns an ``ml_collections.ConfigDict``
-with at least ``job`` ("package.module:function") and ``workdir``. Overrides are
-``key=value`` or ``--config.key=value``; values are Python literals (strings may be bare).
-An override naming a key the config does not have is an error, never ignored.
+A config is a Python file whose ``get_config(arg=None)`` returns an
+``ml_collections.ConfigDict`` with at least ``job`` ("package.module:function") and
+``workdir``. Overrides are ``key=value`` or ``--config.key=value``; values are Python
+literals (strings may be bare). An override naming a key the config does not have is an
+error, never ignored.
 
-The job is called as ``function(config, workdir)`` after the resolved config is written to
-``workdir/config.json``.
+Presets (big_vision style): ``preset=NAME`` is routed to ``get_config("NAME")`` before the
+other overrides are applied, so ``preset=smoke train.steps=40`` is the smoke preset with 40
+steps. A config whose ``get_config()`` takes no argument gets ``preset=`` as an ordinary
+override.
+
+The job is called as ``function(config, workdir)``. The resolved config is written to
+``workdir/config.json`` first, unless the job is marked ``writes_config`` (the experiment
+kit's jobs: their run folder checks the existing config.json before replacing it).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import ast
 import difflib
 import importlib
 import importlib.util
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -23,7 +31,7 @@ from pathlib import Path
 import ml_collections
 
 
-def load_config(path: str | Path) -> ml_collections.ConfigDict:
+def config_function(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
@@ -32,7 +40,43 @@ def load_config(path: str | Path) -> ml_collections.ConfigDict:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise AttributeError(f"config file {str(path)!r} defines no get_config()")
-    return module.get_config()
+    return module.get_config
+
+
+def takes_arg(get_config) -> bool:
+    """Whether ``get_config`` accepts a preset argument (``get_config(arg=None)``)."""
+    return bool(inspect.signature(get_config).parameters)
+
+
+def load_config(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of a config file (``get_config()`` if it takes no argument and
+    ``arg`` is None)."""
+    get_config = config_function(path)
+    if takes_arg(get_config):
+        return get_config(arg)
+    if arg is not None:
+        raise TypeError(f"config file {str(path)!r}: get_config() takes no preset argument")
+    return get_config()
+
+
+def get_path(config, key: str):
+    """``config["a"]["b"]`` for ``key="a.b"``; ``KeyError`` naming ``key`` if absent."""
+    node = config
+    for part in key.split("."):
+        try:
+            node = node[part]
+        except (KeyError, TypeError, AttributeError):
+            raise KeyError(f"config has no key {key!r}") from None
+    return node
+
+
+def set_path(config, key: str, value) -> None:
+    """``config["a"]["b"] = value`` for ``key="a.b"`` (the parent must exist)."""
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
 
 
 def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -65,12 +109,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
             close = difflib.get_close_matches(key, known, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise KeyError(f"config has no key {key!r}{hint}")
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
         try:
-            node[leaf] = _parse_value(text)
+            set_path(config, key, _parse_value(text))
         except TypeError as error:
             raise TypeError(f"override {key}={text!r}: {error}") from None
 
@@ -82,16 +122,41 @@ def resolve_job(spec: str):
     return getattr(importlib.import_module(module_name), function_name)
 
 
-def run(config_path: str, overrides: list[str]) -> Path:
-    config = load_config(config_path)
+def split_preset(overrides: list[str]) -> tuple[str | None, list[str]]:
+    """``(preset, the other overrides)``: the last ``preset=NAME`` and the rest."""
+    preset, rest = None, []
+    for override in overrides:
+        key, sep, text = override.removeprefix("--").removeprefix("config.").partition("=")
+        if sep and key == "preset":
+            preset = str(_parse_value(text))
+        else:
+            rest.append(override)
+    return preset, rest
+
+
+def resolve(config_path: str, overrides: list[str]) -> ml_collections.ConfigDict:
+    """The config of ``config_path`` with its preset and ``overrides`` applied."""
+    get_config = config_function(config_path)
+    if takes_arg(get_config):
+        preset, overrides = split_preset(overrides)
+        config = get_config(preset)
+    else:
+        config = get_config()
     apply_overrides(config, overrides)
+    return config
+
+
+def run(config_path: str, overrides: list[str]) -> Path:
+    config = resolve(config_path, overrides)
     for required in ("job", "workdir"):
         if required not in config:
             raise KeyError(f"config {config_path!r} must define config.{required}")
     job = resolve_job(config.job)
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    if not getattr(job, "writes_config", False):
+        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2,
+                                                        default=str))
     job(config, workdir)
     return workdir
 

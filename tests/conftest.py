@@ -24,3 +24,28 @@ if _CACHE:
 
 # Tests import small helper modules (toy models) from this folder.
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """``smoke_run(NAME)``: the workdir of ``mechinterp run configs/NAME.py preset=smoke``,
+    run once per session (in-process, through the CLI) and shared by the tests that read it."""
+    from mechinterp import cli
+
+    done = {}
+
+    def run(name: str):
+        if name not in done:
+            workdir = tmp_path_factory.mktemp(f"smoke_{name}") / "run"
+            config = os.path.join(REPO, "configs", f"{name}.py")
+            assert cli.main(["run", config, "preset=smoke", f"workdir={workdir}",
+                             "progress=False"]) == 0
+            done[name] = workdir
+        return done[name]
+
+    return run

@@ -12,7 +12,7 @@ from test_decoder import random_params
 from mechinterp import bricks, cli
 from mechinterp.ablation import ablate
 from mechinterp.site_io import capture
-from mechinterp.experiments.recall_reasoning import logits_of
+from mechinterp.experiments.kit.lm import logits_of
 from mechinterp.metrics import accuracy
 
 

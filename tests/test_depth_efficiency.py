@@ -12,7 +12,7 @@ from test_decoder import random_params
 from mechinterp import cli, llm_drop
 from mechinterp import depth_efficiency as de
 from mechinterp.site_io import capture
-from mechinterp.experiments.recall_reasoning import logits_of
+from mechinterp.experiments.kit.lm import logits_of
 from mechinterp.llm_drop import Sublayer
 
 CONFIG = DecoderConfig(vocab_size=40, d_model=16, n_layers=3, n_heads=2, d_mlp=24)

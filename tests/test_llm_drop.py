@@ -14,7 +14,7 @@ from test_decoder import random_params
 
 from mechinterp import cli, llm_drop
 from mechinterp.site_io import capture, intervene, list_sites
-from mechinterp.experiments.recall_reasoning import logits_of
+from mechinterp.experiments.kit.lm import logits_of
 from mechinterp.llm_drop import Sublayer
 
 CONFIG = DecoderConfig(vocab_size=48, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_mlp=48)

@@ -10,16 +10,16 @@ import pytest
 from mechinterp.models import Decoder, DecoderConfig
 
 from mechinterp import cli
+from mechinterp.experiments import kit
 from mechinterp.experiments import recall_reasoning as rr
+from mechinterp.experiments.recall_reasoning import puzzles
 from mechinterp.metrics import logit_diff
 from mechinterp.patching import get_act_patch_resid_pre, normalized_effect
 from test_decoder import random_params
 
 
 def _smoke_config():
-    config = rr.default_config()
-    config.preset = "smoke"
-    return rr.resolve(config)
+    return cli.load_config("configs/recall_reasoning.py", "smoke")
 
 
 @pytest.mark.parametrize("task", rr.TASKS)
@@ -56,7 +56,7 @@ def test_twins_are_deterministic_and_differ_in_one_token_and_the_answer(task):
 def test_reasoning_test_items_use_held_out_premise_combinations():
     config = _smoke_config()
     mixture = rr.make_mixture(config)
-    chain = rr._task(mixture, "chain")
+    chain = puzzles._task(mixture, "chain")
     held = chain.held_out(mixture.seed)
     assert held.any() and not held.all()
     tokenizer = mixture.tokenizer()
@@ -98,21 +98,54 @@ def test_patching_cells_equal_the_transformerlens_named_grid():
     assert result["grids"]["heads"].shape == (2, 2)
 
 
-def test_smoke_preset_end_to_end(tmp_path):
-    workdir = tmp_path / "run"
-    assert cli.main(["run", "configs/recall_reasoning.py", "preset=smoke",
-                     f"workdir={workdir}"]) == 0
+def test_smoke_preset_end_to_end(smoke_run):
+    workdir = smoke_run("recall_reasoning")  # shared with tests/test_configs_smoke.py
     report = (workdir / "report.md").read_text()
     assert "## Dissociation" in report and "own-task drop" in report
-    assert "## Accuracies" in report and "## Against the paper's claims" in report
+    assert "## Accuracies" in report and "| paper's claim | ours | reproduced? |" in report
     results = json.loads((workdir / "results.json").read_text())
-    for family in ("llama",):  # the smoke preset trains one family
+    assert results["seeds"] == [0]  # the smoke preset trains one family, one seed
+    for family in ("llama",):
         assert (workdir / f"patching_{family}_recall.png").stat().st_size > 0
-        assert (workdir / "models" / family / "checkpoints").is_dir()
-        rows = results["families"][family]["dissociation"]
+        assert (workdir / "models" / family / "seed0" / "checkpoints").is_dir()
+        rows = results["per_seed"][family][0]["dissociation"]
         assert len(rows) == 2 * 2 * 2  # methods x levels x circuits
         assert all(math.isfinite(v) for r in rows for v in r.values()
                    if isinstance(v, float))
+        agg = results["families"][family]["dissociation"]
+        assert [a["own_drop"]["values"] for a in agg] == [[r["own_drop"]] for r in rows]
     arrays = np.load(workdir / "results.npz")
     assert all(np.isfinite(arrays[k]).all() for k in arrays.files)
     assert (workdir / "dissociation.png").exists()
+    assert json.loads((workdir / "run.json").read_text())["status"] == "complete"
+
+
+def test_presets_default_and_paper():
+    config = cli.load_config("configs/recall_reasoning.py")
+    assert (config.preset, config.seeds, config.families) == ("default", 3, "llama,qwen")
+    with pytest.raises(ValueError, match="preset=paper runs on a real checkpoint"):
+        cli.load_config("configs/recall_reasoning.py", "paper")
+
+
+def test_seed_aggregation_of_dissociation_rows():
+    """Several seeds' rows aggregate into per-field mean ± sd; the claims table counts the
+    seeds in which the dissociation holds."""
+    from mechinterp.experiments.recall_reasoning.report import claims
+
+    def rows(rec_sel, rea_sel):
+        out = []
+        for method in ("zero",):
+            for level in ("head/layer", "neuron"):
+                for task, sel in (("recall", rec_sel), ("reasoning", rea_sel)):
+                    out.append({"method": method, "level": level, "circuit": task, "k": 2,
+                                "own_drop": 0.3, "other_drop": 0.3 - sel, "selectivity": sel,
+                                "random_own_drop": 0.0, "random_own_sd": 0.05})
+        return out
+    per_seed = [{"dissociation": rows(0.2, 0.1)}, {"dissociation": rows(0.2, -0.1)}]
+    results = {"per_seed": {"llama": per_seed},
+               "families": {"llama": kit.aggregate(per_seed)}}
+    found = claims(results)
+    head = next(c for c in found if "head/layer" in c.claim)
+    assert head.reproduced is False and head.note.startswith("1/2 seeds")
+    agg = results["families"]["llama"]["dissociation"][1]["selectivity"]
+    assert (agg["mean"], agg["values"]) == (0.0, [0.1, -0.1])

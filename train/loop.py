@@ -14,7 +14,9 @@ and the synthetic-task data from a config first. A run folder holds::
 
 Starting :func:`fit` on a folder that has checkpoints resumes from the latest one (the
 metrics log is cut back to that step; TensorBoard is told to drop later events with a
-``purge_step``), so a preempted job is simply started again.
+``purge_step``), so a preempted job is simply started again. :func:`run` writes
+``fingerprint.json`` (:mod:`mechinterp.train.fingerprint`) before training and refuses a
+folder whose checkpoints came from other settings unless ``retrain=True``.
 SIGTERM (or, multi-host, JAX's preemption notice) checkpoints and stops after the current
 step. A NaN/inf loss or gradient norm stops the run with an error naming the step; every
 step's metrics are checked before a checkpoint is written, so no state past the last
@@ -40,6 +42,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mechinterp.models import Decoder, DecoderConfig
+from mechinterp.train import fingerprint as fingerprint_lib
 from mechinterp.train import flop_counts
 from mechinterp.train.checkpoint import Checkpointer, StopSignal
 from mechinterp.train.config import resolve_config
@@ -351,8 +354,16 @@ def _report(config, result: FitResult, workdir: Path) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> FitResult:
-    """The ``mechinterp run`` job: a decoder on the synthetic task mixture of the config."""
-    config = resolve_config(config)
+    """The ``mechinterp run`` job: a decoder on the synthetic task mixture of the config.
+
+    A workdir whose checkpoints were trained with other settings is refused
+    (:func:`mechinterp.train.fingerprint.guard`, naming the differing keys) unless the
+    config sets ``retrain = True`` (a key outside the training config proper, so a config
+    file that wants the switch on the command line defines ``config.retrain = False``).
+    """
+    raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    retrain = bool(raw.pop("retrain", False))
+    config = resolve_config(raw)
     if config.distributed:
         jax.distributed.initialize()
     workdir = Path(workdir)
@@ -364,7 +375,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> FitResult:
     builder = build_synthetic(mixture, num_train=d.num_train, num_test=d.num_test,
                               data_dir=d.dir or workdir / "data")
     decoder = decoder_config(config.model, synthetic_tokenizer(builder).vocab_size)
-    result = fit(config, workdir, Decoder(decoder), builder.as_data_source("train"),
+    train_source = builder.as_data_source("train")
+    fingerprint_lib.guard(workdir, fingerprint_lib.fingerprint(
+        model=Decoder(decoder), data=fingerprint_lib.describe_source(train_source),
+        train=config), retrain=retrain)
+    result = fit(config, workdir, Decoder(decoder), train_source,
                  builder.as_data_source("test") if d.num_test else None,
                  flops_per_token=flop_counts.decoder_train_flops_per_token(decoder, d.seq_len))
     (workdir / "report.md").write_text(_report(config, result, workdir))

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from mechinterp import bricks
-from mechinterp.experiments import small_lm
+from mechinterp.experiments.kit import legacy as small_lm  # until ported to the kit
 from mechinterp.train.losses import next_token_terms
 
 

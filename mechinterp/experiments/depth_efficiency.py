@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from mechinterp import depth_efficiency as de
-from mechinterp.experiments import small_lm
+from mechinterp.experiments.kit import legacy as small_lm  # until ported to the kit
 
 
 def default_config() -> ml_collections.ConfigDict:

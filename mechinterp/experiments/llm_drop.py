@@ -29,7 +29,7 @@ import numpy as np
 
 from mechinterp import llm_drop
 from mechinterp.site_io import intervene, list_sites
-from mechinterp.experiments import small_lm
+from mechinterp.experiments.kit import legacy as small_lm  # until ported to the kit
 
 MODES = ("one-shot", "iterative")
 

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from mechinterp import attribution_graph as G
 from mechinterp import probe_prompting as P
 from mechinterp import transcoders as T
-from mechinterp.experiments.recall_reasoning import _get, _set, logits_of, train_family
+from mechinterp.experiments.kit.legacy import _get, _set, logits_of, train_family  # until ported
 from mechinterp.train import transcoders as TT
 from mechinterp.train.data import build_synthetic
 from mechinterp.train.tasks import TaskMixture, mixture_from_config

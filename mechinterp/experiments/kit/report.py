@@ -1,0 +1,42 @@
+"""report.md helpers: markdown tables and the "paper's claim | ours | reproduced?" table."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+
+@dataclasses.dataclass
+class Claim:
+    """One row of the claims table. ``reproduced``: True, False or None (not testable
+    here); ``note`` says why, e.g. which threshold was used."""
+
+    claim: str
+    ours: str
+    reproduced: bool | None
+    note: str = ""
+
+
+def verdict(reproduced: bool | None) -> str:
+    return {True: "yes", False: "no", None: "not tested"}[reproduced]
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+    """Markdown table lines (cells are ``str()``-ed; ``|`` in a cell is escaped)."""
+    def cell(x):
+        return str(x).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(map(cell, header)) + " |",
+             "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+    return lines
+
+
+def claims_table(claims: Sequence[Claim]) -> list[str]:
+    """``| paper's claim | ours | reproduced? |`` lines; notes follow the verdict."""
+    return table(["paper's claim", "ours", "reproduced?"],
+                 [(c.claim, c.ours, verdict(c.reproduced) + (f" ({c.note})" if c.note else ""))
+                  for c in claims])
+
+
+def timings_line(timings: dict) -> str:
+    return ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
