@@ -1,19 +1,11 @@
 """Reading and editing sites from outside a model: ``list_sites``, ``capture``, ``intervene``.
 
-These work on any linen module whose activations go through :func:`mechinterp.sites.site`.
-Sites are addressed by canonical name (``"attn.z"``), not by module path: a per-layer site
-is one array with a leading ``layer`` axis, whether the layers are ``nn.scan``ned (one
-module, stacked by scan) or unrolled (modules ``layers_0``, ``layers_1``, ... stacked here).
-
-Flax silently ignores collection entries that no module reads. We do not: every
-intervention is checked against the sites the forward actually reaches (found with
-``jax.eval_shape``, no compute) before anything runs, and a wrong name, shape or dtype is an
-error naming the site, what was expected and what was given.
-
-To run ``model.apply`` yourself (a method interceptor, a ``jax.vjp`` through the forward),
-:func:`intervention_variables` builds the checked ``interventions`` collection and
-:func:`read_sites` reads the recorded sites back in :func:`capture`'s layout; ``capture``
-and ``intervene`` use the same two steps.
+They work on any linen module whose activations go through :func:`mechinterp.sites.site`.
+Sites are addressed by canonical name (``"attn.z"``); a per-layer site is one array with a
+leading ``layer`` axis, scanned or unrolled. Every intervention is checked against the
+sites the forward reaches (``jax.eval_shape``, no compute) before anything runs.
+:func:`intervention_variables` and :func:`read_sites` are the two steps ``capture`` and
+``intervene`` take, for running ``model.apply`` yourself. Design notes: docs/sites.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
 """Read and write Hugging Face checkpoints of the decoder family (local folders only).
 
-``load_hf(path)`` reads ``config.json`` plus ``model.safetensors`` (or a sharded
-``model.safetensors.index.json``) with the safetensors library's own readers: no torch, and
-nothing is ever unpickled. ``save_hf(model, params, path)`` writes a folder that
-``transformers.AutoModelForCausalLM.from_pretrained`` loads.
-
-Supported: ``LlamaForCausalLM`` (LLaMA 2, 3, 3.1, 3.2), ``MistralForCausalLM`` (without a
-sliding window), ``Qwen2ForCausalLM`` (Qwen2/2.5), ``Qwen3ForCausalLM``, and the
-mixture-of-experts ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM`` and
-``Qwen3MoeForCausalLM`` (every layer sparse: ``decoder_sparse_step=1`` and no
-``mlp_only_layers``). Expert weights are read and written one tensor per expert
-(``...experts.{j}.w1.weight`` / ``...experts.{j}.gate_proj.weight``), the layout
-``save_pretrained`` of transformers 4.x and 5.x writes; the fused 3-D in-memory layout of
-transformers 5.x (``mlp.experts.gate_up_proj``) is not read. Both config styles
-are read: transformers 4.x (``rope_theta``, ``rope_scaling``) and 5.x (``rope_parameters``).
-Anything the model would need but this family does not implement raises a ``ValueError``
-naming the field and its value, instead of loading a silently different model.
+``load_hf(path)`` reads ``config.json`` plus ``model.safetensors`` (or a sharded index)
+with the safetensors readers: no torch, nothing unpickled. ``save_hf(model, params, path)``
+writes a folder ``transformers`` loads. Supported: LLaMA 2/3/3.x, Mistral (no sliding
+window), Qwen2/2.5, Qwen3, Mixtral, Qwen2-MoE and Qwen3-MoE; anything else the model would
+need raises a ``ValueError`` naming the field. Design notes: docs/real_checkpoints.md.
 """
 
 from __future__ import annotations

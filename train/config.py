@@ -1,20 +1,9 @@
 """The training config: defaults, and strict validation (an unknown key is an error).
 
-A config file's ``get_config()`` usually starts from :func:`default_config` and changes
-what it needs::
-
-    def get_config():
-        config = default_config()
-        config.workdir = "runs/recall"
-        config.data.tasks = {"recall": {}, "hop": {"hops": 2, "weight": 0.5}}
-        config.train.steps = 2000
-        return config
-
-:func:`resolve_config` fills in every missing key from the defaults and rejects keys the
-defaults do not have (with close matches). Open sections take any keys, checked where
-they are used: ``model`` (``DecoderConfig``'s fields), ``mesh`` (axis names) and
-``data.knowledge``, merged over their defaults; ``data.tasks`` (task names and fields)
-replaces its default as a whole.
+:func:`default_config` is the starting point of a config file's ``get_config()``;
+:func:`resolve_config` fills in missing keys from the defaults and rejects unknown ones
+(with close matches). Open sections (``model``, ``mesh``, ``data.knowledge``,
+``data.tasks``) are checked where they are used. Design notes: docs/training.md.
 """
 
 from __future__ import annotations

@@ -1,26 +1,11 @@
 """The training loop: progress bar, periodic eval, JSONL metrics, checkpoints, resume.
 
-:func:`fit` trains any linen model on a random-access data source (e.g. a tfds
-``array_record`` split); :func:`run` is the ``mechinterp run`` job that builds the decoder
-and the synthetic-task data from a config first. A run folder holds::
-
-    config.json       the resolved config
-    metrics.jsonl     one record per log / eval point ({"kind": "train"|"eval", "step", ...})
-    tensorboard/      the same metrics as TensorBoard scalars "train/loss", "eval/accuracy",
-                      ... (tensorboardX; off with config.train.tensorboard = False)
-    checkpoints/      Orbax checkpoints (state + data-iterator position)
-    data/             generated datasets (unless config.data.dir is set)
-    report.md         a short summary to read first
-
-Starting :func:`fit` on a folder that has checkpoints resumes from the latest one (the
-metrics log is cut back to that step; TensorBoard is told to drop later events with a
-``purge_step``), so a preempted job is simply started again. :func:`run` writes
-``fingerprint.json`` (:mod:`mechinterp.train.fingerprint`) before training and refuses a
-folder whose checkpoints came from other settings unless ``retrain=True``.
-SIGTERM (or, multi-host, JAX's preemption notice) checkpoints and stops after the current
-step. A NaN/inf loss or gradient norm stops the run with an error naming the step; every
-step's metrics are checked before a checkpoint is written, so no state past the last
-finite step is ever saved.
+:func:`fit` trains any linen model on a random-access data source; :func:`run` is the
+``mechinterp run`` job that builds a decoder and synthetic-task data first. Starting on a
+folder with checkpoints resumes from the latest one; :func:`run` refuses a folder whose
+checkpoints came from other settings (``fingerprint.json``) unless ``retrain=True``.
+SIGTERM checkpoints and stops; a NaN/inf loss stops with an error naming the step, and no
+state past the last finite step is saved. Run-folder layout: docs/training.md.
 """
 
 from __future__ import annotations
