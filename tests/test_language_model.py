@@ -315,14 +315,28 @@ def smollm2():
     return lm
 
 
-def test_smollm2_strings_in_strings_out(smollm2):
-    lm = smollm2
-    prompt = "The capital of France is"
-    assert not lm.add_bos  # a gpt2-style GGUF tokenizer: no BOS by default
-    assert lm.to_str_tokens(prompt) == ["The", " capital", " of", " France", " is"]
-    assert lm.generate(prompt, max_new_tokens=1) == "The capital of France is Paris"
-    logits, cache = lm.run_with_cache(prompt, sites=["resid_pre", "attn.pattern"])
-    assert logits.shape == (1, 5, 49152)
-    assert cache["resid_pre"].shape == (30, 1, 5, 576)
-    assert cache["attn.pattern"].shape == (30, 1, 9, 5, 5)
-    assert lm.to_string(logits[0, -1].argmax()[None]) == " Paris"
+def test_smollm2_strings_in_strings_out(smollm2, monkeypatch, capsys):
+    """The README's "Strings in, strings out" example on SmolLM2: its str tokens, greedy
+    " Paris", the cache's shapes, a patching grid on strings and steered sampling
+    (``mechinterp.load`` returns the fixture's already-loaded model, to load only once)."""
+    import re
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    code = re.search(r"## Strings in, strings out.*?```python\n(.*?)```", readme, re.S).group(1)
+    import mechinterp.language_model
+
+    monkeypatch.setattr(mechinterp.language_model, "load", lambda path: smollm2)
+    namespace = {}
+    start = time.perf_counter()
+    exec(code, namespace)
+    out = capsys.readouterr().out.splitlines()
+    print(f"README strings example: {time.perf_counter() - start:.1f} s")
+    assert not smollm2.add_bos  # a gpt2-style GGUF tokenizer: no BOS by default
+    assert out[0] == str(["The", " capital", " of", " France", " is"])
+    assert out[1] == "The capital of France is Paris"
+    assert out[2].startswith("The capital of France is")
+    assert namespace["logits"].shape == (1, 5, 49152)
+    assert namespace["cache"]["resid_pre"].shape == (30, 1, 5, 576)
+    grid = namespace["grid"]
+    assert grid.shape == (30, 5)
+    assert float(grid.values[0, 3]) == pytest.approx(float(grid.values[-1, -1]), abs=1.0)
