@@ -244,6 +244,17 @@ def test_patching_on_strings(lm):
                                               cache, metric, progress=False)
     np.testing.assert_allclose(np.asarray(grid), np.asarray(ref), atol=1e-6)
     assert grid.shape == (2, 7)
+    # a padded batch of pairs: the mask goes to the clean capture and to the sweep
+    cleans, corrupteds = ["the cat sat on the mat", "a dog"], ["the dog sat on the mat", "a cat"]
+    batch = lm.patch(mi.patching.get_act_patch_resid_pre, cleans, corrupteds,
+                     lm.logit_diff("cat", "dog", pos=jnp.asarray([6, 2])), progress=False)
+    tokens, mask = lm.to_tokens(cleans, return_attention_mask=True)
+    _, cache = mi.capture(lm.model, lm.params, tokens, mask, sites=["resid_pre"])
+    ref = mi.patching.get_act_patch_resid_pre(
+        lm.model, lm.params, lm.to_tokens(corrupteds), cache,
+        lm.logit_diff("cat", "dog", pos=jnp.asarray([6, 2])), progress=False,
+        model_kwargs={"attention_mask": mask})
+    np.testing.assert_allclose(np.asarray(batch), np.asarray(ref), atol=1e-6)
     estimate = lm.attribution_patch(clean, corrupted, metric, {"resid_pre": ("layer", "pos")})
     assert estimate["resid_pre"].shape == (2, 7)
     with pytest.raises(ValueError, match=r"(?s)pair 1: clean 'the cat sat' has 3 tokens.*"
