@@ -1,5 +1,8 @@
 """mechinterp: named sites and data-only interventions for JAX/Flax models.
 
+    lm = mechinterp.load("path/to/model.gguf")     # or an HF folder: strings in and out
+    logits, cache = lm.run_with_cache("The capital of France is", sites=["resid_pre"])
+
     import mechinterp as mi
     model, params = mi.models.load_hf("path/to/hf_folder")
     sites = mi.list_sites(model, tokens)
@@ -9,7 +12,9 @@
 
 ``mechinterp.models`` (model families), ``mechinterp.train`` (training) and the analyses
 ``llm_drop``, ``depth_efficiency``, ``bricks``, ``transcoders``, ``attribution_graph`` and
-``probe_prompting`` are imported on first use, so the analysis core never depends on them.
+``probe_prompting`` are imported on first use, so the analysis core never depends on them;
+so are ``load`` and ``LanguageModel`` (:mod:`mechinterp.language_model`, the string layer
+above the model families).
 """
 
 import importlib
@@ -50,7 +55,14 @@ _LAZY = ("models", "train", "llm_drop", "depth_efficiency", "bricks", "transcode
          "attribution_graph", "probe_prompting")
 
 
+# The string layer sits above the model families: resolved on first use.
+_LAZY_ATTRIBUTES = {"load": "language_model", "LanguageModel": "language_model"}
+
+
 def __getattr__(name):
+    if name in _LAZY_ATTRIBUTES:
+        module = importlib.import_module(f"mechinterp.{_LAZY_ATTRIBUTES[name]}")
+        return getattr(module, name)
     if name in _LAZY:
         return importlib.import_module(f"mechinterp.{name}")
     raise AttributeError(f"module 'mechinterp' has no attribute {name!r}")

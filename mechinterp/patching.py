@@ -38,6 +38,7 @@ def _grid(name: str, site_name: str, grid_axes: tuple[str, ...], what: str):
         )
 
     shape = ", ".join(grid_axes)
+    patch.sites = (site_name,)  # what the clean cache must hold (read by LanguageModel.patch)
     patch.__name__ = patch.__qualname__ = name
     patch.__doc__ = (
         f"Patch {what} (site {site_name!r}) from the clean cache into the corrupted run, one "
@@ -93,6 +94,9 @@ def get_act_patch_block_every(model, params, corrupted_tokens, clean_cache, patc
     return _stack(results, ["resid_pre", "attn_out", "mlp_out"])
 
 
+get_act_patch_block_every.sites = ("resid_pre", "attn_out", "mlp_out")
+
+
 def get_act_patch_attn_head_all_pos_every(model, params, corrupted_tokens, clean_cache, patching_metric, **kwargs):
     """out, q, k, v, pattern (all positions) stacked: shape [5, layer, head]."""
     fns = [get_act_patch_attn_head_out_all_pos, get_act_patch_attn_head_q_all_pos,
@@ -100,6 +104,10 @@ def get_act_patch_attn_head_all_pos_every(model, params, corrupted_tokens, clean
            get_act_patch_attn_head_pattern_all_pos]
     results = [f(model, params, corrupted_tokens, clean_cache, patching_metric, **kwargs) for f in fns]
     return _stack(results, ["output", "query", "key", "value", "pattern"])
+
+
+get_act_patch_attn_head_all_pos_every.sites = ("attn.z", "attn.q", "attn.k", "attn.v",
+                                               "attn.pattern")
 
 
 def get_act_patch_attn_head_by_pos_every(model, params, corrupted_tokens, clean_cache, patching_metric, **kwargs):
@@ -113,6 +121,9 @@ def get_act_patch_attn_head_by_pos_every(model, params, corrupted_tokens, clean_
     # pattern is indexed [layer, head, query_pos]; align it to [layer, pos, head]
     results.append(SweepResult(pattern.values.transpose(0, 2, 1), ("layer", "pos", "head")))
     return _stack(results, ["output", "query", "key", "value", "pattern"])
+
+
+get_act_patch_attn_head_by_pos_every.sites = get_act_patch_attn_head_all_pos_every.sites
 
 
 def normalized_effect(patched, clean_value, corrupted_value):
