@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mechinterp import validate
+
 from .decoder import init_cache
 
 
@@ -26,6 +28,7 @@ def generate(model: nn.Module, params, tokens, attention_mask=None, max_new_toke
     (greedy); ``temperature > 0`` samples from ``softmax(logits / temperature)`` with
     ``rng``. Generation never stops early (no end-of-sequence handling).
     """
+    validate.check_model_inputs(model, (tokens, attention_mask), {})
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be (batch, pos), got shape {tokens.shape}")

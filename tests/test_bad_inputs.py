@@ -1,0 +1,201 @@
+"""Every bad input gets a clear error (issue 14): one case per class of bad input, each
+asserting the exception type and that the message names the culprit. Tiny models with
+random weights (numpy draws, no compiled init)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mechinterp as mi
+from mechinterp import ablation, metrics, patching, validate
+from mechinterp.components import component
+from mechinterp.models import Decoder, DecoderConfig, generate
+from test_decoder import random_params
+
+VOCAB, SEQ, BATCH = 11, 6, 2
+CONFIG = DecoderConfig(vocab_size=VOCAB, d_model=8, n_layers=1, n_heads=2, d_mlp=16)
+MODEL = Decoder(CONFIG)
+
+
+def toks(batch=BATCH, seq=SEQ, seed=0):
+    return np.random.default_rng(seed).integers(0, VOCAB, (batch, seq)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return random_params(MODEL, jnp.zeros((BATCH, SEQ), jnp.int32))
+
+
+def with_value(row, pos, value):
+    t = toks()
+    t[row, pos] = value
+    return t
+
+
+def capture(params, t, **kw):
+    return mi.capture(MODEL, params, t, sites=["resid_pre"], **kw)
+
+
+def intervene(params, t, **kw):
+    return mi.intervene(MODEL, params, t, interventions={}, **kw)
+
+
+def sweep(params, t, metric=None, **kw):
+    _, cache = mi.capture(MODEL, params, toks(), sites=["resid_pre"])
+    return patching.get_act_patch_resid_pre(MODEL, params, t, cache,
+                                             metric or metrics.logit_diff(1, 2), progress=False,
+                                             **kw)
+
+
+def ablate(params, t, **kw):
+    return ablation.accuracy_under_ablation(MODEL, params, t, 1,
+                                            [component("mlp.hidden", layer=0, d_mlp=0)], **kw)
+
+
+def gen(params, t, **kw):
+    return generate(MODEL, params, t, max_new_tokens=1, **kw)
+
+
+ENTRIES = {"capture": capture, "intervene": intervene, "sweep": sweep, "ablation": ablate,
+           "generate": gen}
+
+TOKEN_CASES = [  # (tokens, exception, words in the message)
+    ("negative", lambda: with_value(1, 3, -1), ValueError, ["row 1", "position 3", "-1",
+                                                              f"vocabulary size {VOCAB}"]),
+    ("ignore label", lambda: with_value(0, 2, -100), ValueError,
+     ["row 0", "position 2", "-100", "ignore label"]),
+    ("past vocab", lambda: with_value(1, 5, VOCAB), ValueError,
+     ["row 1", "position 5", str(VOCAB), f"vocabulary size {VOCAB}"]),
+    ("float", lambda: toks().astype(np.float32), TypeError, ["tokens", "integer", "float32"]),
+    ("1-D", lambda: toks()[0], ValueError, ["(batch, pos)", "tokens[None]"]),
+    ("list", lambda: toks().tolist(), TypeError, ["tokens", "list"]),
+    ("empty batch", lambda: toks(batch=0), ValueError, ["empty", "(0, 6)"]),
+    ("empty sequence", lambda: toks(seq=0), ValueError, ["empty", "(2, 0)"]),
+]
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRIES))
+@pytest.mark.parametrize("case", TOKEN_CASES, ids=[c[0] for c in TOKEN_CASES])
+def test_token_ids(params, entry, case):
+    _, make, error, words = case
+    if entry == "generate" and case[0] == "list":
+        pytest.skip("generate accepts nested lists of ids (jnp.asarray), checked as an array")
+    with pytest.raises(error) as info:
+        ENTRIES[entry](params, make())
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_generate_list_is_checked_as_array(params):
+    with pytest.raises(ValueError, match="row 0, position 1"):
+        gen(params, jnp.asarray([[1, 99, 2]]))
+
+
+@pytest.mark.parametrize("entry", ["capture", "intervene", "sweep", "generate"])
+def test_mask_of_the_wrong_shape(params, entry):
+    mask = np.ones((BATCH, SEQ - 1), np.int32)
+    kw = ({"model_kwargs": {"attention_mask": mask}} if entry == "sweep"
+          else {"attention_mask": mask})
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 5\).*\(2, 6\)"):
+        ENTRIES[entry](params, toks(), **kw)
+
+
+@pytest.mark.parametrize("pos, words", [(-10, ["pos=-10", "[-6, 6)"]),
+                                         (6, ["pos=6", "[-6, 6)"]),
+                                         (np.array([0, 7]), ["pos=7", "example 1"])])
+@pytest.mark.parametrize("how", ["call", "sweep"])
+def test_positions(params, pos, words, how):
+    metric = metrics.logit_diff(1, 2, pos=pos)
+    with pytest.raises(ValueError) as info:
+        if how == "call":
+            metric(jnp.zeros((BATCH, SEQ, VOCAB)))
+        else:
+            sweep(params, toks(), metric)
+    for word in words:
+        assert word in str(info.value)
+
+
+ANSWER_CASES = [
+    ("logit_diff", lambda: metrics.logit_diff(VOCAB, 2), ["correct_ids", str(VOCAB)]),
+    ("logprob", lambda: metrics.logprob(-100), ["answer_ids", "-100", "ignore label"]),
+    ("accuracy length", lambda: metrics.accuracy(np.array([1, 2, 3])),
+     ["answer_ids", "(2,)", "(3,)"]),
+    ("incorrect float", lambda: metrics.logit_diff(1, np.array([1.5, 2.0])),
+     ["incorrect_ids", "float"]),
+]
+
+
+@pytest.mark.parametrize("case", ANSWER_CASES, ids=[c[0] for c in ANSWER_CASES])
+@pytest.mark.parametrize("how", ["call", "sweep"])
+def test_answer_ids(params, case, how):
+    _, make, words = case
+    with pytest.raises((ValueError, TypeError)) as info:
+        if how == "call":
+            make()(jnp.zeros((BATCH, SEQ, VOCAB)))
+        else:
+            sweep(params, toks(), make())
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_metric_over_empty_logits():
+    with pytest.raises(ValueError, match="empty logits"):
+        metrics.logprob(0)(jnp.zeros((0, SEQ, VOCAB)))
+
+
+@pytest.mark.parametrize("make", [lambda: metrics.accuracy(0), lambda: metrics.logprob(0),
+                                  lambda: metrics.kl(jnp.zeros((BATCH, SEQ, VOCAB)))])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_metric_over_non_finite_logits_is_nan(make, bad):
+    logits = np.zeros((BATCH, SEQ, VOCAB), np.float32)
+    logits[:, -1, 3] = bad
+    assert np.isnan(float(make()(jnp.asarray(logits))))
+
+
+def test_capture_check_finite_names_the_site(params):
+    broken = jax.tree.map(lambda x: x, params)
+    broken["layers"]["mlp"]["down"] = jnp.full_like(broken["layers"]["mlp"]["down"], jnp.nan)
+    with pytest.raises(validate.NonFiniteError, match="'resid_post'"):
+        mi.capture(MODEL, broken, toks(), sites=["resid_pre", "resid_post"], check_finite=True)
+    mi.capture(MODEL, params, toks(), sites=["resid_post"], check_finite=True)
+
+
+@pytest.mark.parametrize("layer", [0.5, "0", True])
+def test_non_integer_layer_index(params, layer):
+    with pytest.raises(TypeError, match=f"layer must be an int, got {layer!r}"):
+        ablation.ablate(
+            MODEL, params, toks(), components=[component("mlp.hidden", layer=layer, d_mlp=0)])
+    with pytest.raises(TypeError, match="must be an int"):
+        MODEL.remove_sublayers(params, [("attn", layer)])
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 1.5])
+def test_chunk_size(params, chunk_size):
+    with pytest.raises(ValueError, match=f"chunk_size must be a positive int, got {chunk_size}"):
+        sweep(params, toks(), chunk_size=chunk_size)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        ablation.sweep_component_sets(MODEL, params, toks(),
+                                      [[component("mlp.hidden", layer=0, d_mlp=0)]],
+                                      metrics.logit_diff(1, 2), chunk_size=chunk_size)
+
+
+def test_mean_activations_over_batches_of_different_lengths(params):
+    with pytest.raises(ValueError, match=r"batch 1 has input shapes \[\(2, 4\)\].*\[\(2, 6\)\]"):
+        ablation.mean_activations(MODEL, params, [toks(), toks(seq=4)], ["mlp.hidden"])
+
+
+def test_resample_source_of_another_batch_size(params):
+    values = ablation.resample_activations(MODEL, params, toks(batch=1), ["mlp.hidden"], seed=0)
+    with pytest.raises(ValueError, match=r"'mlp.hidden'.*\(1, 1, 6, 16\).*\(1, 2, 6, 16\)"):
+        ablation.ablate(MODEL, params, toks(), method="resample", values=values,
+                        components=[component("mlp.hidden", layer=0, d_mlp=0)])
+
+
+def test_checks_can_be_bypassed_for_measuring(params):
+    with validate.checks_disabled():
+        capture(params, with_value(0, 0, VOCAB + 5))  # NaN, unchecked: the cost baseline
+    with pytest.raises(ValueError):
+        capture(params, with_value(0, 0, VOCAB + 5))
