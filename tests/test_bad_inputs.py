@@ -199,3 +199,136 @@ def test_checks_can_be_bypassed_for_measuring(params):
         capture(params, with_value(0, 0, VOCAB + 5))  # NaN, unchecked: the cost baseline
     with pytest.raises(ValueError):
         capture(params, with_value(0, 0, VOCAB + 5))
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+from mechinterp.models import load_hf, save_hf  # noqa: E402
+from mechinterp.models.hf import config_from_hf, config_to_hf  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hf_folder(params, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf") / "tiny"
+    save_hf(MODEL, params, folder)
+    return folder
+
+
+def hf_config(**changes):
+    hf = config_to_hf(CONFIG)
+    for key, value in changes.items():
+        if value is None:
+            hf.pop(key, None)
+        else:
+            hf[key] = value
+    return hf
+
+
+HF_CONFIG_CASES = [  # (changes, words)
+    ({"tie_word_embeddings": "false"}, ["tie_word_embeddings='false'", "JSON bool"]),
+    ({"hidden_size": "8"}, ["hidden_size='8'", "positive integer"]),
+    ({"num_hidden_layers": 0}, ["num_hidden_layers=0", "positive integer"]),
+    ({"rms_norm_eps": -1.0}, ["rms_norm_eps=-1.0", "positive number"]),
+    ({"rope_theta": "1e4"}, ["rope_theta='1e4'"]),
+    ({"attention_bias": "no"}, ["attention_bias='no'"]),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0},
+      "rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}},
+     ["rope_scaling", "rope_parameters", "disagree", "factor"]),
+    ({"architectures": None, "model_type": "gpt2"}, ["architectures=None", "model_type='gpt2'"]),
+]
+
+
+@pytest.mark.parametrize("changes, words", HF_CONFIG_CASES,
+                         ids=[next(iter(c[0])) + str(i) for i, c in enumerate(HF_CONFIG_CASES)])
+def test_hf_config_fields(changes, words):
+    with pytest.raises(ValueError) as info:
+        config_from_hf(hf_config(**changes))
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_hf_config_follows_transformers():
+    # no architectures: fall back to model_type, as the Auto classes do
+    assert config_from_hf(hf_config(architectures=None)).hf_architecture == "LlamaForCausalLM"
+    # rope_scaling next to rope_parameters, agreeing: merged (theta from rope_parameters)
+    config = config_from_hf(hf_config(
+        rope_scaling={"type": "linear", "factor": 2.0},
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}))
+    assert config.rope_scaling["factor"] == 2.0 and config.rope_theta == 5e5
+    config = config_from_hf(hf_config(rope_scaling={"rope_type": "linear", "factor": 2.0},
+                                      rope_parameters={"rope_type": "default"}))
+    assert config.rope_scaling["rope_type"] == "linear"
+
+
+def copy_folder(source, target):
+    import shutil
+    shutil.copytree(source, target)
+    return target
+
+
+def test_hf_tied_config_with_a_distinct_lm_head_keeps_it(hf_folder, params, tmp_path):
+    folder = copy_folder(hf_folder, tmp_path / "m")
+    hf = json.loads((folder / "config.json").read_text())
+    hf["tie_word_embeddings"] = True
+    (folder / "config.json").write_text(json.dumps(hf))
+    with pytest.warns(UserWarning, match="untied"):
+        model, loaded = load_hf(folder)
+    assert not model.config.tie_embeddings
+    np.testing.assert_array_equal(loaded["lm_head"], params["lm_head"])
+
+
+def test_hf_dtype_int_refused(hf_folder):
+    with pytest.raises(TypeError, match="dtype=.*int32.*not a floating dtype"):
+        load_hf(hf_folder, dtype=jnp.int32)
+
+
+def test_hf_non_finite_weights_name_the_tensor(hf_folder, tmp_path):
+    import safetensors.numpy
+    folder = copy_folder(hf_folder, tmp_path / "m")
+    tensors = safetensors.numpy.load_file(folder / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = np.nan
+    safetensors.numpy.save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(validate.NonFiniteError, match="'model.layers.0.mlp.up_proj.weight'"):
+        load_hf(folder)
+    load_hf(folder, check_finite=False)
+
+
+def _truncate(folder):
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:20])
+
+
+def _bad_json(folder):
+    (folder / "config.json").write_text('{"vocab_size": 11,')
+
+
+def _unreadable(folder):
+    (folder / "config.json").chmod(0)  # root reads it anyway: os.access is patched below
+
+
+def _index_without_weight_map(folder):
+    (folder / "model.safetensors").rename(folder / "model-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
+
+
+FILE_CASES = [("truncated header", _truncate, ValueError, ["model.safetensors", "header"]),
+              ("invalid JSON", _bad_json, ValueError, ["config.json", "not valid JSON"]),
+              ("unreadable", _unreadable, PermissionError, ["config.json", "permission"]),
+              ("index without weight_map", _index_without_weight_map, ValueError,
+               ["model.safetensors.index.json", "weight_map"])]
+
+
+@pytest.mark.parametrize("case", FILE_CASES, ids=[c[0] for c in FILE_CASES])
+def test_hf_files(hf_folder, tmp_path, case, monkeypatch):
+    import os
+    _, spoil, error, words = case
+    if spoil is _unreadable:
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: (
+            False if str(path).endswith("config.json") else real(path, mode)))
+    folder = copy_folder(hf_folder, tmp_path / "m")
+    spoil(folder)
+    with pytest.raises(error) as info:
+        load_hf(folder)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
