@@ -332,3 +332,62 @@ def test_hf_files(hf_folder, tmp_path, case, monkeypatch):
         load_hf(folder)
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+# --------------------------------------------------------------------------- training
+
+from mechinterp.train.checkpoint import Checkpointer  # noqa: E402
+from mechinterp.train.config import default_config, resolve_config  # noqa: E402
+from mechinterp.train.loop import NonFiniteLossError, fit  # noqa: E402
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("steps", 0, ["train.steps=0", ">= 1"]),
+    ("log_every", 0, ["train.log_every=0"]),
+    ("checkpoint_every", -5, ["train.checkpoint_every=-5"]),
+    ("keep_checkpoints", 0, ["train.keep_checkpoints=0", "no checkpoint"]),
+    ("steps", 2.5, ["train.steps=2.5"]),
+])
+def test_training_config_counts(key, value, words):
+    with pytest.raises(ValueError) as info:
+        resolve_config({"train": {key: value}})
+    for word in words:
+        assert word in str(info.value)
+
+
+def _classifier_run(steps, on_step=None, workdir=None):
+    from test_train_support import ToyClassifier
+    config = default_config()
+    config.mesh = {"data": 2, "fsdp": 2, "tensor": 2}
+    config.data.batch_size = 8
+    config.schedule.warmup_steps = 0
+    config.train.update(steps=steps, log_every=1, checkpoint_every=1, progress=False,
+                        tensorboard=False, objective="classification", async_checkpoints=False)
+    rng = np.random.default_rng(0)
+    source = [{"inputs": rng.normal(size=8).astype(np.float32), "label": np.int32(i % 4)}
+              for i in range(16)]
+    return fit(config, workdir, ToyClassifier(), source, on_step=on_step)
+
+
+def test_training_steps_below_the_checkpoint_and_diverged_parameters(tmp_path):
+    def diverge_at_3(step, state):  # parameters go NaN while the loss was still finite
+        if step == 3:
+            return state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
+        return None
+
+    with pytest.raises(NonFiniteLossError, match=r"parameters after step 3 hold NaN.*last good "
+                                                 r"checkpoint is step 2"):
+        _classifier_run(5, diverge_at_3, tmp_path)
+    assert Checkpointer(tmp_path / "checkpoints").all_steps()[-1] == 2
+    with pytest.raises(ValueError, match=r"train.steps=1 is below the step of the checkpoint.*"
+                                         r"step 2"):
+        _classifier_run(1, None, tmp_path)
+
+
+def test_training_batch_token_ids(tmp_path):
+    from mechinterp.train.loop import _checked_batch
+    from mechinterp.train.losses import get_objective
+    batch = {"tokens": with_value(1, 4, -100)}
+    with pytest.raises(ValueError, match=r"training batch 'tokens'.*row 1, position 4.*"
+                                         r"ignore label"):
+        _checked_batch(MODEL, get_objective("next_token"), batch)
