@@ -59,8 +59,15 @@ def gen(params, t, **kw):
     return generate(MODEL, params, t, max_new_tokens=1, **kw)
 
 
+def attribute(params, t, **kw):
+    from mechinterp.attribution import attribution_patch
+    _, cache = mi.capture(MODEL, params, toks(), sites=["resid_pre"])
+    return attribution_patch(MODEL, params, t, cache, metrics.logit_diff(1, 2),
+                             {"resid_pre": ("layer", "pos")}, **kw)
+
+
 ENTRIES = {"capture": capture, "intervene": intervene, "sweep": sweep, "ablation": ablate,
-           "generate": gen}
+           "generate": gen, "attribution": attribute}
 
 TOKEN_CASES = [  # (tokens, exception, words in the message)
     ("negative", lambda: with_value(1, 3, -1), ValueError, ["row 1", "position 3", "-1",
