@@ -7,7 +7,8 @@ Times ``mechinterp.patching.get_act_patch_resid_pre`` on the sweep benchmark's s
 d_mlp 768, vocabulary 32000, batch 8, sequence 32; logit difference at the last position)
 with the checks on and with them bypassed (``validate.checks_disabled()``), interleaved,
 after a warm-up that compiles both; prints the median of each and the relative overhead,
-plus the time of the checks alone (``sweep.check_sweep_inputs``).
+the process CPU time of each (less sensitive to other load on a shared machine), and
+the time of the checks alone (``sweep.check_sweep_inputs``).
 """
 
 from __future__ import annotations
@@ -50,21 +51,28 @@ def main():
     _, cache = mi.capture(model, params, tokens, sites=["resid_pre"])
     metric = metrics.logit_diff(np.int32(1), np.int32(2))
 
+    cpu_on, cpu_off = [], []
+
     def run():
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         result = patching.get_act_patch_resid_pre(model, params, corrupted, cache, metric,
                                                   progress=False)
         np.asarray(result)
+        (cpu_on if validate.enabled() else cpu_off).append(time.process_time() - cpu)
         return time.perf_counter() - start
 
     run()
     with validate.checks_disabled():
         run()
     on, off = [], []
-    for _ in range(args.repeats):
-        on.append(run())
-        with validate.checks_disabled():
-            off.append(run())
+    for k in range(args.repeats):  # ABBA order: drifts in machine load cancel
+        for checked in ((True, False) if k % 2 == 0 else (False, True)):
+            if checked:
+                on.append(run())
+            else:
+                with validate.checks_disabled():
+                    off.append(run())
+    cpu_on, cpu_off = cpu_on[1:], cpu_off[1:]  # drop the warm-up runs
     checks = []
     for _ in range(200):
         start = time.perf_counter()
@@ -75,7 +83,12 @@ def main():
     print(f"config: {cfg}; {jax.devices()[0].platform}, {args.repeats} repeats")
     print(f"sweep with checks:    {t_on * 1e3:9.2f} ms (median)")
     print(f"sweep checks bypassed: {t_off * 1e3:8.2f} ms (median)")
+    print("with checks (s):", " ".join(f"{t:.3f}" for t in on))
+    print("bypassed (s):   ", " ".join(f"{t:.3f}" for t in off))
     print(f"overhead: {100 * (t_on - t_off) / t_off:+.2f}% (timing noise included)")
+    c_on, c_off = statistics.median(cpu_on), statistics.median(cpu_off)
+    print(f"process CPU time (less sensitive to other load): {c_on:.3f} s with checks, "
+          f"{c_off:.3f} s bypassed: {100 * (c_on - c_off) / c_off:+.2f}%")
     print(f"the checks alone: {t_check * 1e6:.1f} us = {100 * t_check / t_off:.3f}% of the sweep")
 
 
