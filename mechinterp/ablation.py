@@ -17,12 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mechinterp import validate
 from mechinterp.site_io import capture, intervene, list_sites
 from mechinterp.components import Component, component_masks
 from mechinterp.interventions import Intervention
 from mechinterp.metrics import Accuracy
-from mechinterp.sweep import (SweepResult, default_chunk_size, evaluate_metric,
-                              map_in_chunks)
+from mechinterp.sweep import (SweepResult, check_sweep_inputs, default_chunk_size,
+                              evaluate_metric, map_in_chunks)
 
 METHODS = ("zero", "mean", "resample")
 
@@ -37,9 +38,17 @@ def mean_activations(model, params, batches: Iterable, sites: Sequence[str], **k
     ``batches`` yields model inputs (an array or a tuple of arrays), all of one shape.
     Computed once; pass the result as ``values`` to :func:`ablate`.
     """
-    totals, count = None, 0
-    for batch in batches:
+    totals, count, first_shapes = None, 0, None
+    for k, batch in enumerate(batches):
         inputs = _as_inputs(batch)
+        shapes = [tuple(np.shape(x)) for x in inputs]
+        if first_shapes is None:
+            first_shapes = shapes
+        elif [s[1:] for s in shapes] != [s[1:] for s in first_shapes]:
+            raise ValueError(
+                f"mean_activations: batch {k} has input shapes {shapes} but batch 0 has "
+                f"{first_shapes}; every batch must have one sequence length (only the batch "
+                "size may differ), else the means would broadcast across lengths")
         _, cache = capture(model, params, *inputs, sites=list(sites), **kwargs)
         info = list_sites(model, *inputs, **kwargs)
         sums = {
@@ -61,6 +70,7 @@ def resample_activations(model, params, reference_inputs, sites: Sequence[str], 
     ablated with the activation of reference example ``perm[i]``.
     """
     inputs = _as_inputs(reference_inputs)
+    validate.check_model_inputs(model, inputs, kwargs)
     _, cache = capture(model, params, *inputs, sites=list(sites), **kwargs)
     info = list_sites(model, *inputs, **kwargs)
     perm = np.random.default_rng(seed).permutation(inputs[0].shape[0])
@@ -72,12 +82,12 @@ def ablation_interventions(sites, components: Iterable[Component], method: str =
                            values: Mapping | None = None) -> dict[str, Intervention]:
     """``{site: Intervention}`` ablating ``components`` by ``method``."""
     masks = component_masks(sites, components)
-    replacement = _replacement_values(method, values, masks)
+    replacement = _replacement_values(method, values, masks, sites)
     return {name: Intervention(scale=0.0, add=replacement[name], mask=mask)
             for name, mask in masks.items()}
 
 
-def _replacement_values(method: str, values: Mapping | None, names) -> dict:
+def _replacement_values(method: str, values: Mapping | None, names, sites=None) -> dict:
     """What each site's ablated entries become: 0, or the given mean/resampled values."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -88,12 +98,18 @@ def _replacement_values(method: str, values: Mapping | None, names) -> dict:
         helper = "mean_activations" if method == "mean" else "resample_activations"
         raise ValueError(f"{method} ablation needs values for sites {missing}: compute them "
                          f"with mechinterp.ablation.{helper}")
+    if method == "resample" and sites is not None:
+        for name in names:  # one source per example: a batch of 1 would broadcast silently
+            validate.check_same_shape(sites[name].shape, tuple(np.shape(values[name])),
+                                      f"resample values for site {name!r}",
+                                      "the ablated run's site", "the resampled source")
     return {name: values[name] for name in names}
 
 
 def ablate(model, params, *inputs, components: Iterable[Component], method: str = "zero",
            values: Mapping | None = None, **kwargs):
     """The model's outputs with ``components`` ablated together."""
+    validate.check_model_inputs(model, inputs, kwargs)
     sites = list_sites(model, *inputs, **kwargs)
     interventions = ablation_interventions(sites, components, method, values)
     return intervene(model, params, *inputs, interventions=interventions, **kwargs)
@@ -110,6 +126,7 @@ def sweep_component_sets(model, params, inputs, component_sets: Sequence[Iterabl
     """
     model_kwargs = dict(model_kwargs or {})
     inputs = _as_inputs(inputs)
+    check_sweep_inputs(model, inputs, model_kwargs, metric, chunk_size)
     sites = list_sites(model, *inputs, **model_kwargs)
     per_set = [component_masks(sites, components) for components in component_sets]
     if not per_set:
@@ -119,7 +136,7 @@ def sweep_component_sets(model, params, inputs, component_sets: Sequence[Iterabl
                         for d in range(len(sites[name].shape))) for name in names}
     stacked = {name: np.stack([np.broadcast_to(masks.get(name, np.zeros(())), full[name])
                                for masks in per_set]) for name in names}
-    replacement = _replacement_values(method, values, names)
+    replacement = _replacement_values(method, values, names, sites)
 
     def one_set(masks, params, replacement):
         interventions = {name: Intervention(scale=0.0, add=replacement[name], mask=masks[name])
@@ -137,6 +154,7 @@ def accuracy_under_ablation(model, params, tokens, answer_ids, components: Itera
                             method: str = "zero", values: Mapping | None = None, pos=-1,
                             **kwargs) -> float:
     """Top-1 accuracy on ``answer_ids`` at ``pos`` with ``components`` ablated."""
+    validate.check_model_inputs(model, (tokens,), kwargs)
     sites = list_sites(model, tokens, **kwargs)
     interventions = ablation_interventions(sites, components, method, values)
     metric = Accuracy(pos=pos, answer_ids=answer_ids)

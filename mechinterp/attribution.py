@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from mechinterp.site_io import list_sites
 from mechinterp.interventions import Intervention
-from mechinterp.sweep import SweepResult, evaluate_metric
+from mechinterp.sweep import SweepResult, check_sweep_inputs, evaluate_metric
 
 
 def _grid_shape(info, grid_axes):
@@ -40,6 +40,7 @@ def attribution_patch(model, params, corrupted_inputs, clean_cache: Mapping,
     model_kwargs = dict(model_kwargs or {})
     inputs = tuple(corrupted_inputs) if isinstance(corrupted_inputs, (tuple, list)) else (
         corrupted_inputs,)
+    check_sweep_inputs(model, inputs, model_kwargs, metric, None)
     sites = list_sites(model, *inputs, **model_kwargs)
     zeros = {}
     for name, grid_axes in grids.items():

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mechinterp.site_io import SiteInfo
+from mechinterp.validate import check_index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +49,9 @@ def _check(component: Component, info: SiteInfo) -> None:
         if axis == "batch":
             raise ValueError(f"component {component}: components apply to every example; "
                              "do not fix the batch axis")
+        i = check_index(i, f"component {component}: {axis}")
         size = info.shape[info.axes.index(axis)]
-        if not 0 <= int(i) < size:
+        if not 0 <= i < size:
             raise ValueError(
                 f"component {component}: {axis}={i} is out of range for site {info.name!r} "
                 f"({axis} has size {size})"

@@ -117,7 +117,20 @@ class RemovesSublayers(Protocol):
                          ) -> tuple[Any, Any]: ...
 
 
-CAPABILITIES = (HasLayers, Resumable, SelectsOutputs, LinearisableNorms, RemovesSublayers)
+@runtime_checkable
+class TokenInputs(Protocol):
+    """Token inputs: the model reads integer token ids. ``vocab_size`` is the number of
+    token ids (valid ids are ``0 .. vocab_size - 1``; also the width of the logits);
+    ``token_inputs(*inputs, **kwargs)`` returns ``(tokens, attention_mask)`` of a call
+    (either may be ``None``), so :mod:`mechinterp.validate` checks ids and mask shapes at
+    every public entry without knowing the family's call signature."""
+
+    vocab_size: int
+
+    def token_inputs(self, *inputs, **kwargs) -> tuple[Array | None, Array | None]: ...
+
+
+CAPABILITIES = (HasLayers, Resumable, SelectsOutputs, LinearisableNorms, RemovesSublayers, TokenInputs)
 
 
 def has(model, capability: type) -> bool:

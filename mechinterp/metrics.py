@@ -11,6 +11,10 @@ accepts ``logit_columns=`` then unembeds only those and the sweep calls
 
 ``pos`` may be an int (same position for every example; negative counts from the end) or an
 int array ``(batch,)`` (per-example answer positions, e.g. with padding).
+
+Checks (concrete values only; see ``docs/errors.md``): ``pos`` in ``[-seq, seq)``, answer
+ids in ``[0, vocab)`` with one id per example, non-empty logits. Over non-finite logits a
+metric is NaN, never a finite number (``accuracy``: argmax of NaN would be 0).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from mechinterp import validate
 
 Array = Any
 
@@ -43,14 +49,31 @@ class Metric:
 
     def positions(self, batch: int, seq_len: int) -> Array:
         """``(batch, 1)`` positions whose logits this metric reads."""
+        validate.check_positions(self.pos, seq_len)
         pos = jnp.asarray(self.pos, jnp.int32)
         if pos.ndim not in (0, 1) or (pos.ndim == 1 and pos.shape[0] != batch):
             raise ValueError(f"pos must be an int or a ({batch},) array, got shape {pos.shape}")
         pos = jnp.where(pos < 0, pos + seq_len, pos)
         return jnp.broadcast_to(pos, (batch,))[:, None]
 
+    def vocabulary_ids(self) -> dict[str, Array]:
+        """``{field name: ids}`` of the vocabulary ids this metric reads (checked)."""
+        return {}
+
+    def check(self, batch: int, seq_len: int, vocab_size: int | None) -> None:
+        """Raise for positions outside ``[-seq_len, seq_len)``, answer ids outside
+        ``[0, vocab_size)`` or of the wrong length, and empty inputs (concrete values
+        only; called by the sweeps before anything compiles)."""
+        if batch == 0 or seq_len == 0:
+            raise ValueError(f"{type(self).__name__} got empty logits (batch {batch}, "
+                             f"{seq_len} positions): a metric over nothing is undefined")
+        validate.check_positions(self.pos, seq_len)
+        for name, ids in self.vocabulary_ids().items():
+            validate.check_answer_ids(ids, batch, vocab_size, name)
+
     def __call__(self, logits: Array) -> Array:
         batch, seq_len = logits.shape[:2]
+        self.check(batch, seq_len, logits.shape[-1])
         selected = jnp.take_along_axis(logits, self.positions(batch, seq_len)[..., None], axis=1)
         return self.on_selected(selected)
 
@@ -73,9 +96,17 @@ class Metric:
         raise NotImplementedError
 
 
-def _answer(logits: Array, ids: Array) -> Array:
+def _answer(logits: Array, ids: Array, name: str = "answer_ids") -> Array:
+    validate.check_answer_ids(ids, logits.shape[0], logits.shape[-1], name)
     ids = jnp.broadcast_to(jnp.asarray(ids), logits.shape[:1])
     return jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0]
+
+
+def _nan_where_not_finite(values: Array, logits: Array) -> Array:
+    """``values`` per example, NaN where that example's logits hold NaN or +inf (-inf is a
+    legitimate "never" logit)."""
+    bad = jnp.isnan(logits).any(-1) | (logits == jnp.inf).any(-1)
+    return jnp.where(bad, jnp.nan, values)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -85,8 +116,12 @@ class LogitDiff(Metric):
     correct_ids: Array = None
     incorrect_ids: Array = None
 
+    def vocabulary_ids(self):
+        return {"correct_ids": self.correct_ids, "incorrect_ids": self.incorrect_ids}
+
     def per_example(self, logits):
-        return _answer(logits, self.correct_ids) - _answer(logits, self.incorrect_ids)
+        return (_answer(logits, self.correct_ids, "correct_ids")
+                - _answer(logits, self.incorrect_ids, "incorrect_ids"))
 
     def columns(self, batch):
         ids = [jnp.broadcast_to(jnp.asarray(i, jnp.int32), (batch,))
@@ -104,8 +139,12 @@ class LogProb(Metric):
 
     answer_ids: Array = None
 
+    def vocabulary_ids(self):
+        return {"answer_ids": self.answer_ids}
+
     def per_example(self, logits):
-        return _answer(jax.nn.log_softmax(logits, axis=-1), self.answer_ids)
+        values = _answer(jax.nn.log_softmax(logits, axis=-1), self.answer_ids)
+        return _nan_where_not_finite(values, logits)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -114,9 +153,15 @@ class Accuracy(Metric):
 
     answer_ids: Array = None
 
+    def vocabulary_ids(self):
+        return {"answer_ids": self.answer_ids}
+
     def per_example(self, logits):
+        validate.check_answer_ids(self.answer_ids, logits.shape[0], logits.shape[-1],
+                                  "answer_ids")
         answer = jnp.broadcast_to(jnp.asarray(self.answer_ids), logits.shape[:1])
-        return (jnp.argmax(logits, axis=-1) == answer).astype(jnp.float32)
+        correct = (jnp.argmax(logits, axis=-1) == answer).astype(jnp.float32)
+        return _nan_where_not_finite(correct, logits)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -131,7 +176,8 @@ class KL(Metric):
     def per_example(self, logits):
         reference = jax.nn.log_softmax(jnp.asarray(self.reference_logits, jnp.float32), -1)
         patched = jax.nn.log_softmax(logits, axis=-1)
-        return (jnp.exp(reference) * (reference - patched)).sum(-1)
+        values = (jnp.exp(reference) * (reference - patched)).sum(-1)
+        return _nan_where_not_finite(values, logits)
 
 
 # Metrics are pytrees (their arrays are leaves, ``reduce`` is static), so a sweep passes

@@ -24,6 +24,7 @@ from mechinterp.site_io import capture, list_sites
 from mechinterp.interventions import Intervention
 from mechinterp.sweep import (
     SweepResult,
+    check_sweep_inputs,
     default_chunk_size,
     evaluate_metric,
     grid_mask,
@@ -47,6 +48,7 @@ def path_patch(model, params, clean_tokens, clean_cache: Mapping, corrupted_cach
     """
     model_kwargs = dict(model_kwargs or {})
     inputs = (clean_tokens,)
+    check_sweep_inputs(model, inputs, model_kwargs, metric, chunk_size)
     sites = list_sites(model, *inputs, **model_kwargs)
     for name in (sender_site, receiver_site, *frozen_sites):
         if name not in sites:

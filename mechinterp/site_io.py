@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mechinterp import validate
 from mechinterp.interventions import Intervention
 from mechinterp.sites import INTERMEDIATES, INTERVENTIONS, SiteSpec
 
@@ -447,14 +448,19 @@ def _run(model, params, inputs, kwargs, interventions, names):
     return _apply(model, params, arrays, iv_vars, signature, tuple(infos.items()), names)
 
 
-def capture(model: nn.Module, params, *inputs, sites=None, interventions=None, **kwargs):
+def capture(model: nn.Module, params, *inputs, sites=None, interventions=None,
+            check_finite: bool = False, **kwargs):
     """Run the model and return ``(outputs, {site name: activation})``.
 
     ``sites``: names to return (default: every site). Per-layer sites come with a leading
     layer axis. Activations are recorded before the site's own intervention (if any) is
     applied, and after every upstream one. Inside ``jit`` only the requested sites are
-    materialized.
+    materialized. ``check_finite=True`` raises
+    :class:`~mechinterp.validate.NonFiniteError` naming the first site (in forward order
+    of the returned dict) or the outputs holding NaN or inf (costs a host copy of each).
+    Token ids are checked against the family's vocabulary (:mod:`mechinterp.validate`).
     """
+    validate.check_model_inputs(model, inputs, kwargs)
     if sites is None:
         signature, _ = _CallSignature.of(inputs, kwargs)
         names = tuple(sorted(_sites_for(model, signature)))
@@ -462,7 +468,12 @@ def capture(model: nn.Module, params, *inputs, sites=None, interventions=None, *
         names = (sites,)
     else:
         names = tuple(sites)
-    return _run(model, params, inputs, kwargs, interventions, names)
+    outputs, cache = _run(model, params, inputs, kwargs, interventions, names)
+    if check_finite:
+        validate.check_finite(cache, "site")
+        validate.check_finite({"outputs": outputs} if hasattr(outputs, "shape") else {},
+                              "model")
+    return outputs, cache
 
 
 def intervene(model: nn.Module, params, *inputs, interventions, **kwargs):
@@ -471,4 +482,5 @@ def intervene(model: nn.Module, params, *inputs, interventions, **kwargs):
     Compose with ``jax.vmap`` over the fields of the interventions (keeping the large
     ``add`` operand unbatched) to run a whole sweep as one computation.
     """
+    validate.check_model_inputs(model, inputs, kwargs)
     return _run(model, params, inputs, kwargs, interventions, None)

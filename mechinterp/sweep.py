@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from mechinterp import validate
 from mechinterp.site_io import SiteInfo, _CallSignature, _hashable, intervene, list_sites
 from mechinterp.family import Resumable, SelectsOutputs, has, require
 from mechinterp.jaxpr_flops import matmul_flops
@@ -108,6 +109,9 @@ def evaluate_metric(model, params, inputs, kwargs, metric, interventions,
     if it names some and the family selects columns); any other callable gets the full
     logits.
     """
+    if isinstance(metric, Metric) and validate.is_concrete(inputs) and inputs and hasattr(
+            inputs[0], "shape"):  # an eager call: check positions and answer ids
+        check_sweep_inputs(model, tuple(inputs), kwargs, metric, None)
     if _selects_logits(model, metric):
         if logit_positions is None:
             batch, seq_len = inputs[0].shape[:2]
@@ -263,6 +267,7 @@ def sweep(
     model_kwargs = dict(model_kwargs or {})
     inputs = tuple(inputs)
     grid_axes = tuple(grid_axes)
+    check_sweep_inputs(model, inputs, model_kwargs, metric, chunk_size)
     sites = list_sites(model, *inputs, **model_kwargs)
     if site_name not in sites:
         # the same message intervene would give, raised before any compilation
@@ -334,6 +339,19 @@ def sweep(
             flops += group_flops
     cost = dict(flops=int(flops), naive_flops=int(naive), groups=len(runs))
     return SweepResult(values.reshape(grid_shape), grid_axes, dict(labels or {}), cost)
+
+
+def check_sweep_inputs(model, inputs, model_kwargs, metric, chunk_size) -> None:
+    """What every sweep checks on its concrete inputs before compiling anything: token ids
+    and mask (:func:`mechinterp.validate.check_model_inputs`), the metric's positions and
+    answer ids against the batch, sequence length and vocabulary, ``chunk_size`` >= 1."""
+    validate.check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    validate.check_model_inputs(model, inputs, model_kwargs)
+    if isinstance(metric, Metric) and inputs and hasattr(inputs[0], "shape"):
+        batch, seq_len = (tuple(np.shape(inputs[0])) + (1,))[:2]
+        tokens, _ = validate.token_inputs(model, inputs, model_kwargs)
+        vocab = model.vocab_size if tokens is not None else None
+        metric.check(batch, seq_len, vocab)
 
 
 def default_chunk_size(model, inputs, model_kwargs, memory_budget=DEFAULT_MEMORY_BUDGET) -> int:
@@ -434,7 +452,10 @@ def map_in_chunks(fn, items, shared, chunk_size: int, *, desc: str, progress: bo
     by repeating its final item, so every chunk has one shape and compiles once (per
     ``fn``: pass the same function object to reuse the compilation across calls).
     """
+    validate.check_positive_int(chunk_size, "chunk_size")
     n = len(jax.tree.leaves(items)[0])
+    if n == 0:
+        raise ValueError(f"{desc}: nothing to run (no items)")
     n_chunks = -(-n // _balanced(n, chunk_size))
     with tqdm(total=n_chunks, desc=desc, disable=not progress, leave=False) as bar:
         return _run_chunks(fn, items, tuple(shared), chunk_size, bar, count_flops=False)[0]

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from mechinterp.family import LayerStructure, SublayerSites
+from mechinterp.validate import check_index
 
 from .decoder_config import DecoderConfig
 from .layers import frozen_rms_norms, rms_normalize
@@ -129,6 +130,17 @@ class DecoderCapabilities:
 
     config: DecoderConfig
     MOE: ClassVar[bool]
+
+    # ---------------------------------------------------------------- TokenInputs
+
+    @property
+    def vocab_size(self) -> int:
+        """Valid token ids are ``0 .. vocab_size - 1`` (also the width of the logits)."""
+        return self.config.vocab_size
+
+    def token_inputs(self, tokens=None, attention_mask=None, *args, **kwargs):
+        """``(tokens, attention_mask)`` of a call (the order of ``Decoder.__call__``)."""
+        return tokens, attention_mask
 
     # ---------------------------------------------------------------- HasLayers
 
@@ -254,7 +266,8 @@ class DecoderCapabilities:
         c = self.config
         present = {"attn": [c.has_attention(i) for i in range(c.n_layers)],
                    "mlp": [c.has_mlp(i) for i in range(c.n_layers)]}
-        sublayers = [(str(kind), int(layer)) for kind, layer in sublayers]
+        sublayers = [(str(kind), check_index(layer, f"the layer of ({kind!r}, {layer!r})"))
+                     for kind, layer in sublayers]
         for kind, layer in sublayers:
             if kind not in SUBLAYER_KINDS or not 0 <= layer < c.n_layers:
                 raise ValueError(f"cannot remove {kind}{layer}: kinds are {SUBLAYER_KINDS}, "

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mechinterp import validate
 from mechinterp.site_io import intervention_variables
 
 from . import generate_interventions
@@ -44,6 +45,7 @@ def generate(model: nn.Module, params, tokens, attention_mask=None, max_new_toke
     positions only (a patch). Equal token for token to rerunning the full intervened
     forward at each step without a cache.
     """
+    validate.check_model_inputs(model, (tokens, attention_mask), {})
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be (batch, pos), got shape {tokens.shape}")

@@ -9,8 +9,11 @@ need raises a ``ValueError`` naming the field. Design notes: docs/real_checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 from safetensors import safe_open
+
+from mechinterp import validate
 
 from .decoder import (ARCHITECTURES, MOE_ARCHITECTURES, Decoder, DecoderConfig,
                       check_rope_scaling, decoder_class)
@@ -34,12 +39,67 @@ MODEL_TYPES = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+_ARCH_BY_MODEL_TYPE = {model_type: arch for arch, model_type in MODEL_TYPES.items()}
 # Tensors some checkpoints carry that hold no learned state (recomputed from the config).
 NON_PERSISTENT_SUFFIXES = ("rotary_emb.inv_freq",)
 DEFAULT_ROPE_THETA = 10000.0
 
 
 # --------------------------------------------------------------------------- config.json
+
+
+# Field types of config.json, checked before use, as transformers 5 checks them (its strict
+# config dataclasses refuse a string "false" for a bool or "8" for an int): a
+# Python truthiness test would read "false" as True.
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "intermediate_size",
+                  "max_position_embeddings", "num_experts", "num_local_experts",
+                  "num_experts_per_tok", "moe_intermediate_size",
+                  "shared_expert_intermediate_size", "decoder_sparse_step")
+_POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta")
+_NUMBERS = ("router_aux_loss_coef", "router_jitter_noise", "partial_rotary_factor")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "qkv_bias",
+          "use_sliding_window", "norm_topk_prob", "output_router_logits")
+
+
+def _check_field_types(hf: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first field of the wrong type or range."""
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    for name, value in hf.items():
+        if value is None:
+            continue
+        if name in _BOOLS and not isinstance(value, bool):
+            hint = (f" (write {str(value).lower()} without quotes)"
+                    if str(value).lower() in ("true", "false") else "")
+            raise ValueError(f"config.json {name}={value!r} must be a JSON bool (true or "
+                             f"false), got {type(value).__name__}{hint}")
+        if name in _POSITIVE_INTS and (not isinstance(value, int) or isinstance(value, bool)
+                                       or value <= 0):
+            raise ValueError(f"config.json {name}={value!r} must be a positive integer "
+                             f"(got {type(value).__name__})")
+        if name in _POSITIVE_NUMBERS and (not number(value) or not value > 0):
+            raise ValueError(f"config.json {name}={value!r} must be a positive number "
+                             f"(got {type(value).__name__})")
+        if name in _NUMBERS and not number(value):
+            raise ValueError(f"config.json {name}={value!r} must be a number "
+                             f"(got {type(value).__name__})")
+
+
+def _architecture(hf: dict[str, Any]) -> str:
+    """The one supported architecture; without ``architectures``, from ``model_type`` (as
+    transformers' Auto classes do)."""
+    archs = hf.get("architectures")
+    if archs is None and hf.get("model_type") in _ARCH_BY_MODEL_TYPE:
+        return _ARCH_BY_MODEL_TYPE[hf["model_type"]]
+    if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in ARCHITECTURES:
+        raise ValueError(
+            f"config.json architectures={archs!r} (model_type={hf.get('model_type')!r}) is "
+            f"not supported; supported: {sorted(ARCHITECTURES)} (one entry), or no "
+            f"architectures and model_type one of {sorted(_ARCH_BY_MODEL_TYPE)}"
+        )
+    return archs[0]
 
 
 def config_from_hf(hf: dict[str, Any], **overrides) -> DecoderConfig:
@@ -49,13 +109,10 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> DecoderConfig:
     ``param_dtype``, ``scan_layers``). Raises ``ValueError`` naming the field for anything
     unsupported.
     """
-    archs = hf.get("architectures")
-    if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in ARCHITECTURES:
-        raise ValueError(
-            f"config.json architectures={archs!r} is not supported; supported: "
-            f"{sorted(ARCHITECTURES)} (one entry)"
-        )
-    arch = archs[0]
+    if not isinstance(hf, dict):
+        raise ValueError(f"config.json must hold a JSON object, got {type(hf).__name__}")
+    _check_field_types(hf)
+    arch = _architecture(hf)
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"config.json hidden_act={act!r} is not supported; only 'silu' is")
@@ -153,9 +210,41 @@ def _refuse_unsupported_bias(hf: dict[str, Any], arch: str) -> None:
         raise ValueError(f"config.json mlp_bias={hf['mlp_bias']!r} is not supported")
 
 
+def _rope_scaling_next_to_rope_parameters(hf: dict[str, Any]) -> dict[str, Any] | None:
+    """Both ``rope_scaling`` (4.x) and ``rope_parameters`` (5.x) given: transformers 5 uses
+    ``rope_scaling`` when it is non-empty and fills ``rope_theta`` in from the config. We
+    merge them the same way where they agree; where both set one key (other than
+    ``rope_theta``) to different values, the checkpoint is ambiguous and we refuse."""
+    scaling, parameters = hf.get("rope_scaling"), hf.get("rope_parameters")
+    if not scaling or parameters is None:
+        return None
+    for name, value in (("rope_scaling", scaling), ("rope_parameters", parameters)):
+        if not isinstance(value, dict):
+            raise ValueError(f"config.json {name}={value!r} must be a JSON object")
+    kind = lambda d: d.get("rope_type", d.get("type", "default"))  # noqa: E731
+    differ = sorted(k for k in (set(scaling) | set(parameters)) - {"rope_theta", "type",
+                                                                     "rope_type"}
+                    if k in scaling and k in parameters and scaling[k] != parameters[k])
+    if kind(scaling) != kind(parameters) and kind(parameters) != "default":
+        differ = ["rope_type"] + differ
+    if differ:
+        raise ValueError(
+            f"config.json has both rope_scaling={scaling!r} and rope_parameters="
+            f"{parameters!r}, which disagree on {differ}; keep one of them (transformers 5 "
+            "would silently use rope_scaling)")
+    merged = {**parameters, **scaling, "rope_type": kind(scaling)}
+    merged.pop("type", None)
+    if "rope_theta" in parameters and "rope_theta" not in scaling:
+        merged["rope_theta"] = parameters["rope_theta"]
+    return merged
+
+
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """``(rope_theta, rope_scaling)`` from either config style."""
-    if hf.get("rope_parameters") is not None:  # transformers 5.x
+    both = _rope_scaling_next_to_rope_parameters(hf)
+    if both is not None:
+        field, params = "rope_parameters", both
+    elif hf.get("rope_parameters") is not None:  # transformers 5.x
         field, params = "rope_parameters", dict(hf["rope_parameters"])
         if any(isinstance(v, dict) for v in params.values()):
             raise ValueError(
@@ -340,24 +429,82 @@ def _moe_tensors(config: DecoderConfig, hf: str, ours: str, linear) -> list[_Ten
 # --------------------------------------------------------------------------- load / save
 
 
-def load_hf(path, dtype=jnp.float32, scan_layers: bool = True) -> tuple[Decoder, dict]:
+def _read_json(file: Path) -> Any:
+    """A JSON file's contents; errors name the file and the problem."""
+    if not os.access(file, os.R_OK):
+        raise PermissionError(f"cannot read {file}: permission denied (it exists)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file} is not valid JSON: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{file} is not UTF-8 text (JSON): {error}") from None
+
+
+@contextlib.contextmanager
+def _safe_open(file: Path, framework: str):
+    """``safe_open`` with errors that name the file (permission; a truncated or corrupt
+    header)."""
+    if not os.access(file, os.R_OK):
+        raise PermissionError(f"cannot read {file}: permission denied (it exists)")
+    try:
+        handle = safe_open(file, framework=framework)
+    except Exception as error:  # safetensors raises its own SafetensorError
+        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt "
+                         f"header?): {error}") from None
+    with handle as f:
+        yield f
+
+
+def _untie_if_head_differs(config: DecoderConfig, files: dict[str, Path]) -> DecoderConfig:
+    """``tie_word_embeddings: true`` with a distinct ``lm_head.weight`` in the checkpoint:
+    transformers 5 does not tie them then (it warns and keeps ``lm_head``); so do we."""
+    if not config.tie_embeddings or "lm_head.weight" not in files:
+        return config
+    if "model.embed_tokens.weight" not in files:
+        return config
+    arrays = _read(files, ["lm_head.weight", "model.embed_tokens.weight"])
+    head, embed = arrays["lm_head.weight"], arrays["model.embed_tokens.weight"]
+    if head.shape == embed.shape and np.array_equal(head, embed):
+        return config
+    warnings.warn("config.json sets tie_word_embeddings=true but the checkpoint's "
+                  "lm_head.weight differs from model.embed_tokens.weight; like transformers, "
+                  "loading them untied (set tie_word_embeddings=false to silence this)",
+                  stacklevel=3)
+    return dataclasses.replace(config, tie_embeddings=False)
+
+
+def load_hf(path, dtype=jnp.float32, scan_layers: bool = True, check_finite: bool = True
+            ) -> tuple[Decoder, dict]:
     """Load a local Hugging Face checkpoint folder: ``(Decoder, params)`` (a
     :class:`~mechinterp.models.decoder.MoEDecoder` for the mixture-of-experts architectures).
 
-    ``dtype`` is both the compute and the parameter dtype. ``scan_layers`` picks the
-    scanned (``layers``) or unrolled (``layers_0``, ...) parameter layout.
+    ``dtype`` is both the compute and the parameter dtype (a floating dtype).
+    ``scan_layers`` picks the scanned (``layers``) or unrolled (``layers_0``, ...) parameter
+    layout. ``check_finite`` (default on; one pass over the weights) raises
+    :class:`~mechinterp.validate.NonFiniteError` naming the first tensor holding NaN or inf.
     """
+    try:
+        floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise TypeError(f"load_hf dtype={dtype!r} is not a floating dtype; weights need one "
+                        "(jnp.float32, jnp.bfloat16, jnp.float16)")
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(f"no config.json in {folder}; pass a Hugging Face model folder")
-    config = config_from_hf(json.loads(config_file.read_text()), dtype=dtype,
+    config = config_from_hf(_read_json(config_file), dtype=dtype,
                             param_dtype=dtype, scan_layers=scan_layers)
     files = _safetensors_files(folder)
+    config = _untie_if_head_differs(config, files)
     tensors = _tensors(config)
     _check_names_and_shapes(files, tensors, config, folder)
 
     arrays = _read(files, [t.hf_name for t in tensors])
+    if check_finite:
+        validate.check_finite(arrays, f"checkpoint {folder}: tensor")
     unrolled: dict[str, Any] = {}
     for tensor in tensors:
         node = unrolled
@@ -381,14 +528,18 @@ def _safetensors_files(folder: Path) -> dict[str, Path]:
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        contents = _read_json(index)
+        weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no 'weight_map' (a JSON object from tensor name "
+                             f"to shard file); got keys {sorted(contents)[:5] if isinstance(contents, dict) else type(contents).__name__}")
         absent = sorted({file for file in weight_map.values() if not (folder / file).is_file()})
         if absent:
             raise ValueError(f"{index.name} in {folder} lists shard files that are absent: "
                              f"{absent}")
         return {name: folder / file for name, file in weight_map.items()}
     if single.is_file():
-        with safe_open(single, framework="numpy") as f:
+        with _safe_open(single, "numpy") as f:
             return {name: single for name in f.keys()}
     pickled = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth") for p in folder.glob(ext))
     if pickled:
@@ -421,7 +572,7 @@ def _check_names_and_shapes(files: dict[str, Path], tensors: list[_Tensor],
             "'architectures' or a bias/norm setting wrong?)"
         )
     for file in sorted(set(files.values())):
-        with safe_open(file, framework="numpy") as f:
+        with _safe_open(file, "numpy") as f:
             for name in f.keys():
                 if name not in expected:
                     continue
@@ -445,7 +596,7 @@ def _read(files: dict[str, Path], names: list[str]) -> dict[str, np.ndarray]:
     arrays = {}
     with jax.default_device(jax.devices("cpu")[0]):
         for file, in_file in by_file.items():
-            with safe_open(file, framework="flax") as f:
+            with _safe_open(file, "flax") as f:
                 arrays.update((name, np.asarray(f.get_tensor(name))) for name in in_file)
     return arrays
 

@@ -105,9 +105,42 @@ def _merge(defaults: dict, config: Mapping, prefix: str = "") -> dict:
     return merged
 
 
+# Counts that must be >= 1 (0 or a negative value would never log, never checkpoint, train
+# nothing or keep no checkpoint), and >= 0 (0 means "only at the end" / "all").
+POSITIVE = ("train.steps", "train.log_every", "train.checkpoint_every",
+            "train.keep_checkpoints", "train.grad_accum", "data.seq_len", "data.batch_size",
+            "data.eval_batch_size")
+NON_NEGATIVE = ("train.eval_every", "train.eval_batches", "schedule.warmup_steps")
+
+
+def _check_values(config: Mapping) -> None:
+    """Refuse counts out of range when the config is read, not mid-run.
+
+    ``train.keep_checkpoints=0`` is refused (it would finish with no checkpoint at all):
+    ``1`` keeps only the latest, which is always the final step's.
+    """
+    def get(name):
+        node = config
+        for key in name.split("."):
+            node = node[key]
+        return node
+
+    for name in POSITIVE + NON_NEGATIVE:
+        value = get(name)
+        low = 1 if name in POSITIVE else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            extra = (" (0 would finish with no checkpoint at all; 1 keeps the final one)"
+                     if name == "train.keep_checkpoints" else "")
+            raise ValueError(f"config {name}={value!r} must be an int >= {low}{extra}")
+
+
 def resolve_config(config: Mapping | ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """``config`` completed from :func:`default_config`; unknown keys raise ``KeyError``."""
+    """``config`` completed from :func:`default_config`; unknown keys raise ``KeyError``,
+    counts out of range (``train.steps=0``, ``log_every``/``checkpoint_every`` <= 0,
+    ``keep_checkpoints=0``, ...) ``ValueError`` naming the key."""
     raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
     defaults = default_config().to_dict()
     _check(raw, defaults)
-    return ml_collections.ConfigDict(_merge(defaults, raw))
+    merged = _merge(defaults, raw)
+    _check_values(merged)
+    return ml_collections.ConfigDict(merged)

@@ -30,6 +30,7 @@ from mechinterp.models import Decoder, DecoderConfig
 from mechinterp.train import fingerprint as fingerprint_lib
 from mechinterp.train import flop_counts
 from mechinterp.train.checkpoint import Checkpointer, StopSignal
+from mechinterp import validate
 from mechinterp.train.config import resolve_config
 from mechinterp.train.data import batches, build_synthetic, synthetic_tokenizer
 from mechinterp.train.losses import Objective, get_objective
@@ -129,6 +130,23 @@ def _first_input_specs(source, objective) -> tuple:
     return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in objective.inputs(example))
 
 
+def _checked_batch(model, objective, local):
+    """A host batch whose token ids are checked against the model's vocabulary (JAX gathers
+    do not check bounds; one min/max over the host batch per step)."""
+    inputs = objective.inputs(local)
+    tokens, _ = validate.token_inputs(model, inputs, {})
+    if tokens is not None:
+        validate.check_token_ids(np.asarray(tokens), model.vocab_size,
+                                 "training batch 'tokens'")
+    return local
+
+
+def _params_finite(params) -> bool:
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(params)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return bool(jax.device_get(jnp.all(jnp.stack(leaves)))) if leaves else True
+
+
 def _mean(records: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
 
@@ -175,6 +193,11 @@ def fit(config: ml_collections.ConfigDict, workdir: str | Path, model: nn.Module
                                                seed=config.seed)
             if init_params is not None:
                 state = replace_params(state, init_params)
+        elif start > t.steps:
+            raise ValueError(
+                f"train.steps={t.steps} is below the step of the checkpoint in "
+                f"{checkpointer.directory} (step {start}): that run is already past it. Raise "
+                "train.steps to continue it, or use another workdir to train anew")
         else:
             state = checkpointer.restore(abstract, train_iter, step=start)
         train_step = make_train_step(model, tx, shardings, mesh=mesh, rules=rules,
@@ -191,7 +214,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str | Path, model: nn.Module
             mesh=mesh, rules=rules, max_batches=t.eval_batches)
         with loop.log:
             state, stopped = loop.run(state, train_step, train_iter,
-                                      lambda local: global_batch(local, mesh, rules),
+                                      lambda local: global_batch(
+                                          _checked_batch(model, objective, local), mesh, rules),
                                       evaluate_now, on_step)
     return FitResult(state=state, step=loop.step, stopped=stopped, train=loop.last_train,
                      eval=loop.last_eval)
@@ -293,6 +317,13 @@ class _Loop:
                     jax.process_count() == 1 and stop.requested)
                 if preempted or last or self.checkpointer.should_save(self.step):
                     self.check()
+                    if not _params_finite(state.params):  # good = finite loss and params
+                        self.checkpointer.wait()
+                        raise NonFiniteLossError(
+                            f"the parameters after step {self.step} hold NaN or inf (the loss "
+                            "was still finite); stopped without saving them. The last good "
+                            f"checkpoint is step {self.checkpointer.latest_step()} in "
+                            f"{self.checkpointer.directory}")
                     self.checkpointer.save(self.step, state, train_iter,
                                            force=preempted or last)
                 bar.update(1)
