@@ -5,16 +5,12 @@
 
     import mechinterp as mi
     model, params = mi.models.load_hf("path/to/hf_folder")
-    sites = mi.list_sites(model, tokens)
     logits, cache = mi.capture(model, params, tokens, sites=["resid_pre"])
     logits = mi.intervene(model, params, tokens,
                           interventions={"attn.z": mi.Intervention.zero(mask=head_mask)})
 
-``mechinterp.models`` (model families), ``mechinterp.train`` (training) and the analyses
-``llm_drop``, ``depth_efficiency``, ``bricks``, ``transcoders``, ``attribution_graph`` and
-``probe_prompting`` are imported on first use, so the analysis core never depends on them;
-so are ``load`` and ``LanguageModel`` (:mod:`mechinterp.language_model`, the string layer
-above the model families).
+``models``, ``train``, ``load``/``LanguageModel`` and the heavier analyses are imported on
+first use, so the analysis core never depends on them (README: "What is here").
 """
 
 import importlib

@@ -1,19 +1,10 @@
 """``mechinterp run CONFIG [key=value ...]`` and ``mechinterp plot RESULT``: the console.
 
-A config is a Python file whose ``get_config(arg=None)`` returns an
-``ml_collections.ConfigDict`` with at least ``job`` ("package.module:function") and
-``workdir``. Overrides are ``key=value`` or ``--config.key=value``; values are Python
-literals (strings may be bare). An override naming a key the config does not have is an
-error, never ignored.
-
-Presets (big_vision style): ``preset=NAME`` is routed to ``get_config("NAME")`` before the
-other overrides are applied, so ``preset=smoke train.steps=40`` is the smoke preset with 40
-steps. A config whose ``get_config()`` takes no argument gets ``preset=`` as an ordinary
-override.
-
-The job is called as ``function(config, workdir)``. The resolved config is written to
-``workdir/config.json`` first, unless the job is marked ``writes_config`` (the experiment
-kit's jobs: their run folder checks the existing config.json before replacing it).
+A config is a Python file whose ``get_config(arg=None)`` returns an ``ml_collections``
+``ConfigDict`` with at least ``job`` ("package.module:function") and ``workdir``.
+``preset=NAME`` is routed to ``get_config("NAME")`` before the other ``key=value``
+overrides (Python literals; an unknown key is an error), so overrides win over the preset.
+The job is called as ``function(config, workdir)``. Details: docs/experiments.md.
 """
 
 from __future__ import annotations

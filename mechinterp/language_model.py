@@ -2,18 +2,14 @@
 and its tokenizer, with TransformerLens's string helpers::
 
     lm = mechinterp.load("SmolLM2-135M-Instruct.Q4_1.gguf")   # or a Hugging Face folder
-    lm.to_str_tokens("The capital of France is")   # ['<|endoftext|>', 'The', ' capital', ...]
     logits, cache = lm.run_with_cache("The capital of France is", sites=["resid_pre"])
     lm.generate("The capital of France is", max_new_tokens=1)   # '... is Paris'
     grid = lm.patch(mi.patching.get_act_patch_resid_pre, clean, corrupted,
                     lm.logit_diff(" Mary", " John"))
 
-A thin layer: every method turns strings into tokens (and an attention mask where a batch
-is padded) and calls the functional API (:func:`mechinterp.capture`,
-:func:`mechinterp.intervene`, :mod:`mechinterp.patching`, :mod:`mechinterp.ablation`,
-:mod:`mechinterp.attribution`, :func:`mechinterp.models.generate`), which stays the truth.
-It sits above :mod:`mechinterp.models` (it loads checkpoints), like the CLI: the analysis
-core never imports it (the import-linter contracts in pyproject.toml).
+A thin layer: every method turns strings into tokens (and a mask where a batch is padded)
+and calls the functional API, which stays the truth. It sits above
+:mod:`mechinterp.models` like the CLI: the core never imports it (docs/decisions.md).
 """
 
 from __future__ import annotations

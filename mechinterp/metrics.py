@@ -1,20 +1,11 @@
 """Metrics on logits that also say which logits they need.
 
-Each metric is a callable ``metric(logits) -> scalar`` on full logits ``(batch, pos, vocab)``
-(so it drops into TransformerLens-style code), and it exposes ``positions(batch, seq_len)``:
-the ``(batch, k)`` positions whose logits it reads. A sweep passes those to a model that
-accepts ``logit_positions=`` and then calls ``metric.on_selected(logits_at_positions)``, so
-the unembedding runs at ``k`` positions instead of every position. A metric that reads a
-few vocabulary entries (``logit_diff``: two) also gives ``columns(batch)``; a model that
-accepts ``logit_columns=`` then unembeds only those and the sweep calls
-``metric.on_columns``.
-
-``pos`` may be an int (same position for every example; negative counts from the end) or an
-int array ``(batch,)`` (per-example answer positions, e.g. with padding).
-
-Checks (concrete values only; see ``docs/errors.md``): ``pos`` in ``[-seq, seq)``, answer
-ids in ``[0, vocab)`` with one id per example, non-empty logits. Over non-finite logits a
-metric is NaN, never a finite number (``accuracy``: argmax of NaN would be 0).
+Each metric is a callable ``metric(logits) -> scalar`` on full logits ``(batch, pos,
+vocab)`` and exposes ``positions(batch, seq_len)`` (and, reading few vocabulary entries,
+``columns(batch)``), so a sweep on a family with output selection unembeds only those
+(``on_selected`` / ``on_columns``). ``pos``: an int (negative from the end) or ``(batch,)``.
+Over non-finite logits a metric is NaN, never finite; inputs are checked as in
+docs/errors.md. Details: docs/analyses.md.
 """
 
 from __future__ import annotations

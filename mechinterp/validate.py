@@ -1,19 +1,11 @@
 """Checks of inputs at the public boundary, shared by every family.
 
-JAX gathers do not check bounds (a token id of -1 reads the last embedding row, one past
-the vocabulary gives NaN), and broadcasting hides shape mistakes, so the public entry
-points (``capture``, ``intervene``, the sweeps and patching grids, ablation, metrics,
-generation, training batches) call these checks on their *concrete* inputs before running
-anything. Inside ``jit`` (traced values) nothing is checked: a traced call is a contract
-(tokens in ``[0, vocab_size)``, positions in ``[-seq, seq)``), documented in
-``docs/errors.md``. Each check costs one pass over a small integer array on the host
-(tokens, answer ids, positions), nothing per sweep cell.
-
-Errors are ``ValueError`` (wrong value or shape) or ``TypeError`` (wrong kind or dtype),
-and name the argument and the culprit (row, position, value and the allowed range).
-
-``checks_disabled()`` turns every check here off (benchmarks measure the overhead with it;
-not for normal use).
+JAX gathers do not check bounds and broadcasting hides shape mistakes, so the public entry
+points (capture, intervene, sweeps, ablation, metrics, generation, training batches) check
+their *concrete* inputs here before running anything; traced calls are a documented
+contract. Errors are ``ValueError`` (value, shape) or ``TypeError`` (kind, dtype) naming
+the argument and the culprit. ``checks_disabled()`` turns the checks off (benchmarks
+only). What is checked where, and its cost: docs/errors.md.
 """
 
 from __future__ import annotations

@@ -5,28 +5,12 @@
         with kit.Run(config, workdir) as r:
             with r.phase("train"):
                 ...
-            with r.figure("loss.png") as (fig, ax):
-                ...
             r.write_results({"accuracy": acc}, arrays={"grid": grid})
             r.write_report(lines)
 
-A run folder holds ``config.json`` (the resolved config), ``run.json`` (``status``:
-running / complete / interrupted / failed, start and end times, per-phase timings, the
-figures written), ``results.json`` (with ``timings_s``), ``results.npz``, figures (PNG) and
-``report.md``.
-
-Reruns (docs/decisions.md): a folder whose ``config.json`` has the same settings (keys in
-:data:`IGNORED` aside) is reused: checkpoints are reused (each guarded by its fingerprint)
-and results, figures and report are rewritten (they are a deterministic function of the
-config and the checkpoints). A folder whose ``config.json`` differs is refused, naming the
-keys, unless ``config.overwrite`` is true; then the previous top-level files move to
-``previous/<n>/`` first, so nothing finished is ever lost.
-
-SIGTERM: while the run is open, SIGTERM is recorded (the flag of
-:class:`mechinterp.train.checkpoint.StopSignal`) instead of killing the process; training
-saves a checkpoint and stops after the current step, the next phase boundary raises
-:class:`Interrupted`, ``run.json`` says ``"interrupted"`` and the process exits with
-status 143 (128 + SIGTERM). Starting the same command again resumes.
+It writes config.json, run.json (status running / complete / interrupted / failed,
+timings), results.json/npz, figures and report.md; refuses a folder with other settings
+unless ``overwrite``; on SIGTERM exits 143 marked interrupted. Details: docs/experiments.md.
 """
 
 from __future__ import annotations
