@@ -209,7 +209,7 @@ def test_checks_can_be_bypassed_for_measuring(params):
 # --------------------------------------------------------------------------- Hugging Face
 
 from mechinterp.models import load_hf, save_hf  # noqa: E402
-from mechinterp.models.hf import config_from_hf, config_to_hf  # noqa: E402
+from mechinterp.models.hf_config import config_from_hf, config_to_hf  # noqa: E402
 
 
 @pytest.fixture(scope="module")

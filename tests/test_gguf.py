@@ -466,7 +466,7 @@ def test_smollm2_answers_paris(smollm2):
 def test_header_reader_matches_gguf_reader(tmp_path, small_file):
     """load_gguf's own header reader gives GGUFReader's metadata and tensor bytes (string,
     integer, float and bool scalars and arrays; tensors after a custom alignment)."""
-    from mechinterp.models.gguf import _read
+    from mechinterp.models.gguf_file import _read
 
     config, _ = small_file
     path = tmp_path / "fields.gguf"

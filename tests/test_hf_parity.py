@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from mechinterp.models import Decoder, generate, load_hf, save_hf  # noqa: E402
-from mechinterp.models.hf import config_from_hf  # noqa: E402
+from mechinterp.models.hf_config import config_from_hf  # noqa: E402
 
 TOL = 1e-4
 SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
