@@ -11,7 +11,8 @@
                           interventions={"attn.z": mi.Intervention.zero(mask=head_mask)})
 
 ``mechinterp.models`` (model families), ``mechinterp.train`` (training) and the analyses
-``llm_drop``, ``depth_efficiency``, ``bricks``, ``transcoders``, ``attribution_graph`` and
+``llm_drop``, ``depth_efficiency``, ``logit_attribution``, ``bricks``, ``transcoders``,
+``attribution_graph`` and
 ``probe_prompting`` are imported on first use, so the analysis core never depends on them;
 so are ``load`` and ``LanguageModel`` (:mod:`mechinterp.language_model`, the string layer
 above the model families).
@@ -52,6 +53,7 @@ __all__ = [
 # Imported on first use: the model families and training (so the core never depends on
 # them), and the analyses with heavier dependencies (scikit-learn, matplotlib).
 _LAZY = ("models", "train", "llm_drop", "depth_efficiency", "bricks", "transcoders",
+         "logit_attribution",
          "attribution_graph", "probe_prompting")
 
 
