@@ -113,8 +113,10 @@ def test_stacks_and_attributions_equal_transformerlens(tl_setup):
 def test_lens_and_attribution_on_strings(tl_setup):
     """``lm.logit_lens`` names each layer's top tokens; ``lm.logit_attribution`` sums to
     the logit difference (the word-level tokenizer of the parity models: "t0" ... "t95")."""
+    if tl_setup["family"] != "llama":
+        pytest.skip("the string layer is family-independent: run once, on the LLaMA model")
     lm = mi.load(tl_setup["folder"])
-    text = "t10 t20 t30 t40"
+    text = "t40 t50 t60 t70"  # (t1, t2, t3 are special tokens: avoid them as prefixes)
     lens = lm.logit_lens(text, k=3)
     assert lens["layers"] == ["0_pre", "1_pre", "final_post"]
     assert lens["str_tokens"] == lm.to_str_tokens(text)
@@ -123,7 +125,7 @@ def test_lens_and_attribution_on_strings(tl_setup):
     logits = np.asarray(lm(text))[0]
     assert lens["top_tokens"][-1][-1][0] == lm.to_string([int(logits[-1].argmax())])
     np.testing.assert_allclose(lens["top_probs"][-1].sum(-1) <= 1.0 + 1e-6, True)
-    result = lm.logit_attribution(["t10 t20 t30", "t5 t6 t7 t8"], "t5", "t9")
+    result = lm.logit_attribution(["t40 t50 t60", "t5 t6 t7 t8"], "t5", "t9")
     np.testing.assert_allclose(result.layers.sum(0), result.logit_diff, rtol=1e-4,
                                atol=1e-4 * np.abs(result.layers).max())
     assert result.heads.shape == (2, 4, 2)
@@ -139,9 +141,9 @@ CONFIG = DecoderConfig(vocab_size=48, d_model=32, n_layers=3, n_heads=4, n_kv_he
 
 @pytest.mark.parametrize("model", [
     Decoder(CONFIG),
-    Decoder(dataclasses.replace(CONFIG, tie_embeddings=True, scan_layers=False)),
-    MoEDecoder(dataclasses.replace(CONFIG, n_experts=4, n_experts_per_tok=2, d_expert=32)),
-], ids=["untied", "tied_unrolled", "moe"])
+    MoEDecoder(dataclasses.replace(CONFIG, n_experts=4, n_experts_per_tok=2, d_expert=32,
+                                   tie_embeddings=True, scan_layers=False)),
+], ids=["dense", "moe_tied_unrolled"])
 def test_components_sum_to_the_models_logit_difference(model):
     """Embedding + every attention and MLP output, each through the final norm's scale and
     the folded directions, is the model's logit difference; the heads add up to the
