@@ -108,18 +108,26 @@ def residual_states(model, params, tokens, token_mask=None):
 
 def _lens(model, params, *inputs, **kwargs):
     """``(log_p, states, lens)``: the model's log-probabilities, the stream before each layer
-    and after the last (``n_layers + 1``, batch, pos, d_model), and ``lens(state)``, the
-    log-probabilities of the model's final norm and unembedding applied to a state (the
-    last layer's ``resid_post`` patched to it)."""
+    and after the last (``n_layers + 1``, batch, pos, d_model), and ``lens(states)``, the
+    log-probabilities (n, batch, pos, vocab) of the model's final norm and unembedding
+    applied to ``n`` states at once (the last layer's ``resid_post`` patched to them, the
+    inputs repeated ``n`` times along the batch: one forward)."""
     n_layers = list_sites(model, *inputs, **kwargs)["resid_pre"].shape[0]
     logits, acts = capture(model, params, *inputs, sites=("resid_pre", "resid_post"), **kwargs)
     states = jnp.concatenate([acts["resid_pre"], acts["resid_post"][-1:]])
     last = (jnp.arange(n_layers) == n_layers - 1).astype(jnp.float32)[:, None, None, None]
+    batch = states.shape[1]
 
-    def lens(state):
-        out = intervene(model, params, *inputs, interventions={
-            "resid_post": Intervention(scale=0.0, add=state, mask=last)}, **kwargs)
-        return jax.nn.log_softmax(out.astype(jnp.float32), -1)
+    def lens(chosen):
+        n = chosen.shape[0]
+        tile = lambda x: (jnp.concatenate([x] * n) if getattr(x, "ndim", 0)  # noqa: E731
+                          and x.shape[0] == batch else x)
+        out = intervene(model, params, *map(tile, inputs), interventions={
+            "resid_post": Intervention(scale=0.0, add=chosen.reshape((-1,) + chosen.shape[2:]),
+                                       mask=last)},
+            **{key: tile(value) for key, value in kwargs.items()})
+        out = jax.nn.log_softmax(out.astype(jnp.float32), -1)
+        return out.reshape((n, batch) + out.shape[1:])
     return jax.nn.log_softmax(logits.astype(jnp.float32), -1), states, lens
 
 
@@ -139,7 +147,7 @@ def logit_lens(model, params, tokens, token_mask=None, k: int = 5):
     top_final = jax.lax.top_k(log_p, k)[1]
     kl, overlap = np.zeros(len(states)), np.zeros(len(states))
     for layer, state in enumerate(states):
-        log_q = lens(state)
+        log_q = lens(state[None])[0]
         top = jax.lax.top_k(log_q, k)[1]
         shared = (top_final[..., :, None] == top[..., None, :]).any(-1).mean(-1)
         kl[layer] = _masked_mean(_kl(log_p, log_q), mask)
@@ -153,9 +161,8 @@ def logit_lens_top_k(model, params, *inputs, k: int = 5, **kwargs):
     ``(ids, probs)``, each (``n_layers + 1``, batch, pos, k), best first. ``kwargs`` go to
     the model (e.g. ``attention_mask``)."""
     _, states, lens = _lens(model, params, *inputs, **kwargs)
-    tops = [jax.lax.top_k(lens(state), k) for state in states]
-    return (np.stack([np.asarray(i) for _, i in tops]),
-            np.stack([np.exp(np.asarray(v)) for v, _ in tops]))
+    values, ids = jax.lax.top_k(lens(states), k)
+    return np.asarray(ids), np.exp(np.asarray(values))
 
 
 def ridge_r2(x, y, ridge: float = 1e-3, test_fraction: float = 0.25, seed: int = 0) -> float:
