@@ -86,6 +86,9 @@ def decompose_resid(model, params, cache, layer: int | None = None, mlp_input: b
     layer = _final_layer(s, layer)
     if mode not in ("all", "attn", "mlp"):
         raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
+    if mlp_input and layer >= s.n_layers:
+        raise ValueError(f"mlp_input=True needs a layer below {s.n_layers} (the final stream "
+                         "has no MLP input)")
     parts, labels = [], []
     if incl_embeds:
         parts.append(_get(cache, s.residual[0])[0])
