@@ -6,7 +6,8 @@ After "Do Language Models Use Their Depth Efficiently?" (Csordás, Manning and P
 
 Key names: :func:`layer_contributions` (norm ratios and cosines), :func:`skip_effects`
 (zero a layer; change of later contributions, ``KL(p || p_skip)``, top-1 agreement),
-:func:`logit_lens` (``KL(p_final || p_l)``, top-k overlap), :func:`residual_map_r2`
+:func:`logit_lens` (``KL(p_final || p_l)``, top-k overlap; :func:`logit_lens_top_k`
+the tokens themselves), :func:`residual_map_r2`
 (ridge maps between two models' streams, held-out ``R^2``). Everything reads or edits
 sites, so it works on any decoder with them. Unlike the paper (a maximum over
 positions), the skip measure is a mean over positions.
@@ -105,29 +106,63 @@ def residual_states(model, params, tokens, token_mask=None):
     return np.asarray(states)[:, mask]
 
 
+def _lens(model, params, *inputs, **kwargs):
+    """``(log_p, states, lens)``: the model's log-probabilities, the stream before each layer
+    and after the last (``n_layers + 1``, batch, pos, d_model), and ``lens(states)``, the
+    log-probabilities (n, batch, pos, vocab) of the model's final norm and unembedding
+    applied to ``n`` states at once (the last layer's ``resid_post`` patched to them, the
+    inputs repeated ``n`` times along the batch: one forward)."""
+    n_layers = list_sites(model, *inputs, **kwargs)["resid_pre"].shape[0]
+    logits, acts = capture(model, params, *inputs, sites=("resid_pre", "resid_post"), **kwargs)
+    states = jnp.concatenate([acts["resid_pre"], acts["resid_post"][-1:]])
+    last = (jnp.arange(n_layers) == n_layers - 1).astype(jnp.float32)[:, None, None, None]
+    batch = states.shape[1]
+
+    def lens(chosen):
+        n = chosen.shape[0]
+        tile = lambda x: (jnp.concatenate([x] * n) if getattr(x, "ndim", 0)  # noqa: E731
+                          and x.shape[0] == batch else x)
+        out = intervene(model, params, *map(tile, inputs), interventions={
+            "resid_post": Intervention(scale=0.0, add=chosen.reshape((-1,) + chosen.shape[2:]),
+                                       mask=last)},
+            **{key: tile(value) for key, value in kwargs.items()})
+        out = jax.nn.log_softmax(out.astype(jnp.float32), -1)
+        return out.reshape((n, batch) + out.shape[1:])
+    return jax.nn.log_softmax(logits.astype(jnp.float32), -1), states, lens
+
+
+def lens_labels(n_layers: int) -> list[str]:
+    """Names of the lens entries, as TransformerLens's ``accumulated_resid``: ``"0_pre"``
+    (the embeddings) ... ``"{n_layers - 1}_pre"``, ``"final_post"``."""
+    return [f"{layer}_pre" for layer in range(n_layers)] + ["final_post"]
+
+
 def logit_lens(model, params, tokens, token_mask=None, k: int = 5):
     """Logit lens after each layer (embeddings first, ``n_layers + 1`` entries): ``kl`` =
     mean ``KL(p_final || p_l)`` and ``topk_overlap`` = mean share of the final top-``k``
     tokens among layer ``l``'s top-``k``. ``p_l`` is the model's final norm and unembedding
     applied to the stream after layer ``l`` (the last layer's ``resid_post`` patched to it)."""
     (batch, mask), = token_batches(tokens, token_mask, batch_size=len(tokens))
-    sites = list_sites(model, batch)
-    n_layers = sites["resid_pre"].shape[0]
-    logits, acts = capture(model, params, batch, sites=("resid_pre", "resid_post"))
-    states = jnp.concatenate([acts["resid_pre"][:1], acts["resid_post"]])
-    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    log_p, states, lens = _lens(model, params, batch)
     top_final = jax.lax.top_k(log_p, k)[1]
-    last = (jnp.arange(n_layers) == n_layers - 1).astype(jnp.float32)[:, None, None, None]
-    kl, overlap = np.zeros(n_layers + 1), np.zeros(n_layers + 1)
+    kl, overlap = np.zeros(len(states)), np.zeros(len(states))
     for layer, state in enumerate(states):
-        lens = intervene(model, params, batch, interventions={
-            "resid_post": Intervention(scale=0.0, add=state, mask=last)})
-        log_q = jax.nn.log_softmax(lens.astype(jnp.float32), -1)
+        log_q = lens(state[None])[0]
         top = jax.lax.top_k(log_q, k)[1]
         shared = (top_final[..., :, None] == top[..., None, :]).any(-1).mean(-1)
         kl[layer] = _masked_mean(_kl(log_p, log_q), mask)
         overlap[layer] = _masked_mean(shared, mask)
     return {"kl": kl, "topk_overlap": overlap}
+
+
+def logit_lens_top_k(model, params, *inputs, k: int = 5, **kwargs):
+    """The ``k`` most likely next tokens read from the stream before each layer and after
+    the last (labels: :func:`lens_labels`), by the model's final norm and unembedding:
+    ``(ids, probs)``, each (``n_layers + 1``, batch, pos, k), best first. ``kwargs`` go to
+    the model (e.g. ``attention_mask``)."""
+    _, states, lens = _lens(model, params, *inputs, **kwargs)
+    values, ids = jax.lax.top_k(lens(states), k)
+    return np.asarray(ids), np.exp(np.asarray(values))
 
 
 def ridge_r2(x, y, ridge: float = 1e-3, test_fraction: float = 0.25, seed: int = 0) -> float:

@@ -130,7 +130,29 @@ class TokenInputs(Protocol):
     def token_inputs(self, *inputs, **kwargs) -> tuple[Array | None, Array | None]: ...
 
 
-CAPABILITIES = (HasLayers, Resumable, SelectsOutputs, LinearisableNorms, RemovesSublayers, TokenInputs)
+
+@runtime_checkable
+class Unembeds(Protocol):
+    """Unembedding through the final norm (direct logit attribution, lenses). The final
+    norm must act on the residual stream ``x`` as ``weight * x / scale(x)`` (RMSNorm), so
+    that, with the scale held at its value on the full stream, the logits are linear in
+    each component of the stream (TransformerLens's ``fold_ln`` convention).
+
+    ``final_norm_scale(params, residual)`` is ``scale(x)`` for ``residual`` (..., d_model):
+    the divisor, shape (..., 1) (TransformerLens's ``ln_final.hook_scale``);
+    ``unembed_directions(params, token_ids)`` is each token's residual direction (...,
+    d_model) with the final norm's weight folded in, so that ``logits[..., t] ==
+    (residual / final_norm_scale(params, residual)) @ unembed_directions(params, t)``
+    (plus the unembedding bias, if the family has one). A family whose final norm also
+    centres the stream (LayerNorm) returns centred directions, which is the same thing."""
+
+    def final_norm_scale(self, params, residual: Array) -> Array: ...
+
+    def unembed_directions(self, params, token_ids: Array) -> Array: ...
+
+
+CAPABILITIES = (HasLayers, Resumable, SelectsOutputs, LinearisableNorms, RemovesSublayers,
+                TokenInputs, Unembeds)
 
 
 def has(model, capability: type) -> bool:

@@ -280,6 +280,36 @@ class LanguageModel:
         return attribution.attribution_patch(self.model, self.params, corrupted_tokens, cache,
                                              metric, grids, model_kwargs=model_kwargs)
 
+    def logit_lens(self, text, k: int = 5, prepend_bos: bool | None = None) -> dict:
+        """The logit lens on one text (:func:`mechinterp.depth_efficiency.logit_lens_top_k`):
+        ``layers`` (``"0_pre"`` ... ``"final_post"``), ``str_tokens`` (the input),
+        ``top_tokens[layer][pos]`` (the ``k`` likeliest next tokens, strings, best first)
+        and ``top_probs`` (layer, pos, k)."""
+        from mechinterp.depth_efficiency import lens_labels, logit_lens_top_k
+
+        if not isinstance(text, str):
+            raise TypeError("logit_lens takes one text (a string); loop over a list")
+        tokens, = self._inputs(text, prepend_bos)
+        ids, probs = logit_lens_top_k(self.model, self.params, tokens, k=k)
+        return dict(layers=lens_labels(ids.shape[0] - 1),
+                    str_tokens=self.to_str_tokens(text, prepend_bos),
+                    top_tokens=[[[self._decode([t]) for t in pos] for pos in layer[0]]
+                                for layer in ids],
+                    top_probs=probs[:, 0])
+
+    def logit_attribution(self, text, correct: str, incorrect: str | None = None,
+                          prepend_bos: bool | None = None):
+        """:func:`mechinterp.logit_attribution.logit_attribution` of the logit of the
+        one-token string ``correct`` (minus ``incorrect``) after text (a list of texts is
+        padded on the left, so the last position is each one's last token)."""
+        from mechinterp.logit_attribution import logit_attribution
+
+        tokens, *mask = self._inputs(text, prepend_bos, padding_side="left")
+        wrong = None if incorrect is None else self.to_single_token(incorrect)
+        return logit_attribution(self.model, self.params, tokens,
+                                 *mask, tokens=self.to_single_token(correct),
+                                 incorrect_tokens=wrong)
+
     def ablate(self, text, components, method: str = "zero", values: Mapping | None = None,
                prepend_bos: bool | None = None, padding_side: str | None = None):
         """Logits with ``components`` ablated: :func:`mechinterp.ablation.ablate`."""

@@ -3,8 +3,8 @@
 :class:`KVCache` (incremental decoding, resumed forwards), :func:`stack_layers` /
 :func:`unstack_layers` (scanned and unrolled parameter layouts) and
 :class:`DecoderCapabilities`, the mixin that gives :class:`~mechinterp.models.Decoder` every
-capability: layer structure, resume, output selection, norm linearisation and sublayer
-removal. Design notes: ``docs/adding_a_family.md``.
+capability: layer structure, resume, output selection, norm linearisation, sublayer
+removal and unembedding through the final norm. Design notes: ``docs/adding_a_family.md``.
 """
 
 from __future__ import annotations
@@ -254,6 +254,24 @@ class DecoderCapabilities:
         weight = weight.reshape(weight.shape[:1] + (1,) * (residual.ndim - 2)
                                 + weight.shape[-1:])
         return rms_normalize(residual, weight, c.rms_norm_eps, frozen)
+
+    # ---------------------------------------------------------------- Unembeds
+
+    def final_norm_scale(self, params, residual: Array) -> Array:
+        """The final RMSNorm's divisor ``sqrt(mean(residual^2) + eps)`` (..., 1), in float32
+        (TransformerLens's ``ln_final.hook_scale``)."""
+        h = jnp.asarray(residual, jnp.float32)
+        return jnp.sqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+
+    def unembed_directions(self, params, token_ids) -> Array:
+        """Each token's unembedding column times the final norm's weight (..., d_model),
+        float32: ``logits[..., t] = residual / final_norm_scale(residual) . direction(t)``."""
+        params = nn.meta.unbox(params)
+        ids = jnp.asarray(token_ids)
+        columns = (jnp.take(params["embedding"], ids, axis=0) if self.config.tie_embeddings
+                   else jnp.moveaxis(jnp.take(params["lm_head"], ids, axis=1), 0, -1))
+        return (jnp.asarray(columns, jnp.float32)
+                * jnp.asarray(params["norm"]["scale"], jnp.float32))
 
     # ---------------------------------------------------------------- RemovesSublayers
 

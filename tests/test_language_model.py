@@ -351,3 +351,26 @@ def test_smollm2_strings_in_strings_out(smollm2, monkeypatch, capsys):
     grid = namespace["grid"]
     assert grid.shape == (30, 5)
     assert float(grid.values[0, 3]) == pytest.approx(float(grid.values[-1, -1]), abs=1.0)
+
+
+def test_smollm2_direct_logit_attribution_and_lens(smollm2):
+    """Indirect-object identification on SmolLM2: the logit difference Mary - John is about
+    +6, its per-component decomposition sums to it, and the top heads by direct logit
+    attribution are those docs/decisions.md reports ("Direct logit attribution"); the logit
+    lens on strings ends in " Paris"."""
+    start = time.perf_counter()
+    result = smollm2.logit_attribution(
+        "When Mary and John went to the store, John gave a drink to", " Mary", " John")
+    print(f"SmolLM2 DLA: {time.perf_counter() - start:.1f} s")
+    diff = float(result.logit_diff[0])
+    assert 5.0 < diff < 7.5
+    assert abs(float(result.layers.sum(0)[0]) - diff) <= 1e-3
+    assert abs(float(result.heads.sum((0, 1))[0]) - float(result.layers[
+        [i for i, label in enumerate(result.layer_labels) if "attn" in label]].sum())) <= 1e-3
+    assert [label for label, _ in result.top_heads(3)] == ["L23H3", "L29H1", "L23H0"]
+    start = time.perf_counter()
+    lens = smollm2.logit_lens("The capital of France is", k=3)
+    print(f"SmolLM2 logit lens: {time.perf_counter() - start:.1f} s")
+    assert lens["layers"][0] == "0_pre" and lens["layers"][-1] == "final_post"
+    assert len(lens["top_tokens"]) == 31
+    assert lens["top_tokens"][-1][-1][0] == " Paris"
