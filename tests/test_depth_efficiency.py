@@ -187,5 +187,5 @@ def test_smoke_and_default_presets_hold_the_whole_config():
     smoke = cli.resolve("configs/depth_efficiency.py", ["preset=smoke"])
     default = cli.resolve("configs/depth_efficiency.py", [])
     assert (smoke.preset, smoke.seeds, smoke.shallow_layers) == ("smoke", 1, 1)
-    assert (default.preset, default.seeds, default.shallow_layers) == ("default", 2, 3)
+    assert (default.preset, default.seeds, default.shallow_layers) == ("default", 3, 3)
     assert default.job == "mechinterp.experiments.depth_efficiency:run"

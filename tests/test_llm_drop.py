@@ -195,5 +195,5 @@ def test_smoke_and_default_presets_hold_the_whole_config():
     smoke = cli.resolve("configs/llm_drop.py", ["preset=smoke"])
     default = cli.resolve("configs/llm_drop.py", [])
     assert (smoke.preset, smoke.seeds, smoke.model.n_layers) == ("smoke", 1, 2)
-    assert (default.preset, default.seeds, default.model.n_layers) == ("default", 2, 6)
+    assert (default.preset, default.seeds, default.model.n_layers) == ("default", 3, 6)
     assert default.job == "mechinterp.experiments.llm_drop:run"

@@ -237,12 +237,13 @@ def report(config, results: dict, timings: dict) -> str:
     n_layers = len(first["scores"]["attn"])
     base = first["curves"]["attn/one-shot"][0]
     seed0 = f"seed {results['seeds'][0]}"
+    notes = "; ".join(f"seed {s['seed']}: {kit.training_note(s['training'])}" for s in per_seed)
     lines = [
         "# LLM-Drop at small scale (METHODS.md item 4)", "",
         (f"Preset `{config.preset}`, training seeds {results['seeds']} (data seed "
          f"{config.seed}); {n_layers}-layer decoders (d_model {config.model.d_model}) trained "
          f"{first['training']['step']} steps on {', '.join(tasks)} "
-         f"({'; '.join(kit.training_note(s['training']) for s in per_seed)}); "
+         f"({notes}); "
          f"{kit.timings_line(timings)}. Scores on {config.analysis.n_calibration} training "
          f"prompts, metrics on {config.analysis.n_eval} test examples (teacher-forced; exact "
          "= every target token right). Numbers in `results.json`."), "",
