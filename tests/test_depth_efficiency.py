@@ -2,6 +2,8 @@
 and the logit lens against genuinely truncated models, ridge R^2 against scikit-learn and
 on a rotated copy of a model (R^2 = 1), and bad input."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,3 +172,20 @@ def test_smoke_preset_runs_from_the_cli(tmp_path):
     assert "## Residual maps shallow -> deep" in report and "## Against the paper" in report
     assert {p.name for p in workdir.glob("*.png")} == {
         "contributions.png", "skip.png", "logit_lens.png", "residual_maps.png"}
+    assert "| paper's claim | ours | reproduced? |" in report
+    assert json.loads((workdir / "run.json").read_text())["status"] == "complete"
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["seeds"] == [0] and len(results["per_seed"]) == 1
+    seed = results["per_seed"][0]
+    assert len(seed["deep"]["contributions"]["rel_layer"]) == 2
+    assert len(seed["shallow"]["contributions"]["rel_layer"]) == 1
+    assert results["headline"]["deep"]["exact"]["values"] == [
+        seed["deep"]["metrics"]["all"]["exact"]]
+
+
+def test_smoke_and_default_presets_hold_the_whole_config():
+    smoke = cli.resolve("configs/depth_efficiency.py", ["preset=smoke"])
+    default = cli.resolve("configs/depth_efficiency.py", [])
+    assert (smoke.preset, smoke.seeds, smoke.shallow_layers) == ("smoke", 1, 1)
+    assert (default.preset, default.seeds, default.shallow_layers) == ("default", 3, 3)
+    assert default.job == "mechinterp.experiments.depth_efficiency:run"

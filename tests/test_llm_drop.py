@@ -3,6 +3,7 @@ the genuinely smaller model (same logits as zeroing, fewer parameters), the conf
 and save_hf's refusal, bad input, and the smoke preset."""
 
 import dataclasses
+import json
 
 import flax.linen as nn
 import jax
@@ -180,4 +181,19 @@ def test_smoke_preset_runs_from_the_cli(tmp_path):
                      f"workdir={workdir}"]) == 0
     report = (workdir / "report.md").read_text()
     assert "## Genuinely dropped models" in report and "speedup" in report
+    assert "| paper's claim | ours | reproduced? |" in report
     assert (workdir / "curves.png").stat().st_size > 0
+    run = json.loads((workdir / "run.json").read_text())
+    assert run["status"] == "complete" and set(run["figures"]) == {"scores.png", "curves.png"}
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["seeds"] == [0] and len(results["per_seed"]) == 1
+    assert results["headline"]["exact"]["values"] == [
+        results["per_seed"][0]["curves"]["attn/one-shot"][0]["all"]["exact"]]
+
+
+def test_smoke_and_default_presets_hold_the_whole_config():
+    smoke = cli.resolve("configs/llm_drop.py", ["preset=smoke"])
+    default = cli.resolve("configs/llm_drop.py", [])
+    assert (smoke.preset, smoke.seeds, smoke.model.n_layers) == ("smoke", 1, 2)
+    assert (default.preset, default.seeds, default.model.n_layers) == ("default", 3, 6)
+    assert default.job == "mechinterp.experiments.llm_drop:run"

@@ -1,6 +1,8 @@
 """LLM-Drop at small scale (METHODS.md item 4): ``mechinterp run configs/llm_drop.py``.
 
-1. Train (or reuse) a 6-layer LLaMA-style decoder on a synthetic mixture (fact recall and
+For each training seed (``config.seeds``; the data stays at ``config.seed``):
+
+1. Train (or reuse) a LLaMA-style decoder on a synthetic mixture (fact recall and
    in-context chains, :mod:`mechinterp.train.tasks`).
 2. Score every attention sublayer, MLP sublayer and block on a calibration set of training
    prompts (:func:`mechinterp.llm_drop.similarity_scores`, all non-padding tokens).
@@ -12,44 +14,26 @@
    is built, checked to give the same logits, and timed against the full model (both with
    unrolled layers, the same batch, best of ``analysis.timing_repeats``).
 
-Writes ``report.md``, ``results.json``, ``scores.png`` and ``curves.png``.
+The run folder (:class:`~mechinterp.experiments.kit.Run`) gets ``results.json`` (per seed,
+and the headline numbers as mean ± sd over seeds), ``report.md``, ``scores.png`` and
+``curves.png`` (seed means).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from mechinterp import llm_drop
 from mechinterp.site_io import intervene, list_sites
-from mechinterp.experiments.kit import legacy as small_lm  # until ported to the kit
+from mechinterp.experiments import kit
+from mechinterp.experiments.kit import lm
 
 MODES = ("one-shot", "iterative")
-
-
-def default_config() -> ml_collections.ConfigDict:
-    c = small_lm.base_config()
-    c.job = "mechinterp.experiments.llm_drop:run"
-    c.workdir = "runs/llm_drop"
-    c.analysis = ml_collections.ConfigDict()
-    c.analysis.n_calibration = 128  # training prompts scored
-    c.analysis.n_eval = 256  # test examples for loss / accuracy
-    c.analysis.timing_repeats = 10
-    return c
-
-
-PRESETS = {
-    "default": {},
-    "smoke": {**small_lm.SMOKE, "model.n_layers": 2, "analysis.n_calibration": 8,
-              "analysis.n_eval": 32, "analysis.timing_repeats": 2},
-}
 
 
 def max_drops(variant: str, n_layers: int) -> int:
@@ -83,25 +67,16 @@ def n_params(params) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
-def run(config: ml_collections.ConfigDict, workdir) -> dict:
-    config = small_lm.resolve_preset(config, default_config(), PRESETS)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    a = config.analysis
-    mixture, builder = small_lm.make_data(config, workdir)
-    model, params, info = small_lm.train_model(config, builder, mixture.tokenizer().vocab_size,
-                                               workdir)
+def analyse(model, params, calib: lm.Examples, data: lm.Examples, a) -> dict:
+    """Scores, drop orders, curves and the genuinely dropped models of one trained model."""
     n_layers = model.config.n_layers
-    calib = small_lm.examples(mixture, "train", a.n_calibration)
-    data = small_lm.examples(mixture, "test", a.n_eval)
     tokens = jnp.asarray(data.tokens)
     sites = list_sites(model, tokens)
 
     def metrics_without(sublayers):
         logits = intervene(model, params, tokens, interventions=llm_drop.zeroing_interventions(
             sites, sublayers))
-        return small_lm.metrics_from_logits(logits, data)
+        return lm.metrics_from_logits(logits, data)
 
     scores = llm_drop.similarity_scores(model, params, calib.tokens, calib.real)
     curves, orders = {}, {}
@@ -124,7 +99,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
         apply = jax.jit(lambda p, small=small: small.apply({"params": p}, tokens))
         zeroed = intervene(model, params, tokens,
                            interventions=llm_drop.zeroing_interventions(sites, chosen))
-        dropped[variant] = {
+        d = dropped[variant] = {
             "k": k, "dropped": [str(s) for s in chosen],
             "n_layers": small.config.n_layers, "attn_layers": small.config.attn_layers,
             "mlp_layers": small.config.mlp_layers,
@@ -133,129 +108,174 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
             # timed back to back, so both see the same machine load
             "full_seconds": best_time(lambda: full_apply(full_params), a.timing_repeats),
             "seconds": best_time(lambda apply=apply, p=small_params: apply(p), a.timing_repeats),
-            "metrics": small_lm.metrics_from_logits(apply(small_params), data),
+            "metrics": lm.metrics_from_logits(apply(small_params), data),
         }
-        dropped[variant]["speedup"] = (dropped[variant]["full_seconds"]
-                                       / dropped[variant]["seconds"])
-
-    results = {"training": info, "scores": {k: v.tolist() for k, v in scores.items()},
-               "orders": {name: [(str(s), score) for s, score in order]
-                          for name, order in orders.items()},
-               "curves": curves, "dropped_half": dropped, "task_names": data.task_names,
-               "seconds": time.perf_counter() - started}
-    figures = [plot_scores(workdir / "scores.png", scores),
-               plot_curves(workdir / "curves.png", curves)]
-    (workdir / "results.json").write_text(json.dumps(results, indent=2,
-                                                     default=small_lm.json_default))
-    (workdir / "report.md").write_text(report(config, results, figures))
-    return results
+        d["speedup"] = d["full_seconds"] / d["seconds"]
+    return {"scores": {k: v.tolist() for k, v in scores.items()},
+            "orders": {name: [(str(s), score) for s, score in order]
+                       for name, order in orders.items()},
+            "curves": curves, "dropped_half": dropped}
 
 
-def plot_scores(path: Path, scores: dict) -> str:
-    fig, ax = small_lm.figure(figsize=(6, 3.2))
-    layers = np.arange(len(scores["attn"]))
-    for offset, kind in zip((-0.27, 0.0, 0.27), llm_drop.KINDS):
-        ax.bar(layers + offset, 1 - np.asarray(scores[kind]), 0.27, label=kind)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("importance 1 - S")
-    ax.set_yscale("log")
-    ax.set_title("LLM-Drop importance (lower = more droppable)")
-    ax.legend(fontsize=8)
-    return small_lm.save(fig, path)
-
-
-def plot_curves(path: Path, curves: dict) -> str:
-    fig, axes = small_lm.figure(1, 2, figsize=(10, 3.6))
-    for name, points in curves.items():
-        _variant, mode = name.split("/")
-        style = "-o" if mode == "one-shot" else "--x"
-        k = np.arange(len(points))
-        axes[0].plot(k, [p["all"]["loss"] for p in points], style, label=name, markersize=3)
-        axes[1].plot(k, [p["all"]["exact"] for p in points], style, label=name, markersize=3)
-    axes[0].set_ylabel("test loss (targets)")
-    axes[1].set_ylabel("test accuracy (exact match)")
-    for ax in axes:
-        ax.set_xlabel("sublayers dropped")
-    axes[1].legend(fontsize=7)
-    return small_lm.save(fig, path)
-
-
-def report(config, results: dict, figures: list[str]) -> str:
-    scores = {k: np.asarray(v) for k, v in results["scores"].items()}
-    n_layers = len(scores["attn"])
-    curves, half = results["curves"], results["dropped_half"]
-    base = curves["attn/one-shot"][0]["all"]
-    tasks = results["task_names"]
-    lines = [
-        "# LLM-Drop at small scale (METHODS.md item 4)", "",
-        (f"Preset `{config.preset}`, seed {config.seed}; a {n_layers}-layer decoder "
-        f"(d_model {config.model.d_model}) trained {results['training']['step']} steps on "
-        f"{', '.join(tasks)}; total {results['seconds']:.0f} s "
-        f"({small_lm.training_note(results['training'])}). Scores on "
-        f"{config.analysis.n_calibration} training prompts, metrics on "
-        f"{config.analysis.n_eval} test examples (teacher-forced; exact = every target token "
-        "right). Numbers in `results.json`."), "",
-        f"Unpruned: loss {base['loss']:.3f}, exact match {base['exact']:.3f} (" + ", ".join(
-            f"{t} {curves['attn/one-shot'][0][t]['exact']:.3f}" for t in tasks
-            if t in curves["attn/one-shot"][0]) + ").", "",
-        "## Similarity scores S = mean cos(X, X + f(norm X))", "",
-        f"![scores]({figures[0]})", "", "| layer | attention | MLP | block |", "|---|---|---|---|"]
-    for layer in range(n_layers):
-        lines.append(f"| {layer} | {scores['attn'][layer]:.5f} | {scores['mlp'][layer]:.5f} | "
-                     f"{scores['block'][layer]:.5f} |")
-    lines += ["", "## Loss and accuracy vs number dropped", "", f"![curves]({figures[1]})", "",
-              ("| variant / mode | order (first dropped first) | exact match after k = 0, 1, "
-              "2, ... |"), "|---|---|---|"]
-    for name, points in curves.items():
-        order = ", ".join(s for s, _ in results["orders"][name])
-        accs = " ".join(f"{p['all']['exact']:.2f}" for p in points)
-        lines.append(f"| {name} | {order} | {accs} |")
-    lines += ["", "## Genuinely dropped models (half of each variant, one-shot order)", "",
-              ("Built by `mechinterp.llm_drop.drop` (parameters removed, config lists the kept "
-              "sublayers); timed back to back with the full model, both unrolled, same batch "
-              f"({config.analysis.n_eval} x {config.data.seq_len} tokens), best of "
-              f"{config.analysis.timing_repeats} on this CPU."), "",
-              ("| variant | dropped | layers left | params (full) | exact match | loss | "
-              "speedup | max abs logit diff vs zeroing |"), "|---|---|---|---|---|---|---|---|"]
-    for variant, d in half.items():
-        lines.append(
-            f"| {variant} | {', '.join(d['dropped'])} | {d['n_layers']} | {d['params']} "
-            f"({d['full_params']}) | {d['metrics']['all']['exact']:.3f} | "
-            f"{d['metrics']['all']['loss']:.3f} | {d['speedup']:.2f}x | "
-            f"{d['max_abs_logit_diff_vs_zeroed']:.1e} |")
-    lines += ["", "## Against the paper's claims", "", *verdicts(scores, curves, half), "",
-              ("Caveats: one small model trained for minutes on synthetic tasks, one seed; "
-              "CPU timings of a tiny model are dominated by per-op overhead, not FLOPs, so "
-              "speedups here say little about large models on accelerators."), ""]
-    return "\n".join(lines)
-
-
-def verdicts(scores: dict, curves: dict, half: dict) -> list[str]:
-    n_layers = len(scores["attn"])
-    lines = []
-    more = int((scores["attn"] > scores["mlp"]).sum())
-    lines.append(
-        f"- Paper: attention layers are more redundant than MLP layers (higher S). Here "
-        f"attention has the higher score in {more} of {n_layers} layers (mean S attention "
-        f"{scores['attn'].mean():.4f}, MLP {scores['mlp'].mean():.4f}).")
-    second = scores["attn"][n_layers // 2:].mean() > scores["attn"][:n_layers // 2].mean()
-    lines.append(
-        f"- Paper: deeper attention layers are the most droppable. Here the second half's "
-        f"attention S is {'higher' if second else 'not higher'} than the first half's "
-        f"({scores['attn'][n_layers // 2:].mean():.4f} vs "
-        f"{scores['attn'][:n_layers // 2].mean():.4f}).")
-    base = curves["attn/one-shot"][0]["all"]["exact"]
+def headline(result: dict) -> dict:
+    """The numbers the claims table compares, of one seed."""
+    scores = {k: np.asarray(v) for k, v in result["scores"].items()}
+    curves, half = result["curves"], result["dropped_half"]
+    n = len(scores["attn"])
     k = half["attn"]["k"]
-    for variant in ("attn", "mlp", "block"):
-        acc = curves[f"{variant}/one-shot"][k]["all"]["exact"]
-        lines.append(f"- Dropping {k} {variant} sublayer(s) one-shot: exact match {base:.3f} -> "
-                     f"{acc:.3f} ({acc - base:+.3f}); genuinely dropped model "
-                     f"{half[variant]['speedup']:.2f}x the full model's speed.")
-    lines.append("- Paper (Llama-2-70B): dropping half the attention layers costs 2.4% and runs "
-                 "48.4% faster. Compare the attention row above.")
+    base = curves["attn/one-shot"][0]["all"]
     gaps = [abs(curves[f"{v}/one-shot"][j]["all"]["exact"]
                 - curves[f"{v}/iterative"][j]["all"]["exact"])
             for v in llm_drop.VARIANTS for j in range(len(curves[f"{v}/one-shot"]))]
-    lines.append(f"- Paper: iterative dropping is about as good as one-shot. Here the largest "
-                 f"accuracy gap between the two at equal k is {max(gaps):.3f}.")
-    return lines
+    return {
+        "exact": base["exact"], "loss": base["loss"],
+        "attn_above_mlp": int((scores["attn"] > scores["mlp"]).sum()),
+        "mean_s": {kind: float(scores[kind].mean()) for kind in llm_drop.KINDS},
+        "attn_s_halves": [float(scores["attn"][:n // 2].mean()),
+                          float(scores["attn"][n // 2:].mean())],
+        "exact_after_half": {v: curves[f"{v}/one-shot"][k]["all"]["exact"]
+                             for v in ("attn", "mlp", "block")},
+        "speedup": {v: half[v]["speedup"] for v in llm_drop.VARIANTS},
+        "max_iterative_gap": max(gaps),
+    }
+
+
+@kit.job
+def run(config, workdir) -> dict:
+    with kit.Run(config, workdir) as r:
+        a, seeds = config.analysis, kit.train_seeds(config)
+        with r.phase("data"):
+            mixture, builder = lm.make_data(config, r.workdir)
+            calib = lm.examples(mixture, "train", a.n_calibration)
+            data = lm.examples(mixture, "test", a.n_eval)
+        per_seed = []
+        for seed in seeds:
+            with r.phase("train"):
+                trained = lm.train_decoder(config, "llama", builder,
+                                           mixture.tokenizer().vocab_size,
+                                           r.workdir / "models" / "llama" / f"seed{seed}",
+                                           seed=seed)
+            with r.phase("analyse"):
+                per_seed.append({"seed": seed, "training": trained.info,
+                                 **analyse(trained.model, trained.params, calib, data, a)})
+        results = {"seeds": seeds, "task_names": data.task_names, "per_seed": per_seed,
+                   "headline": kit.aggregate([headline(s) for s in per_seed])}
+        with r.phase("report"):
+            plot_scores(r, per_seed)
+            plot_curves(r, per_seed)
+            r.write_results(results)
+            r.write_report(report(config, results, r.timings))
+        return results
+
+
+def seed_mean(per_seed: list, get) -> np.ndarray:
+    return np.mean([np.asarray(get(s), np.float64) for s in per_seed], axis=0)
+
+
+def plot_scores(r: kit.Run, per_seed: list) -> None:
+    with r.figure("scores.png", figsize=(6, 3.2)) as (_, ax):
+        layers = np.arange(len(per_seed[0]["scores"]["attn"]))
+        for offset, kind in zip((-0.27, 0.0, 0.27), llm_drop.KINDS):
+            ax.bar(layers + offset, 1 - seed_mean(per_seed, lambda s: s["scores"][kind]), 0.27,
+                   label=kind)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("importance 1 - S")
+        ax.set_yscale("log")
+        ax.set_title(f"LLM-Drop importance (lower = more droppable; mean of {len(per_seed)} "
+                     "seeds)")
+        ax.legend()
+
+
+def plot_curves(r: kit.Run, per_seed: list) -> None:
+    with r.figure("curves.png", 1, 2, figsize=(10, 3.6)) as (_, axes):
+        for name in per_seed[0]["curves"]:
+            style = "-o" if name.endswith("one-shot") else "--x"
+            for ax, metric in zip(axes, ("loss", "exact")):
+                y = seed_mean(per_seed, lambda s: [p["all"][metric] for p in s["curves"][name]])
+                ax.plot(np.arange(len(y)), y, style, label=name, markersize=3)
+        axes[0].set_ylabel("test loss (targets)")
+        axes[1].set_ylabel("test accuracy (exact match)")
+        for ax in axes:
+            ax.set_xlabel("sublayers dropped")
+        axes[1].legend()
+
+
+def claims(h: dict, n_layers: int, k: int) -> list[kit.Claim]:
+    m = kit.mean_of
+    s, gap = h["mean_s"], m(h["max_iterative_gap"])
+    first, second = h["attn_s_halves"]
+    drop = {v: m(h["exact"]) - m(h["exact_after_half"][v]) for v in h["exact_after_half"]}
+    return [
+        kit.Claim("Attention layers are more redundant than MLP layers (higher S)",
+                  f"mean S attention {kit.pm(s['attn'], '.4f')} vs MLP {kit.pm(s['mlp'], '.4f')}"
+                  f"; attention higher in {kit.pm(h['attn_above_mlp'], '.3g')} of {n_layers} "
+                  "layers", m(s["attn"]) > m(s["mlp"]), "test: seed-mean S, attention > MLP"),
+        kit.Claim("Deeper attention layers are the most droppable",
+                  f"attention S, second half {kit.pm(second, '.4f')} vs first half "
+                  f"{kit.pm(first, '.4f')}", m(second) > m(first),
+                  "test: seed means, second > first"),
+        kit.Claim("Dropping half the attention layers costs little (Llama-2-70B: 2.4% worse), "
+                  "less than dropping as many MLP sublayers or blocks",
+                  f"exact match {kit.pm(h['exact'], '.3f')} -> attention "
+                  f"{kit.pm(h['exact_after_half']['attn'], '.3f')}, MLP "
+                  f"{kit.pm(h['exact_after_half']['mlp'], '.3f')}, blocks "
+                  f"{kit.pm(h['exact_after_half']['block'], '.3f')} (k = {k}, one-shot)",
+                  drop["attn"] < min(drop["mlp"], drop["block"]),
+                  "test: seed-mean accuracy loss, attention < MLP and blocks"),
+        kit.Claim("The attention-dropped model runs faster (Llama-2-70B: 48.4%)",
+                  f"{kit.pm(h['speedup']['attn'], '.2f', 'x')} the full model's speed on this "
+                  "CPU", None, "CPU timings of a tiny model measure per-op overhead, not FLOPs"),
+        kit.Claim("Iterative dropping is about as good as one-shot",
+                  f"largest exact-match gap at equal k {kit.pm(h['max_iterative_gap'], '.3f')}",
+                  gap <= 0.05, "test: seed-mean gap <= 0.05"),
+    ]
+
+
+def report(config, results: dict, timings: dict) -> str:
+    per_seed, h = results["per_seed"], results["headline"]
+    first, tasks = per_seed[0], results["task_names"]
+    n_layers = len(first["scores"]["attn"])
+    base = first["curves"]["attn/one-shot"][0]
+    seed0 = f"seed {results['seeds'][0]}"
+    notes = "; ".join(f"seed {s['seed']}: {kit.training_note(s['training'])}" for s in per_seed)
+    lines = [
+        "# LLM-Drop at small scale (METHODS.md item 4)", "",
+        (f"Preset `{config.preset}`, training seeds {results['seeds']} (data seed "
+         f"{config.seed}); {n_layers}-layer decoders (d_model {config.model.d_model}) trained "
+         f"{first['training']['step']} steps on {', '.join(tasks)} "
+         f"({notes}); "
+         f"{kit.timings_line(timings)}. Scores on {config.analysis.n_calibration} training "
+         f"prompts, metrics on {config.analysis.n_eval} test examples (teacher-forced; exact "
+         "= every target token right). Numbers in `results.json`."), "",
+        "## Against the paper's claims", "",
+        *kit.claims_table(claims(h, n_layers, first["dropped_half"]["attn"]["k"])), "",
+        (f"Unpruned: loss {kit.pm(h['loss'], '.3f')}, exact match {kit.pm(h['exact'], '.3f')} "
+         f"({seed0}: " + ", ".join(f"{t} {base[t]['exact']:.3f}" for t in tasks if t in base)
+         + ")."), "",
+        "## Similarity scores S = mean cos(X, X + f(norm X))", "",
+        "![scores](scores.png)", "",
+        *kit.table(["layer", "attention", "MLP", "block"], [
+            [layer] + [kit.pm(kit.aggregate([s["scores"][kind][layer] for s in per_seed]),
+                              ".5f") for kind in llm_drop.KINDS] for layer in range(n_layers)]),
+        "", "## Loss and accuracy vs number dropped", "", "![curves](curves.png)", "",
+        f"Orders and accuracies of {seed0} (the others are in `results.json`).", "",
+        *kit.table(["variant / mode", "order (first dropped first)",
+                    "exact match after k = 0, 1, 2, ..."], [
+            [name, ", ".join(s for s, _ in first["orders"][name]),
+             " ".join(f"{p['all']['exact']:.2f}" for p in points)]
+            for name, points in first["curves"].items()]),
+        "", "## Genuinely dropped models (half of each variant, one-shot order)", "",
+        ("Built by `mechinterp.llm_drop.drop` (parameters removed, config lists the kept "
+         "sublayers); timed back to back with the full model, both unrolled, same batch "
+         f"({config.analysis.n_eval} x {config.data.seq_len} tokens), best of "
+         f"{config.analysis.timing_repeats} on this CPU; {seed0}, speedup over all seeds."), "",
+        *kit.table(["variant", "dropped", "layers left", "params (full)", "exact match",
+                    "loss", "speedup", "max abs logit diff vs zeroing"], [
+            [v, ", ".join(d["dropped"]), d["n_layers"], f"{d['params']} ({d['full_params']})",
+             f"{d['metrics']['all']['exact']:.3f}", f"{d['metrics']['all']['loss']:.3f}",
+             kit.pm(h["speedup"][v], ".2f", "x"), f"{d['max_abs_logit_diff_vs_zeroed']:.1e}"]
+            for v, d in first["dropped_half"].items()]),
+        "", ("Caveats: small models trained for minutes on synthetic tasks; CPU timings of a "
+             "tiny model are dominated by per-op overhead, not FLOPs, so speedups here say "
+             "little about large models on accelerators."), ""]
+    return "\n".join(lines)
