@@ -164,10 +164,8 @@ def test_bad_input_is_refused(decoder):
 
 
 @pytest.mark.slow
-def test_smoke_preset_runs_from_the_cli(tmp_path):
-    workdir = tmp_path / "run"
-    assert cli.main(["run", "configs/depth_efficiency.py", "preset=smoke", "progress=False",
-                     f"workdir={workdir}"]) == 0
+def test_smoke_preset_runs_from_the_cli(smoke_run):
+    workdir = smoke_run("depth_efficiency")  # one CLI run per session, shared with test_configs_smoke
     report = (workdir / "report.md").read_text()
     assert "## Residual maps shallow -> deep" in report and "## Against the paper" in report
     assert {p.name for p in workdir.glob("*.png")} == {

@@ -175,10 +175,8 @@ def test_save_hf_refuses_dropped_sublayers_but_saves_dropped_blocks(decoder, tmp
 
 
 @pytest.mark.slow
-def test_smoke_preset_runs_from_the_cli(tmp_path):
-    workdir = tmp_path / "run"
-    assert cli.main(["run", "configs/llm_drop.py", "preset=smoke", "progress=False",
-                     f"workdir={workdir}"]) == 0
+def test_smoke_preset_runs_from_the_cli(smoke_run):
+    workdir = smoke_run("llm_drop")  # one CLI run per session, shared with test_configs_smoke
     report = (workdir / "report.md").read_text()
     assert "## Genuinely dropped models" in report and "speedup" in report
     assert "| paper's claim | ours | reproduced? |" in report
