@@ -35,7 +35,7 @@ PRESETS = {
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     kit.common(c, job="mechinterp.experiments.bricks:run", workdir="runs/bricks")
-    c.seeds = 1  # independently trained models (SEEDS_NOTE)
+    c.seeds = 3  # independently trained models (SEEDS_NOTE)
 
     c.data = ml_collections.ConfigDict()
     c.data.tasks = {"recall": {}, "hop": {"hops": 2, "scratchpad": False, "holdout": 0.0},

@@ -1,21 +1,12 @@
-"""Probe prompting on a small two-hop model, end to end (METHODS.md item 2); config and
-presets in ``configs/probe_prompting.py``. Per training seed (``seeds``):
-
-1. Train a LLaMA-style decoder on ``<hop> e5 r0 r1 = e9`` ("the capital of the state
-   containing city e5") plus one-hop recall (:class:`mechinterp.train.tasks.MultiHop`).
-2. One transcoder per layer on activations streamed from the model (TopK with AuxK; run
-   folder ``seedN/transcoders``); FVE, L0, dead features, loss with transcoders spliced in.
-3. Attribution graphs (:mod:`mechinterp.attribution_graph`) for a few correctly answered
-   prompts and each one's entity-swapped version (:func:`entity_swap`), pruned;
-   Replacement and Completeness; JSON + PNG per prompt in ``seedN/graphs/``.
-4. Ablate each graph's most influential features one at a time (all, and 10%, of their
-   activation) in the real model against the graph's prediction.
-5. Probe prompting (:mod:`mechinterp.probe_prompting`): signatures, ordered rules,
-   supernodes, geometric baseline; entity-swap transfer (:func:`swap_transfer`).
-
-The data use ``config.seed``; the decoder, its transcoders and their test batches use the
-training seed. ``results.json`` holds ``per_seed`` results and their ``summary`` over
-seeds (:func:`~mechinterp.experiments.kit.aggregate`); ``report.md`` the claims table.
+"""Probe prompting on a small two-hop model, end to end (METHODS.md item 2); config in
+``configs/probe_prompting.py``. Per training seed: train a decoder on ``<hop> e5 r0 r1 = e9``
+("the capital of the state containing city e5") plus one-hop recall; one transcoder per
+layer (``seedN/transcoders``); attribution graphs for a few prompts and their entity swaps
+(``seedN/graphs``), pruned, scored; single-feature ablations in the real model against the
+graphs' predictions; probe prompting (signatures, rules, supernodes, geometric baseline) and
+entity-swap transfer. The data use ``config.seed``; the decoder, its transcoders and their
+test batches the training seed. ``results.json``: ``per_seed`` results and their
+``summary`` over seeds; ``report.md``: the paper's claims next to ours.
 """
 
 from __future__ import annotations
