@@ -42,9 +42,8 @@ def entity_swap(mixture: TaskMixture, city: int, correct: np.ndarray,
     if n < 2:
         raise ValueError("an entity swap needs at least 2 entities")
     table = mixture.knowledge.table(mixture.seed)
-    ra, rb = (int(r[1:]) for r in relations)
-    state = table[:, ra]
-    capital = table[state, rb]
+    state = table[:, int(relations[0][1:])]
+    capital = table[state, int(relations[1][1:])]
     others = [(city + k) % n for k in range(1, n)]
     tiers = [[c for c in others if state[c] != state[city] and capital[c] != capital[city]],
              [c for c in others if capital[c] != capital[city]], others]
