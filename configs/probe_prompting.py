@@ -1,9 +1,9 @@
 """Probe prompting on a small two-hop model (METHODS.md item 2).
 
-    mechinterp run configs/probe_prompting.py                 # default: one seed, SEEDS_NOTE
+    mechinterp run configs/probe_prompting.py                 # default: 3 seeds, ~8 min
     mechinterp run configs/probe_prompting.py preset=smoke    # the CI smoke test
     mechinterp run configs/probe_prompting.py transcoder.activation=jumprelu
-    mechinterp run configs/probe_prompting.py seeds=3 workdir=runs/probe_prompting3
+    mechinterp run configs/probe_prompting.py seeds=1 workdir=runs/probe_prompting1
 
 Trains a decoder on "capital of the state containing CITY" two-hop prompts (``seeds``
 independently trained models: training seeds seed, seed+1, ...; each gets its own
@@ -36,7 +36,10 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     kit.common(c, job="mechinterp.experiments.probe_prompting:run",
                workdir="runs/probe_prompting")
-    c.seeds = 1  # independently trained models and transcoders (SEEDS_NOTE)
+    # independently trained models, each with its own transcoders: one seed takes 2.6
+    # CPU-minutes (the decoder 1500 steps, the transcoders 1500 steps, graphs, ablations), so
+    # 3 seeds fit the ~12 min budget of a default run on 2 cores (about 8 min)
+    c.seeds = 3
 
     c.data = ml_collections.ConfigDict()
     c.data.n_entities = 16

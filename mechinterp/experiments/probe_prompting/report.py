@@ -18,8 +18,8 @@ PAPER = {"completeness": 0.83, "replacement": 0.54, "consistency_ratio": 2.3,
 SCALE = "the paper's model's number, not a claim a tiny synthetic model tests"
 
 
-def _f(x) -> str:
-    return "n/a" if math.isnan(kit.mean_of(x)) else kit.pm(x, ".3f")
+def _f(x, unit: str = "") -> str:
+    return "n/a" if math.isnan(kit.mean_of(x)) else kit.pm(x, ".3f", unit)
 
 
 def _holds(x, y):  # x < y over the seed means; None where either is undefined
@@ -34,7 +34,7 @@ def claims(config, s: dict, n_prompts: int) -> list[kit.Claim]:
         kit.Claim("Replacement (mean)", f"{_f(s['replacement'])} (paper "
                   f"{PAPER['replacement']})", None, SCALE),
         kit.Claim("peak-token consistency: supernodes beat geometric clusters (paper "
-                  f"{PAPER['consistency_ratio']}x)", f"{_f(s['consistency_ratio'])}x "
+                  f"{PAPER['consistency_ratio']}x)", f"{_f(s['consistency_ratio'], 'x')} "
                   f"({_f(s['consistency_supernodes'])} vs {_f(s['consistency_geometric'])})",
                   _holds(1.0, s["consistency_ratio"]), "ratio > 1"),
         kit.Claim("entity-swap transfer: share of a circuit's features kept by the swapped "
@@ -91,9 +91,9 @@ def report_markdown(config, results: dict, timings: dict) -> str:
                    [(f"{float(f):.0%}", f"{kit.mean_of(a['n']):.0f}", _f(a["sign"]),
                      _f(a["r"]), _f(a["ratio"])) for f, a in s["agreement"].items()]), "",
         (f"First order (JVP of the real model, {kit.mean_of(lin['n']):.0f} features): the "
-         f"graph's prediction is a median {_f(lin['graph_ratio'])}x the real first-order "
+         f"graph's prediction is a median {_f(lin['graph_ratio'], 'x')} the real first-order "
          f"effect (sign agreement {_f(lin['sign'])}); the real model with only its RMSNorm "
-         f"factors frozen gives {_f(lin['frozen_norm_ratio'])}x. Where both ratios are far "
+         f"factors frozen gives {_f(lin['frozen_norm_ratio'], 'x')}. Where both ratios are far "
          "from 1, the frozen norms, not the transcoders, account for the gap."), "",
         "## Probe prompting: category counts by layer (summed over prompts)", "",
         *kit.table(["category", *layers], categories), "",
