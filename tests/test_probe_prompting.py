@@ -139,6 +139,22 @@ def test_entity_swap_changes_city_state_and_capital():
     assert second != first and correct[second] and state[second] != state[0]
 
 
+def test_two_hop_prompts_and_probes_follow_the_knowledge_table():
+    mixture = E.make_mixture(cli.load_config("configs/probe_prompting.py", "smoke"))
+    table, tokenizer = mixture.knowledge.table(mixture.seed), mixture.tokenizer()
+    words, tokens, answers = E.two_hop_prompts(mixture)
+    assert tokens.shape == (6, 6) and tokens.dtype == np.int32
+    for e, (w, t, a) in enumerate(zip(words, tokens, answers, strict=True)):
+        assert w == ["<bos>", "<hop>", f"e{e}", "r0", "r1", "="]
+        assert list(t) == list(tokenizer.encode(w))
+        assert a == tokenizer.encode([f"e{table[table[e, 0], 1]}"])[0]
+    probe_words, probe_tokens = E.probes_for(mixture, 2)
+    assert probe_words[:6] == words and len(probe_words) == 6 + 2 * 2 - 1
+    assert {tuple(w[2:5]) for w in probe_words[6:]} == {("e2", "r0", "r0"), ("e2", "r1", "r0"),
+                                                      ("e2", "r1", "r1")}
+    assert probe_tokens.shape == (9, 6)
+
+
 def test_category_counts_and_bad_probes():
     counts = P.category_counts([("Semantic", "a"), ("Say X", "b"), ("Semantic", "c")],
                                [0, 2, 0], 3)
