@@ -1,6 +1,6 @@
 """Neuron partitions ("bricks", from "Configurable Foundation Models") at small scale.
 
-    mechinterp run configs/bricks.py                 # default: 3 seeds, a few minutes
+    mechinterp run configs/bricks.py                 # default: 3 seeds, ~2.5 min
     mechinterp run configs/bricks.py preset=smoke    # seconds; the CI smoke test
     mechinterp run configs/bricks.py seeds=1 workdir=runs/bricks1
 
@@ -35,8 +35,8 @@ PRESETS = {
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     kit.common(c, job="mechinterp.experiments.bricks:run", workdir="runs/bricks")
-    # independently trained models: 3 seeds take 2.6 CPU-minutes in all (11 min wall on 2
-    # cores shared with 4 other jobs), well inside the ~12 min budget of a default run
+    # independently trained models: 3 seeds take 146 s on 2 nearly idle cores (11 min with
+    # the cores shared by 4 other jobs), well inside the ~12 min budget of a default run
     c.seeds = 3
 
     c.data = ml_collections.ConfigDict()

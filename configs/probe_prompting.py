@@ -1,6 +1,6 @@
 """Probe prompting on a small two-hop model (METHODS.md item 2).
 
-    mechinterp run configs/probe_prompting.py                 # default: 3 seeds, ~8 min
+    mechinterp run configs/probe_prompting.py                 # default: 3 seeds, ~4.5 min
     mechinterp run configs/probe_prompting.py preset=smoke    # the CI smoke test
     mechinterp run configs/probe_prompting.py transcoder.activation=jumprelu
     mechinterp run configs/probe_prompting.py seeds=1 workdir=runs/probe_prompting1
@@ -36,9 +36,9 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     kit.common(c, job="mechinterp.experiments.probe_prompting:run",
                workdir="runs/probe_prompting")
-    # independently trained models, each with its own transcoders: one seed takes 2.6
-    # CPU-minutes (the decoder 1500 steps, the transcoders 1500 steps, graphs, ablations), so
-    # 3 seeds fit the ~12 min budget of a default run on 2 cores (about 8 min)
+    # independently trained models, each with its own transcoders: 3 seeds take 266 s on 2
+    # nearly idle cores (the decoder and the transcoders 1500 steps each, then graphs and
+    # ablations), inside the ~12 min budget of a default run
     c.seeds = 3
 
     c.data = ml_collections.ConfigDict()
