@@ -2,6 +2,8 @@
 partition, partition ablation against direct ablation runs, bad input, and the smoke
 preset."""
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -98,3 +100,16 @@ def test_smoke_preset_runs_from_the_cli(tmp_path):
     report = (workdir / "report.md").read_text()
     assert "## Partition ablation" in report and "## Against the expectation" in report
     assert {p.name for p in workdir.glob("*.png")} == {"frequencies.png", "ablation.png"}
+    assert "| paper's claim | ours | reproduced? |" in report
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["seeds"] == [0] and len(results["per_seed"]) == 1
+    assert results["summary"]["n_partitions"]["values"] == [3]
+    assert json.loads((workdir / "run.json").read_text())["status"] == "complete"
+
+
+def test_presets_come_from_the_config_file():
+    smoke = cli.load_config("configs/bricks.py", "smoke")
+    assert smoke.preset == "smoke" and smoke.seeds == 1 and smoke.model.n_layers == 2
+    assert cli.load_config("configs/bricks.py").analysis.n_partitions == 8
+    with pytest.raises(ValueError, match="known presets: default, smoke"):
+        cli.load_config("configs/bricks.py", "paper")

@@ -125,7 +125,7 @@ def test_swap_transfer_counts_each_layer_feature_once():
 
 
 def test_entity_swap_changes_city_state_and_capital():
-    mixture = E.make_mixture(E.resolve(E.default_config()))
+    mixture = E.make_mixture(cli.load_config("configs/probe_prompting.py"))
     table = mixture.knowledge.table(mixture.seed)
     state = table[:, 0]
     capital = table[state, 1]
@@ -137,6 +137,22 @@ def test_entity_swap_changes_city_state_and_capital():
     correct[first] = False  # a correctly answered swap is preferred
     second = E.entity_swap(mixture, 0, correct)
     assert second != first and correct[second] and state[second] != state[0]
+
+
+def test_two_hop_prompts_and_probes_follow_the_knowledge_table():
+    mixture = E.make_mixture(cli.load_config("configs/probe_prompting.py", "smoke"))
+    table, tokenizer = mixture.knowledge.table(mixture.seed), mixture.tokenizer()
+    words, tokens, answers = E.two_hop_prompts(mixture)
+    assert tokens.shape == (6, 6) and tokens.dtype == np.int32
+    for e, (w, t, a) in enumerate(zip(words, tokens, answers, strict=True)):
+        assert w == ["<bos>", "<hop>", f"e{e}", "r0", "r1", "="]
+        assert list(t) == list(tokenizer.encode(w))
+        assert a == tokenizer.encode([f"e{table[table[e, 0], 1]}"])[0]
+    probe_words, probe_tokens = E.probes_for(mixture, 2)
+    assert probe_words[:6] == words and len(probe_words) == 6 + 2 * 2 - 1
+    assert {tuple(w[2:5]) for w in probe_words[6:]} == {("e2", "r0", "r0"), ("e2", "r1", "r0"),
+                                                      ("e2", "r1", "r1")}
+    assert probe_tokens.shape == (9, 6)
 
 
 def test_category_counts_and_bad_probes():
@@ -154,7 +170,12 @@ def test_the_smoke_preset_runs_end_to_end(tmp_path):
                      f"workdir={workdir}"]) == 0
     report = (workdir / "report.md").read_text()
     assert "| Completeness (mean over 2 prompts) |" in report
-    results = json.loads((workdir / "results.json").read_text())
+    assert "| paper's claim | ours | reproduced? |" in report
+    everything = json.loads((workdir / "results.json").read_text())
+    assert everything["seeds"] == [0] and len(everything["per_seed"]) == 1
+    assert json.loads((workdir / "run.json").read_text())["status"] == "complete"
+    results = everything["per_seed"][0]
+    seed_dir = workdir / "seed0"
     for graph in results["graphs"]:
         assert 0.0 <= graph["replacement"] <= 1.0 and 0.0 <= graph["completeness"] <= 1.0
         assert sum(graph["n_kept_by_position"]) == graph["n_features_kept"]
@@ -164,12 +185,12 @@ def test_the_smoke_preset_runs_end_to_end(tmp_path):
     for t in results["transfer"]:  # each prompt against its own entity-swapped version
         assert t["swap"] != t["city"] and 0.0 <= t["rate"] <= 1.0
         assert len(t["by_layer"]) == 2
-        assert (workdir / "graphs" / f"prompt_e{t['swap']}.json").exists()
+        assert (seed_dir / "graphs" / f"prompt_e{t['swap']}.json").exists()
     assert "| entity-swap transfer: share of a circuit's features" in report
     assert "Kept features by position, summed over the prompts' graphs: `<bos>` 0," in report
-    assert (workdir / "transcoders.npz").stat().st_size > 0
+    assert (seed_dir / "transcoders.npz").stat().st_size > 0
     clean = results["transcoders"]["loss_clean"]
     assert math.isfinite(clean) and clean < 5.0  # scored on answer tokens only
-    data = json.loads(next((workdir / "graphs").glob("*.json")).read_text())
+    data = json.loads(next((seed_dir / "graphs").glob("*.json")).read_text())
     assert data["metadata"]["schema"] == "mechinterp.attribution_graph/1"
-    assert next((workdir / "graphs").glob("*.png")).stat().st_size > 0
+    assert next((seed_dir / "graphs").glob("*.png")).stat().st_size > 0

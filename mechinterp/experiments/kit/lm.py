@@ -144,3 +144,22 @@ def metrics_from_logits(logits, data: Examples) -> dict:
 
 def lm_metrics(model, params, data: Examples) -> dict:
     return metrics_from_logits(logits_of(model, params, data.tokens), data)
+
+
+def hop_prompts(mixture: TaskMixture, queries) -> tuple[list[list[str]], np.ndarray,
+                                                        np.ndarray]:
+    """Fact-composition prompts ``<bos> <hop> e r_a r_b ... =`` in the format of the
+    mixture's multi-hop task, one per query ``(entity, relations)`` (an entity index and
+    relation names, e.g. ``(5, ("r0", "r1"))``: "r1 of r0 of e5"). Returns the words, the
+    token ids (n, length) and each prompt's answer token (the entity reached by following
+    the relations in the mixture's knowledge table)."""
+    tokenizer = mixture.tokenizer()
+    table = mixture.knowledge.table(mixture.seed)
+    words, answers = [], []
+    for entity, relations in queries:
+        words.append(["<bos>", "<hop>", f"e{entity}", *relations, "="])
+        for relation in relations:
+            entity = table[entity, int(relation[1:])]
+        answers.append(tokenizer.encode([f"e{entity}"])[0])
+    tokens = np.stack([tokenizer.encode(w) for w in words]).astype(np.int32)
+    return words, tokens, np.asarray(answers)
