@@ -1,24 +1,16 @@
-"""Direct logit attribution: the residual stream as a sum of components, each read through
-the final norm and the unembedding, with TransformerLens's semantics and names::
+"""Direct logit attribution with TransformerLens's semantics and names::
 
     logits, cache = mi.capture(model, params, tokens, sites=dla_sites(model))
     stack, labels = decompose_resid(model, params, cache, pos_slice=-1, return_labels=True)
     attrs = logit_attrs(model, params, cache, stack, answers, wrong_answers, pos_slice=-1)
     # attrs (component, batch); attrs.sum(0) == the model's logit difference
 
-TransformerLens's ``ActivationCache`` methods become functions of ``(model, params, cache)``
-(``cache``: the ``{site: array}`` of :func:`mechinterp.capture`): :func:`decompose_resid`
-(embedding, then each layer's attention and MLP outputs), :func:`stack_head_results` (each
-head's write, the ``attn.head_out`` site), :func:`accumulated_resid` (the stream before each
-layer), :func:`apply_ln_to_stack` (the final norm's scale, computed from the full final
-stream, applied to every component: ``layer=-1`` only) and :func:`logit_attrs`
-(component . direction of the answer tokens, minus the wrong tokens'). The final norm's
-weight is folded into the directions, as TransformerLens's ``fold_ln``: so the components
-sum exactly to the logits. :func:`logit_attribution` does it all in one call.
-
-What the model must provide comes through the family protocol: ``HasLayers`` (which sites
-are the residual stream and the sublayer outputs) and ``Unembeds`` (the directions and the
-final norm's scale). Design notes: docs/decisions.md ("Direct logit attribution").
+TL's ``ActivationCache`` methods become functions of ``(model, params, cache)``:
+:func:`decompose_resid`, :func:`stack_head_results`, :func:`accumulated_resid`,
+:func:`apply_ln_to_stack` (final norm only) and :func:`logit_attrs`; the final norm's
+weight is folded into the directions (TL's ``fold_ln``), so components sum exactly to the
+logits. Needs the ``HasLayers`` and ``Unembeds`` capabilities. Design notes:
+docs/analyses.md ("Direct logit attribution").
 """
 
 from __future__ import annotations

@@ -1,23 +1,11 @@
 """Neuron partitions ("bricks") at small scale (METHODS.md item 5); config and presets in
 ``configs/bricks.py``.
 
-Per training seed (``seeds``, :func:`~mechinterp.experiments.kit.train_seeds`):
-
-1. Train (or reuse) a LLaMA-style decoder on four task-token-marked synthetic tasks
-   (fact recall, two-hop facts, in-context chains, arithmetic).
-2. On training prompts of each task (every non-padding token): MLP neuron activity,
-   per-task frequencies and specialization (:mod:`mechinterp.bricks`), and k-means
-   partitions of the neurons' co-activation profiles.
-3. On test examples of each task: zero each partition and measure each task's exact match
-   (teacher-forced, every target token right), against ``n_random`` random neuron sets of
-   the same size per partition. A partition's *home task* is the task its neurons are most
-   specialized for; the paper-style expectation is a diagonal-dominant task x partition
-   matrix (a partition hurts its home task most).
-
-The data, the k-means initialization and the random neuron sets use ``config.seed``; only
-training changes with the seed axis. Writes the kit's run folder (``report.md`` with the
-claims table, ``results.json`` with ``per_seed`` results and their ``summary`` over
-seeds, ``frequencies.png`` and ``ablation.png`` of the first seed).
+Per training seed: train (or reuse) a LLaMA-style decoder on four task-marked synthetic
+tasks; measure MLP neuron activity per task and k-means partitions of the neurons'
+co-activation profiles; zero each partition and measure each task's exact match against
+random neuron sets of the same size. Expected: a diagonal-dominant task x partition
+matrix (a partition hurts its home task most). Procedure and outputs: docs/experiments.md.
 """
 
 from __future__ import annotations

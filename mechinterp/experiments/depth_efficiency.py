@@ -1,20 +1,10 @@
 """Depth efficiency at small scale (METHODS.md item 3): ``mechinterp run
 configs/depth_efficiency.py``.
 
-For each training seed (``config.seeds``; the data stays at ``config.seed``):
-
-1. Train (or reuse) a deep and a shallow LLaMA-style decoder on the same synthetic mixture
-   (same data, width, steps and seed; ``model.n_layers`` vs ``shallow_layers`` layers).
-2. On test examples (all non-padding tokens), for both models:
-   :func:`~mechinterp.depth_efficiency.layer_contributions`,
-   :func:`~mechinterp.depth_efficiency.skip_effects` and
-   :func:`~mechinterp.depth_efficiency.logit_lens`.
-3. :func:`~mechinterp.depth_efficiency.residual_map_r2` from the shallow model's stream
-   after layer ``i`` to the deep model's after layer ``j`` (held-out tokens).
-
-The run folder (:class:`~mechinterp.experiments.kit.Run`) gets ``results.json`` (per seed,
-and the headline numbers as mean ± sd over seeds), ``report.md`` and (seed means)
-``contributions.png``, ``skip.png``, ``logit_lens.png`` and ``residual_maps.png``.
+Per training seed: train a deep and a shallow LLaMA-style decoder on the same mixture;
+measure layer contributions, skip effects and the logit lens of both
+(:mod:`mechinterp.depth_efficiency`), and ridge maps from the shallow model's residual
+stream to the deep model's. Procedure and outputs: docs/experiments.md.
 """
 
 from __future__ import annotations

@@ -1,22 +1,10 @@
 """LLM-Drop at small scale (METHODS.md item 4): ``mechinterp run configs/llm_drop.py``.
 
-For each training seed (``config.seeds``; the data stays at ``config.seed``):
-
-1. Train (or reuse) a LLaMA-style decoder on a synthetic mixture (fact recall and
-   in-context chains, :mod:`mechinterp.train.tasks`).
-2. Score every attention sublayer, MLP sublayer and block on a calibration set of training
-   prompts (:func:`mechinterp.llm_drop.similarity_scores`, all non-padding tokens).
-3. For each variant (attention, MLP, block, joint) and mode (one-shot, iterative), the drop
-   order (:func:`~mechinterp.llm_drop.drop_order`), and the test loss / accuracy after
-   dropping the first ``k`` for every ``k``. Curves are evaluated with the dropped
-   sublayers zeroed in the full model (one compilation); at ``k`` = half of each
-   variant's sublayers the genuinely smaller model from :func:`~mechinterp.llm_drop.drop`
-   is built, checked to give the same logits, and timed against the full model (both with
-   unrolled layers, the same batch, best of ``analysis.timing_repeats``).
-
-The run folder (:class:`~mechinterp.experiments.kit.Run`) gets ``results.json`` (per seed,
-and the headline numbers as mean ± sd over seeds), ``report.md``, ``scores.png`` and
-``curves.png`` (seed means).
+Per training seed: train a LLaMA-style decoder; score every attention sublayer, MLP
+sublayer and block by input/output similarity (:mod:`mechinterp.llm_drop`); drop them
+one-shot and iteratively in score order and measure test loss / accuracy at every count;
+at half of each variant's sublayers build the genuinely smaller model, check its logits
+and time it. Procedure and outputs: docs/experiments.md.
 """
 
 from __future__ import annotations
