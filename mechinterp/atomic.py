@@ -14,14 +14,16 @@ import tempfile
 from pathlib import Path
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, then
-    ``os.replace``)."""
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, mode: str = "w"):
+    """``with writing(path) as f: ...``: ``f`` is a temporary file in ``path``'s folder,
+    flushed to disk and renamed over ``path`` when the block ends without error (removed
+    otherwise, leaving the old ``path`` whole)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -30,7 +32,13 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`writing`)."""
+    with writing(path) as f:
+        f.write(text)
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, obj, **dumps_kwargs) -> Path:

@@ -580,3 +580,27 @@ def test_plot_of_nothing_is_an_error(case, tmp_path):
     for word in words:
         assert word in str(info.value), (word, str(info.value))
     assert not (tmp_path / "r.png").exists()
+
+
+METRICS_LOG_CASES = [  # (file text, kept steps or the words of the error)
+    ("truncated last line", '{"kind": "train", "step": 1}\n{"kind": "train", "step": 2}\n'
+     '{"kind": "tra', [1, 2]),
+    ("broken line inside", '{"kind": "train", "step": 1}\nxx\n{"kind": "train", "step": 2}\n',
+     ["metrics.jsonl, line 2", "'xx'"]),
+]
+
+
+@pytest.mark.parametrize("case", METRICS_LOG_CASES, ids=[c[0] for c in METRICS_LOG_CASES])
+def test_metrics_log_of_a_killed_run(case, tmp_path):
+    _, text, expected = case
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(text)
+    if isinstance(expected[0], int):  # resumes: the cut-off record is dropped
+        train_loop.MetricsLog(path, resume_step=5)
+        assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == expected
+        return
+    with pytest.raises(ValueError) as info:
+        train_loop.MetricsLog(path, resume_step=5)
+    for word in expected:
+        assert word in str(info.value), (word, str(info.value))
+    assert path.read_text() == text  # left as it was

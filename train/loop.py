@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -58,6 +59,23 @@ class FitResult:
     eval: dict[str, float] | None
 
 
+def _records(path: Path) -> list[str]:
+    """The JSONL lines of ``path``; a truncated last line (a run killed mid-write) is
+    dropped with a warning, a broken line elsewhere is an error naming file and line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for number, line in enumerate(lines, 1):
+        try:
+            json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError) as error:
+            if number == len(lines):
+                logging.getLogger(__name__).warning(
+                    "%s: dropping its last line, a record cut off mid-write (%s)", path, error)
+                return lines[:-1]
+            raise ValueError(f"{path}, line {number}: not a metrics record ({error}): "
+                             f"{line[:80]!r}") from None
+    return lines
+
+
 class MetricsLog:
     """Append-only JSONL metrics; on resume, records past ``resume_step`` are dropped.
 
@@ -71,9 +89,8 @@ class MetricsLog:
         self.writer = None
         if jax.process_index() == 0:
             if path.exists():
-                kept = [line for line in path.read_text().splitlines()
-                        if line and json.loads(line)["step"] <= resume_step]
-                path.write_text("".join(line + "\n" for line in kept))
+                kept = [line for line in _records(path) if json.loads(line)["step"] <= resume_step]
+                atomic.write_text(path, "".join(line + "\n" for line in kept))
             if tensorboard_dir is not None:
                 # Imported here: tensorboardX imports torch when it is installed (seconds).
                 from tensorboardX import SummaryWriter

@@ -188,8 +188,8 @@ class Run:
         jsonio.write_json(self.workdir / "results.json",
                           {**results, "timings_s": dict(self.timings)})
         if arrays is not None:
-            np.savez(self.workdir / "results.npz", **{k: np.asarray(v)
-                                                      for k, v in arrays.items()})
+            with atomic.writing(self.workdir / "results.npz", "wb") as f:
+                np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
 
     def write_report(self, lines: list[str] | str) -> Path:
         text = lines if isinstance(lines, str) else "\n".join(lines)
