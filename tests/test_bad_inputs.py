@@ -453,6 +453,10 @@ RUN_FOLDER_CASES = [  # (entry, exception, words): config.json of the folder mus
     ("train.loop.fit empty workdir", _loop_fit(""), ValueError, ["workdir=''", "empty"]),
     ("cli rerun failing validation", _cli("run", "train.steps=0"), ValueError,
      ["train.steps=0"]),
+    ("cli rerun with warmup beyond the steps", _cli("run", "train.steps=10"), ValueError,
+     ["warmup_steps=50", "total_steps=10"]),
+    ("cli rerun with a bad model", _cli("run", "model.n_heads=3"), ValueError,
+     ["n_heads"]),
     ("train.loop.run rerun failing validation", _loop_run("run", log_every=-1), ValueError,
      ["train.log_every=-1"]),
 ]

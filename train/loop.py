@@ -421,10 +421,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> FitResult:
 
 def check_config(config) -> tuple[ml_collections.ConfigDict, bool]:
     """``(resolved training config, retrain)`` of :func:`run`'s config; raises on a bad
-    value. ``mechinterp run`` calls it before creating the run folder."""
+    value (the keys and counts, the optimizer and schedule, the model's fields; the vocabulary
+    size is checked once the tokenizer exists). ``mechinterp run`` calls it before creating
+    the run folder."""
     raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
     retrain = bool(raw.pop("retrain", False))
-    return resolve_config(raw), retrain
+    resolved = resolve_config(raw)
+    build_optimizer(resolved)  # schedule and optimizer settings (warmup beyond the steps, ...)
+    decoder_config(resolved.model, vocab_size=max(resolved.model.get("vocab_size") or 1, 1))
+    return resolved, retrain
 
 
 run.check_config = check_config
