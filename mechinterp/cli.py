@@ -4,7 +4,10 @@ A config is a Python file whose ``get_config(arg=None)`` returns an ``ml_collect
 ``ConfigDict`` with at least ``job`` ("package.module:function") and ``workdir``.
 ``preset=NAME`` is routed to ``get_config("NAME")`` before the other ``key=value``
 overrides (Python literals; an unknown key is an error), so overrides win over the preset.
-The job is called as ``function(config, workdir)``. Details: docs/experiments.md.
+The job is called as ``function(config, workdir)``; a job with a ``check_config(config)``
+attribute has it called first, before the run folder is created or its config.json
+written (a job marked ``writes_config`` writes config.json itself, after its own checks).
+Details: docs/experiments.md.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import difflib
 import importlib
 import importlib.util
 import inspect
-import json
 import sys
 from pathlib import Path
 
 import ml_collections
+
+from mechinterp import atomic, validate
 
 
 def config_function(path: str | Path):
@@ -142,12 +146,14 @@ def run(config_path: str, overrides: list[str]) -> Path:
     for required in ("job", "workdir"):
         if required not in config:
             raise KeyError(f"config {config_path!r} must define config.{required}")
+    workdir = validate.check_workdir(config.workdir, "config.workdir")
     job = resolve_job(config.job)
-    workdir = Path(config.workdir)
+    check_config = getattr(job, "check_config", None)
+    if check_config is not None:  # the whole config is checked before the folder is touched
+        check_config(config)
     workdir.mkdir(parents=True, exist_ok=True)
     if not getattr(job, "writes_config", False):
-        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2,
-                                                        default=str))
+        atomic.write_json(workdir / "config.json", config.to_dict(), default=str)
     job(config, workdir)
     return workdir
 

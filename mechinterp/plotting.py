@@ -17,7 +17,9 @@ def heatmap(result: SweepResult, path, title: str | None = None, center: bool = 
     """Save a heatmap of a 2-D ``result`` (rows: first axis, columns: second) as PNG.
 
     ``center`` uses a diverging colour map symmetric around 0 (for effects that can have
-    either sign). Labels come from ``result.labels`` when present, else indices.
+    either sign). Labels come from ``result.labels`` when present, else indices. An axis
+    without entries, labels of the wrong length, or no finite value is a ``ValueError``
+    naming the axis (no blank picture).
     """
     values = np.asarray(result.values, dtype=float)
     if values.ndim != 2:
@@ -26,10 +28,21 @@ def heatmap(result: SweepResult, path, title: str | None = None, center: bool = 
             "index or average the extra axes first"
         )
     rows, cols = result.axes
+    for axis, size in zip(result.axes, values.shape):
+        labels = result.labels.get(axis)
+        if size == 0:
+            raise ValueError(f"heatmap: axis {axis!r} has no entries (result shape "
+                             f"{values.shape}, axes {result.axes}): nothing to plot")
+        if labels is not None and len(labels) != size:
+            raise ValueError(f"heatmap: axis {axis!r} has {size} entries but "
+                             f"{len(labels)} labels ({list(labels)[:8]})")
+    if not np.isfinite(values).any():
+        raise ValueError(f"heatmap: every value of the {values.shape} result is NaN or inf; "
+                         "nothing to plot (was the sweep run on a diverged model?)")
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * values.shape[1] + 2),
                                     max(3.0, 0.35 * values.shape[0] + 1.5)))
     if center:
-        limit = float(np.nanmax(np.abs(values))) or 1.0
+        limit = float(np.max(np.abs(values[np.isfinite(values)]))) or 1.0
         image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     else:
         image = ax.imshow(values, cmap="viridis", aspect="auto")

@@ -219,3 +219,19 @@ def check_finite(tree: Mapping[str, Any], what: str) -> None:
             raise NonFiniteError(
                 f"{what} {name!r} has non-finite values: {n_nan} NaN and "
                 f"{int((~finite).sum()) - n_nan} inf of {array.size} (shape {array.shape})")
+
+
+def check_workdir(workdir, name: str = "workdir"):
+    """``workdir`` as a ``Path``; refuses ``None``, ``""`` and blank strings, which ``Path``
+    would read as the current directory (a run there overwrites whatever ``config.json``
+    it holds). Always on (not affected by :func:`checks_disabled`)."""
+    from pathlib import Path
+
+    if workdir is None or (isinstance(workdir, str) and not workdir.strip()):
+        raise ValueError(
+            f"{name}={workdir!r} is empty: name the run folder (e.g. {name}=runs/my_run); "
+            "an empty workdir would write into the current directory")
+    if not isinstance(workdir, (str, Path)) and not hasattr(workdir, "__fspath__"):
+        raise TypeError(f"{name} must be a path (str or Path), got {type(workdir).__name__} "
+                        f"{workdir!r}")
+    return Path(workdir)

@@ -396,3 +396,215 @@ def test_training_batch_token_ids(tmp_path):
     with pytest.raises(ValueError, match=r"training batch 'tokens'.*row 1, position 4.*"
                                          r"ignore label"):
         _checked_batch(MODEL, get_objective("next_token"), batch)
+
+
+# --------------------------------------------------------------------------- run folders
+
+import ml_collections  # noqa: E402
+
+from mechinterp import atomic, cli  # noqa: E402
+from mechinterp.experiments import kit  # noqa: E402
+from mechinterp.train import loop as train_loop  # noqa: E402
+
+TRAIN_CONFIG_FILE = '''
+from mechinterp.train.config import default_config
+
+def get_config():
+    c = default_config()
+    c.workdir = {workdir!r}
+    return c
+'''
+FINISHED = '{"finished": "run"}\n'
+
+
+def _cli(workdir, *overrides):
+    def call(tmp_path):
+        path = tmp_path / "cfg.py"
+        path.write_text(TRAIN_CONFIG_FILE.format(workdir=str(workdir)))
+        return cli.main(["run", str(path), *overrides])
+    return call
+
+
+def _kit_run(workdir):
+    def call(tmp_path):
+        with kit.Run(ml_collections.ConfigDict({"workdir": workdir, "seed": 0})):
+            raise AssertionError("unreachable")
+    return call
+
+
+def _loop_run(workdir, **train):
+    def call(tmp_path):
+        config = default_config()
+        config.train.update(train)
+        return train_loop.run(config, workdir)
+    return call
+
+
+def _loop_fit(workdir):
+    return lambda tmp_path: train_loop.fit(default_config(), workdir, None, None)
+
+
+RUN_FOLDER_CASES = [  # (entry, exception, words): config.json of the folder must survive
+    ("cli empty workdir", _cli(""), ValueError, ["config.workdir=''", "empty"]),
+    ("cli blank workdir", _cli("  "), ValueError, ["config.workdir='  '", "empty"]),
+    ("kit.Run empty workdir", _kit_run(""), ValueError, ["workdir=''", "empty"]),
+    ("kit.Run no workdir", _kit_run(None), ValueError, ["workdir=None", "empty"]),
+    ("train.loop.run empty workdir", _loop_run(""), ValueError, ["workdir=''", "empty"]),
+    ("train.loop.fit empty workdir", _loop_fit(""), ValueError, ["workdir=''", "empty"]),
+    ("cli rerun failing validation", _cli("run", "train.steps=0"), ValueError,
+     ["train.steps=0"]),
+    ("cli rerun with warmup beyond the steps", _cli("run", "train.steps=10"), ValueError,
+     ["warmup_steps=50", "total_steps=10"]),
+    ("cli rerun with a bad model", _cli("run", "model.n_heads=3"), ValueError,
+     ["n_heads"]),
+    ("train.loop.run rerun failing validation", _loop_run("run", log_every=-1), ValueError,
+     ["train.log_every=-1"]),
+]
+
+
+@pytest.mark.parametrize("case", RUN_FOLDER_CASES, ids=[c[0] for c in RUN_FOLDER_CASES])
+def test_run_folder_is_checked_before_it_is_touched(case, tmp_path, monkeypatch):
+    _, call, error, words = case
+    monkeypatch.chdir(tmp_path)  # "run" and "" are relative to it
+    for folder in (tmp_path, tmp_path / "run"):  # the current directory; a finished run
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text(FINISHED)
+
+    def listing():  # everything but the config file the CLI cases write first
+        return sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.name != "cfg.py")
+
+    before = listing()
+    with pytest.raises(error) as info:
+        call(tmp_path)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+    for folder in (tmp_path, tmp_path / "run"):
+        assert (folder / "config.json").read_text() == FINISHED
+    assert listing() == before
+
+
+def test_cli_runs_a_job_check_before_writing_config(tmp_path, monkeypatch):
+    def job(config, workdir):
+        raise AssertionError("unreachable")
+
+    def refuse(config):
+        raise ValueError(f"config.steps={config.steps} is refused")
+
+    job.check_config = refuse
+    monkeypatch.setattr(cli, "resolve_job", lambda spec: job)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(FINISHED)
+    path = tmp_path / "cfg.py"
+    path.write_text("import ml_collections\n\ndef get_config():\n    return ml_collections."
+                    f"ConfigDict({{'job': 'x:y', 'workdir': {str(tmp_path / 'run')!r}, "
+                    "'steps': 3})\n")
+    with pytest.raises(ValueError, match="config.steps=3 is refused"):
+        cli.main(["run", str(path)])
+    assert (tmp_path / "run" / "config.json").read_text() == FINISHED
+
+
+@pytest.mark.parametrize("writer", ["atomic.write_json", "kit jsonio.write_json"])
+def test_metadata_writes_are_atomic(writer, tmp_path, monkeypatch):
+    import os
+    from mechinterp.experiments.kit import jsonio
+    write = atomic.write_json if writer == "atomic.write_json" else jsonio.write_json
+    path = tmp_path / "run.json"
+    write(path, {"status": "complete"})
+    assert json.loads(path.read_text()) == {"status": "complete"}
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write(path, {"status": "running", "pad": "x" * 10_000})
+    assert json.loads(path.read_text()) == {"status": "complete"}  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temporary left over
+
+
+def _spoil_state(step_folder):
+    import shutil
+    shutil.rmtree(step_folder / "state")
+
+
+def _empty_but_committed(step_folder):
+    import shutil
+    for child in step_folder.iterdir():
+        if child.name != "commit_success.txt":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+CHECKPOINT_CASES = [("missing state/", _spoil_state, ["2", "no state/", "steps here: [1, 2]"]),
+                    ("empty step folder", _empty_but_committed,
+                     ["2", "no state/", "holds only ['commit_success.txt']"])]
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_CASES, ids=[c[0] for c in CHECKPOINT_CASES])
+def test_checkpoint_folder_with_a_missing_item(case, tmp_path):
+    _, spoil, words = case
+    state = {"w": np.random.default_rng(0).normal(size=(2, 3)).astype(np.float32)}
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"w": jax.ShapeDtypeStruct((2, 3), np.float32, sharding=device)}
+    with Checkpointer(tmp_path / "checkpoints", async_save=False) as checkpointer:
+        checkpointer.save(1, state)
+        checkpointer.save(2, state)
+    spoil(tmp_path / "checkpoints" / "2")
+    with Checkpointer(tmp_path / "checkpoints") as checkpointer:
+        with pytest.raises(FileNotFoundError) as info:
+            checkpointer.restore(abstract)
+        np.testing.assert_array_equal(checkpointer.restore(abstract, step=1)["w"], state["w"])
+    message = str(info.value)
+    assert str(tmp_path / "checkpoints" / "2") in message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def _result(shape, labels=None):
+    from mechinterp.sweep import SweepResult
+    values = np.random.default_rng(0).normal(size=shape)
+    return SweepResult(values, ("layer", "pos"), labels or {})
+
+
+PLOT_CASES = [  # (result, words)
+    ("no columns", lambda: _result((3, 0)), ["'pos'", "no entries", "(3, 0)"]),
+    ("no rows", lambda: _result((0, 4)), ["'layer'", "no entries"]),
+    ("labels of the wrong length", lambda: _result((3, 4), {"pos": ["a", "b"]}),
+     ["'pos'", "4 entries", "2 labels"]),
+    ("all NaN", lambda: _result((2, 2)).__class__(np.full((2, 2), np.nan), ("layer", "pos")),
+     ["NaN", "(2, 2)"]),
+]
+
+
+@pytest.mark.parametrize("case", PLOT_CASES, ids=[c[0] for c in PLOT_CASES])
+def test_plot_of_nothing_is_an_error(case, tmp_path):
+    _, make, words = case
+    make().save(tmp_path / "r.npz")
+    with pytest.raises(ValueError) as info:
+        cli.main(["plot", str(tmp_path / "r.npz")])
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+    assert not (tmp_path / "r.png").exists()
+
+
+METRICS_LOG_CASES = [  # (file text, kept steps or the words of the error)
+    ("truncated last line", '{"kind": "train", "step": 1}\n{"kind": "train", "step": 2}\n'
+     '{"kind": "tra', [1, 2]),
+    ("broken line inside", '{"kind": "train", "step": 1}\nxx\n{"kind": "train", "step": 2}\n',
+     ["metrics.jsonl, line 2", "'xx'"]),
+]
+
+
+@pytest.mark.parametrize("case", METRICS_LOG_CASES, ids=[c[0] for c in METRICS_LOG_CASES])
+def test_metrics_log_of_a_killed_run(case, tmp_path):
+    _, text, expected = case
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(text)
+    if isinstance(expected[0], int):  # resumes: the cut-off record is dropped
+        train_loop.MetricsLog(path, resume_step=5)
+        assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == expected
+        return
+    with pytest.raises(ValueError) as info:
+        train_loop.MetricsLog(path, resume_step=5)
+    for word in expected:
+        assert word in str(info.value), (word, str(info.value))
+    assert path.read_text() == text  # left as it was

@@ -221,6 +221,8 @@ def test_generic_training_job_is_guarded_by_the_same_fingerprint(tmp_path, monke
     config.model = {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_mlp": 16}
     with pytest.raises(fp.FingerprintMismatch, match=r"model\.config\.d_model: 16 -> 32"):
         loop.run(config, tmp_path)
+    # the refused run leaves the finished run's config.json as it was
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["d_model"] == 16
     # retrain=True (a key outside the training config) passes the guard; training itself
     # is stubbed: the kit's test above trains after a retrain
     config.retrain = True

@@ -125,14 +125,32 @@ class Checkpointer:
                 f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}"
             )
         where = f"{self.directory}/{step}"
-        metadata = self.manager.item_metadata(step)
-        check_compatible(metadata["state"].tree, abstract_state, where)
+        metadata = self._state_metadata(step, where)
+        check_compatible(metadata.tree, abstract_state, where)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             if not (self.directory / str(step) / "data").is_dir():
                 raise ValueError(f"the checkpoint at {where} has no data-iterator state")
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def _state_metadata(self, step: int, where: str):
+        """The ``state`` item's metadata; a step folder without a readable ``state/`` item
+        (emptied, or copied in part) is an error naming it, not an Orbax traceback."""
+        folder = self.directory / str(step)
+        if not (folder / "state").is_dir():
+            held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+            raise FileNotFoundError(
+                f"the checkpoint at {where} has no state/ item (the step folder "
+                + (f"holds only {held}" if held else "is empty")
+                + f"): it is incomplete. Delete {where} to resume from the previous checkpoint "
+                f"(steps here: {self.all_steps()}), or restore it from a full copy.")
+        try:
+            return self.manager.item_metadata(step)["state"]
+        except Exception as error:  # noqa: BLE001 (any Orbax/tensorstore failure)
+            raise ValueError(f"the checkpoint at {where} has an unreadable state/ item "
+                             f"({type(error).__name__}: {error}); delete {where} to resume "
+                             "from the previous checkpoint") from error
 
     def reached_preemption(self, step: int) -> bool:
         """Whether the cluster announced a preemption (multi-host sync point)."""

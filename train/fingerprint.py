@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from mechinterp import atomic
+
 FILE = "fingerprint.json"
 # What a training run writes into its folder (moved aside together on retrain; anything
 # else there, e.g. a data/ folder, stays).
@@ -159,5 +161,5 @@ def guard(folder: str | Path, print_: dict, *, retrain: bool = False) -> str:
             if (folder / name).exists():
                 (folder / name).rename(aside / name)
         status = "retrained"
-    path.write_text(json.dumps(print_, indent=1, sort_keys=True))
+    atomic.write_json(path, print_, indent=1, sort_keys=True)
     return status

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -30,7 +31,7 @@ from mechinterp.models import Decoder, DecoderConfig
 from mechinterp.train import fingerprint as fingerprint_lib
 from mechinterp.train import flop_counts
 from mechinterp.train.checkpoint import Checkpointer, StopSignal
-from mechinterp import validate
+from mechinterp import atomic, validate
 from mechinterp.train.config import resolve_config
 from mechinterp.train.data import batches, build_synthetic, synthetic_tokenizer
 from mechinterp.train.losses import Objective, get_objective
@@ -58,6 +59,23 @@ class FitResult:
     eval: dict[str, float] | None
 
 
+def _records(path: Path) -> list[str]:
+    """The JSONL lines of ``path``; a truncated last line (a run killed mid-write) is
+    dropped with a warning, a broken line elsewhere is an error naming file and line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for number, line in enumerate(lines, 1):
+        try:
+            json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError) as error:
+            if number == len(lines):
+                logging.getLogger(__name__).warning(
+                    "%s: dropping its last line, a record cut off mid-write (%s)", path, error)
+                return lines[:-1]
+            raise ValueError(f"{path}, line {number}: not a metrics record ({error}): "
+                             f"{line[:80]!r}") from None
+    return lines
+
+
 class MetricsLog:
     """Append-only JSONL metrics; on resume, records past ``resume_step`` are dropped.
 
@@ -71,9 +89,8 @@ class MetricsLog:
         self.writer = None
         if jax.process_index() == 0:
             if path.exists():
-                kept = [line for line in path.read_text().splitlines()
-                        if line and json.loads(line)["step"] <= resume_step]
-                path.write_text("".join(line + "\n" for line in kept))
+                kept = [line for line in _records(path) if json.loads(line)["step"] <= resume_step]
+                atomic.write_text(path, "".join(line + "\n" for line in kept))
             if tensorboard_dir is not None:
                 # Imported here: tensorboardX imports torch when it is installed (seconds).
                 from tensorboardX import SummaryWriter
@@ -168,9 +185,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str | Path, model: nn.Module
     ``objective``: an :class:`~.losses.Objective` object instead of the one
     ``config.train.objective`` names (for objectives with parameters of their own).
     """
+    workdir = validate.check_workdir(workdir)
     config = resolve_config(config)
     t = config.train
-    workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(config.mesh)
     rules = check_rules(config.rules, mesh)
@@ -377,14 +394,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> FitResult:
     config sets ``retrain = True`` (a key outside the training config proper, so a config
     file that wants the switch on the command line defines ``config.retrain = False``).
     """
-    raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-    retrain = bool(raw.pop("retrain", False))
-    config = resolve_config(raw)
+    workdir = validate.check_workdir(workdir)
+    config, retrain = check_config(config)
     if config.distributed:
         jax.distributed.initialize()
-    workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     d = config.data
     mixture = mixture_from_config(d.tasks, knowledge=d.knowledge, seq_len=d.seq_len,
                                   seed=config.seed)
@@ -395,8 +409,28 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> FitResult:
     fingerprint_lib.guard(workdir, fingerprint_lib.fingerprint(
         model=Decoder(decoder), data=fingerprint_lib.describe_source(train_source),
         train=config), retrain=retrain)
+    # written only now: a config that fails a check above, or whose checkpoints are another
+    # run's, leaves the folder's config.json (the finished run's) as it was
+    atomic.write_json(workdir / "config.json", config.to_dict(), default=str)
     result = fit(config, workdir, Decoder(decoder), train_source,
                  builder.as_data_source("test") if d.num_test else None,
                  flops_per_token=flop_counts.decoder_train_flops_per_token(decoder, d.seq_len))
-    (workdir / "report.md").write_text(_report(config, result, workdir))
+    atomic.write_text(workdir / "report.md", _report(config, result, workdir))
     return result
+
+
+def check_config(config) -> tuple[ml_collections.ConfigDict, bool]:
+    """``(resolved training config, retrain)`` of :func:`run`'s config; raises on a bad
+    value (the keys and counts, the optimizer and schedule, the model's fields; the vocabulary
+    size is checked once the tokenizer exists). ``mechinterp run`` calls it before creating
+    the run folder."""
+    raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    retrain = bool(raw.pop("retrain", False))
+    resolved = resolve_config(raw)
+    build_optimizer(resolved)  # schedule and optimizer settings (warmup beyond the steps, ...)
+    decoder_config(resolved.model, vocab_size=max(resolved.model.get("vocab_size") or 1, 1))
+    return resolved, retrain
+
+
+run.check_config = check_config
+run.writes_config = True  # after its checks and the fingerprint guard (see run)

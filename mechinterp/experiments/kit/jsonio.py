@@ -9,6 +9,8 @@ from pathlib import Path, PurePath
 
 import numpy as np
 
+from mechinterp import atomic
+
 
 class Encoder(json.JSONEncoder):
     """``json.dumps(obj, cls=Encoder)``: arrays become (nested) lists, numpy/jax scalars
@@ -38,9 +40,6 @@ def dumps(obj, **kwargs) -> str:
 
 
 def write_json(path: str | Path, obj) -> Path:
-    """Write ``obj`` atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(obj) + "\n")
-    tmp.replace(path)
-    return path
+    """Write ``obj`` atomically (:func:`mechinterp.atomic.write_text`: a temporary file in
+    the same folder, then ``os.replace``)."""
+    return atomic.write_text(path, dumps(obj) + "\n")

@@ -25,6 +25,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from mechinterp import atomic, validate
 from mechinterp.experiments.kit import jsonio, plots
 from mechinterp.train.checkpoint import StopSignal
 from mechinterp.train.fingerprint import differences, flatten
@@ -65,7 +66,8 @@ class Run:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path | None = None,
                  *, ignore: tuple[str, ...] = IGNORED):
         self.config = config
-        self.workdir = Path(workdir if workdir is not None else config.workdir)
+        self.workdir = validate.check_workdir(
+            workdir if workdir is not None else config.get("workdir"))
         self.ignore = ignore
         self.timings: dict[str, float] = {}
         self.figures: list[str] = []
@@ -186,11 +188,9 @@ class Run:
         jsonio.write_json(self.workdir / "results.json",
                           {**results, "timings_s": dict(self.timings)})
         if arrays is not None:
-            np.savez(self.workdir / "results.npz", **{k: np.asarray(v)
-                                                      for k, v in arrays.items()})
+            with atomic.writing(self.workdir / "results.npz", "wb") as f:
+                np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
 
     def write_report(self, lines: list[str] | str) -> Path:
         text = lines if isinstance(lines, str) else "\n".join(lines)
-        path = self.workdir / "report.md"
-        path.write_text(text.rstrip("\n") + "\n")
-        return path
+        return atomic.write_text(self.workdir / "report.md", text.rstrip("\n") + "\n")
