@@ -296,3 +296,16 @@ def test_run_writes_results_figures_and_report(tmp_path):
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert "| c | o | yes |" in (tmp_path / "report.md").read_text()
     assert json.loads((tmp_path / "run.json").read_text())["figures"] == ["curve.png"]
+
+
+def test_a_fingerprint_without_a_checkpoint_guards_nothing(tmp_path):
+    """A run that failed before its first checkpoint left only fingerprint.json (and maybe
+    a metrics log): a run with other settings proceeds, and the old files move aside."""
+    first = fp.fingerprint(model={"d_model": 16}, data={}, train={})
+    assert fp.guard(tmp_path, first) == "new"
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    other = fp.fingerprint(model={"d_model": 8}, data={}, train={})
+    assert fp.guard(tmp_path, other) == "retrained"
+    kept = tmp_path / "replaced-0"
+    assert json.loads((kept / fp.FILE).read_text())["hash"] == first["hash"]
+    assert (kept / "metrics.jsonl").exists() and not (tmp_path / "metrics.jsonl").exists()

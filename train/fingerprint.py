@@ -133,7 +133,8 @@ def guard(folder: str | Path, print_: dict, *, retrain: bool = False) -> str:
 
     A folder with checkpoints but another fingerprint (or none) raises
     :class:`FingerprintMismatch` naming the differing keys, unless ``retrain``: then its
-    training files move to ``folder/replaced-<n>/`` and training starts afresh.
+    training files move to ``folder/replaced-<n>/`` and training starts afresh. Another
+    fingerprint with no checkpoint (a run that failed first) is moved aside the same way.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -143,7 +144,9 @@ def guard(folder: str | Path, print_: dict, *, retrain: bool = False) -> str:
     if old is not None and old["hash"] == print_["hash"]:
         status = "same"
     elif old is not None or _has_checkpoint(folder):
-        if not retrain:
+        # Another fingerprint without a checkpoint (a run that failed before its first
+        # checkpoint) guards no finished work: its files move aside without retrain=True.
+        if _has_checkpoint(folder) and not retrain:
             diff = (differences(old["settings"], print_["settings"]) if old is not None
                     else ["(the checkpoint has no fingerprint.json: its settings are unknown)"])
             shown = "; ".join(diff[:12]) + (f" (and {len(diff) - 12} more)" if len(diff) > 12
