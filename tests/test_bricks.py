@@ -93,10 +93,8 @@ def test_bad_input_is_refused():
 
 
 @pytest.mark.slow
-def test_smoke_preset_runs_from_the_cli(tmp_path):
-    workdir = tmp_path / "run"
-    assert cli.main(["run", "configs/bricks.py", "preset=smoke", "progress=False",
-                     f"workdir={workdir}"]) == 0
+def test_smoke_preset_runs_from_the_cli(smoke_run):
+    workdir = smoke_run("bricks")  # one CLI run per session, shared with test_configs_smoke
     report = (workdir / "report.md").read_text()
     assert "## Partition ablation" in report and "## Against the expectation" in report
     assert {p.name for p in workdir.glob("*.png")} == {"frequencies.png", "ablation.png"}

@@ -164,10 +164,8 @@ def test_category_counts_and_bad_probes():
 
 
 @pytest.mark.slow
-def test_the_smoke_preset_runs_end_to_end(tmp_path):
-    workdir = tmp_path / "run"
-    assert cli.main(["run", "configs/probe_prompting.py", "preset=smoke", "progress=False",
-                     f"workdir={workdir}"]) == 0
+def test_the_smoke_preset_runs_end_to_end(smoke_run):
+    workdir = smoke_run("probe_prompting")  # one CLI run per session, shared with test_configs_smoke
     report = (workdir / "report.md").read_text()
     assert "| Completeness (mean over 2 prompts) |" in report
     assert "| paper's claim | ours | reproduced? |" in report
