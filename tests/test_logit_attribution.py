@@ -113,8 +113,6 @@ def test_stacks_and_attributions_equal_transformerlens(tl_setup):
 def test_lens_and_attribution_on_strings(tl_setup):
     """``lm.logit_lens`` names each layer's top tokens; ``lm.logit_attribution`` sums to
     the logit difference (the word-level tokenizer of the parity models: "t0" ... "t95")."""
-    if tl_setup["family"] != "llama":
-        pytest.skip("the string layer is family-independent: run once, on the LLaMA model")
     lm = mi.load(tl_setup["folder"])
     text = "t40 t50 t60 t70"  # (t1, t2, t3 are special tokens: avoid them as prefixes)
     lens = lm.logit_lens(text, k=3)
