@@ -21,13 +21,12 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .decoder import Decoder, decoder_class
 from .gguf_file import _check_tensor_types, _dequantize, _read
-from .hf import _tensors
+from .hf import _assembled, _put, _tensors
 from .hf_config import config_from_hf
 from .layers import rope_inv_freq
 
@@ -332,30 +331,13 @@ def load_gguf(path, dtype=jnp.float32, scan_layers: bool = True) -> tuple[Decode
                 array = _unpermute(array, config.n_kv_heads)
             if array.shape != spec.hf_shape:
                 array = _reshape(path, tensor.name, array, spec.hf_shape)
-            node = unrolled
-            for key in spec.path[:-1]:
-                node = node.setdefault(key, {})
-            ours = np.asarray(spec.to_ours(array), dtype)
-            if spec.expert is None:
-                node[spec.path[-1]] = ours
-            else:  # collected by expert index, stacked below
-                node.setdefault(spec.path[-1], {})[spec.expert] = ours
+            _put(unrolled, spec, array, dtype)
             seen.add(full)
     missing = sorted(set(expected) - seen)
     if missing:
         raise ValueError(f"{path}: missing tensors (Hugging Face names) {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''} that {arch} needs")
-
-    def is_experts(node):
-        return isinstance(node, dict) and bool(node) and all(isinstance(k, int) for k in node)
-
-    unrolled = jax.tree.map(
-        lambda node: np.stack([node[j] for j in sorted(node)]) if is_experts(node) else node,
-        unrolled, is_leaf=is_experts)
-    if scan_layers:
-        layers = [unrolled.pop(f"layers_{i}") for i in range(config.n_layers)]
-        unrolled["layers"] = jax.tree.map(lambda *a: np.stack(a), *layers)
-    return decoder_class(config)(config), jax.tree.map(jnp.asarray, unrolled)
+    return decoder_class(config)(config), _assembled(unrolled, config)
 
 
 # --------------------------------------------------------------------------- tokenizer

@@ -219,20 +219,38 @@ def load_hf(path, dtype=jnp.float32, scan_layers: bool = True, check_finite: boo
         validate.check_finite(arrays, f"checkpoint {folder}: tensor")
     unrolled: dict[str, Any] = {}
     for tensor in tensors:
-        node = unrolled
-        for key in tensor.path[:-1]:
-            node = node.setdefault(key, {})
-        value = np.asarray(tensor.to_ours(arrays.pop(tensor.hf_name)), dtype)
-        if tensor.expert is None:
-            node[tensor.path[-1]] = value
-        else:  # experts come in order 0, 1, ...: collect, stack below
-            node.setdefault(tensor.path[-1], []).append(value)
-    unrolled = jax.tree.map(lambda leaf: np.stack(leaf) if isinstance(leaf, list) else leaf,
-                            unrolled, is_leaf=lambda leaf: isinstance(leaf, list))
-    if scan_layers:
+        _put(unrolled, tensor, arrays.pop(tensor.hf_name), dtype)
+    return decoder_class(config)(config), _assembled(unrolled, config)
+
+
+def _put(unrolled: dict, tensor: _Tensor, array, dtype) -> None:
+    """Place HF-layout ``array`` into the unrolled params tree at ``tensor.path``, in our
+    layout and ``dtype``; an expert slice is collected by its index (see :func:`_assembled`).
+    Shared by :func:`load_hf` and :func:`~mechinterp.models.gguf.load_gguf`."""
+    node = unrolled
+    for key in tensor.path[:-1]:
+        node = node.setdefault(key, {})
+    value = np.asarray(tensor.to_ours(array), dtype)
+    if tensor.expert is None:
+        node[tensor.path[-1]] = value
+    else:
+        node.setdefault(tensor.path[-1], {})[tensor.expert] = value
+
+
+def _is_experts(node) -> bool:
+    return isinstance(node, dict) and bool(node) and all(isinstance(k, int) for k in node)
+
+
+def _assembled(unrolled: dict, config: DecoderConfig) -> dict:
+    """The params tree from one :func:`_put` per tensor: experts stacked by index, layers
+    stacked into ``layers`` when ``config.scan_layers``, leaves as JAX arrays."""
+    unrolled = jax.tree.map(
+        lambda node: np.stack([node[j] for j in sorted(node)]) if _is_experts(node) else node,
+        unrolled, is_leaf=_is_experts)
+    if config.scan_layers:
         layers = [unrolled.pop(f"layers_{i}") for i in range(config.n_layers)]
         unrolled["layers"] = jax.tree.map(lambda *a: np.stack(a), *layers)
-    return decoder_class(config)(config), jax.tree.map(jnp.asarray, unrolled)
+    return jax.tree.map(jnp.asarray, unrolled)
 
 
 def _safetensors_files(folder: Path) -> dict[str, Path]:
