@@ -65,9 +65,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x: Array) -> Array:
         scale = logical_param(self, "scale", (self.axis_name,), (x.shape[-1],),
                               nn.initializers.ones)
-        h = x.astype(jnp.float32)
-        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-        return scale * h.astype(x.dtype)
+        return rms_normalize(x, scale, self.eps)
 
 
 def rms_normalize(x: Array, weight: Array, eps: float, frozen: bool = False) -> Array:
