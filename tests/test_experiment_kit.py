@@ -18,7 +18,7 @@ from mechinterp.experiments import kit
 from mechinterp.train import fingerprint as fp
 from mechinterp.train.checkpoint import Checkpointer
 from mechinterp.train.config import default_config
-from test_train_support import ToyLM, token_batch
+from test_train_support import ToyLM, token_rows
 
 # --------------------------------------------------------------------------- presets
 
@@ -46,13 +46,6 @@ def record_job(config, workdir):
     with kit.Run(config, workdir) as run:
         run.write_results({"steps": config.steps})
         run.write_report("# ok")
-
-
-@pytest.fixture
-def config_file(tmp_path):
-    path = tmp_path / "cfg.py"
-    path.write_text(CONFIG.format(workdir=str(tmp_path / "run")))
-    return path
 
 
 def test_preset_is_routed_to_get_config_before_overrides(config_file, tmp_path):
@@ -170,8 +163,7 @@ def _train_config(steps=4, seed=0):
 
 
 def _source(n=32):
-    rows = token_batch(batch=n, seed=3)
-    return [{k: v[i] for k, v in rows.items()} for i in range(n)]
+    return token_rows(n)
 
 
 def test_train_or_reuse_reuses_and_refuses_a_checkpoint_of_other_settings(tmp_path):

@@ -14,7 +14,7 @@ from mechinterp.train.checkpoint import Checkpointer
 from mechinterp.train.config import default_config, resolve_config
 from mechinterp.train.data import batches
 from mechinterp.train.loop import NonFiniteLossError, decoder_config, fit
-from test_train_support import ToyClassifier, ToyLM, token_batch
+from test_train_support import ToyClassifier, ToyLM, token_rows
 
 LEARN_CONFIG = """
 from mechinterp.train.config import default_config
@@ -76,8 +76,7 @@ def _toy_config(steps=8):
 
 
 def _token_source(n=48):
-    rows = token_batch(batch=n, seed=3)
-    return [{k: v[i] for k, v in rows.items()} for i in range(n)]
+    return token_rows(n)
 
 
 def test_resumed_run_matches_an_uninterrupted_one_exactly(tmp_path):

@@ -67,3 +67,9 @@ def token_batch(batch=16, length=12, vocab=32, seed=0):
     tokens = rng.integers(0, vocab, (batch, length)).astype(np.int32)
     mask = (rng.random((batch, length)) < 0.8).astype(np.int32)
     return {"tokens": tokens, "loss_mask": mask}
+
+
+def token_rows(n, seed=3):
+    """``n`` token examples as a list of row dicts (a map-style data source)."""
+    rows = token_batch(batch=n, seed=seed)
+    return [{k: v[i] for k, v in rows.items()} for i in range(n)]
