@@ -17,8 +17,7 @@ from mechinterp import cli
 from mechinterp.experiments import kit
 from mechinterp.train import fingerprint as fp
 from mechinterp.train.checkpoint import Checkpointer
-from mechinterp.train.config import default_config
-from test_train_support import ToyLM, token_rows
+from test_train_support import ToyLM, token_rows, toy_train_config
 
 # --------------------------------------------------------------------------- presets
 
@@ -149,14 +148,8 @@ def test_seeds_aggregate_into_mean_std_and_values():
 
 
 def _train_config(steps=4, seed=0):
-    t = default_config()
+    t = toy_train_config(steps, warmup_steps=1, checkpoint_every=2)
     t.seed = seed
-    t.data.batch_size = 8
-    t.schedule.warmup_steps = 1
-    t.train.steps = steps
-    t.train.log_every = 1
-    t.train.checkpoint_every = 2
-    t.train.progress = False
     t.train.tensorboard = False
     t.train.async_checkpoints = False
     return t
