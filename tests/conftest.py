@@ -49,3 +49,12 @@ def smoke_run(tmp_path_factory):
         return done[name]
 
     return run
+
+
+@pytest.fixture
+def config_file(request, tmp_path):
+    """The calling module's ``CONFIG`` template written to ``tmp_path/cfg.py``, its
+    ``{workdir}`` set to ``tmp_path/run``."""
+    path = tmp_path / "cfg.py"
+    path.write_text(request.module.CONFIG.format(workdir=str(tmp_path / "run")))
+    return path

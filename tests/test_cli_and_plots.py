@@ -27,13 +27,6 @@ def record_job(config, workdir):
     SEEN["config"] = config
 
 
-@pytest.fixture
-def config_file(tmp_path):
-    path = tmp_path / "cfg.py"
-    path.write_text(CONFIG.format(workdir=str(tmp_path / "run")))
-    return path
-
-
 def test_run_applies_overrides_and_writes_resolved_config(config_file, tmp_path):
     assert cli.main(["run", str(config_file), "steps=7", "--config.model.d_model=16",
                      "model.name=big"]) == 0

@@ -17,8 +17,7 @@ from mechinterp import cli
 from mechinterp.experiments import kit
 from mechinterp.train import fingerprint as fp
 from mechinterp.train.checkpoint import Checkpointer
-from mechinterp.train.config import default_config
-from test_train_support import ToyLM, token_batch
+from test_train_support import ToyLM, token_rows, toy_train_config
 
 # --------------------------------------------------------------------------- presets
 
@@ -46,13 +45,6 @@ def record_job(config, workdir):
     with kit.Run(config, workdir) as run:
         run.write_results({"steps": config.steps})
         run.write_report("# ok")
-
-
-@pytest.fixture
-def config_file(tmp_path):
-    path = tmp_path / "cfg.py"
-    path.write_text(CONFIG.format(workdir=str(tmp_path / "run")))
-    return path
 
 
 def test_preset_is_routed_to_get_config_before_overrides(config_file, tmp_path):
@@ -156,22 +148,15 @@ def test_seeds_aggregate_into_mean_std_and_values():
 
 
 def _train_config(steps=4, seed=0):
-    t = default_config()
+    t = toy_train_config(steps, warmup_steps=1, checkpoint_every=2)
     t.seed = seed
-    t.data.batch_size = 8
-    t.schedule.warmup_steps = 1
-    t.train.steps = steps
-    t.train.log_every = 1
-    t.train.checkpoint_every = 2
-    t.train.progress = False
     t.train.tensorboard = False
     t.train.async_checkpoints = False
     return t
 
 
 def _source(n=32):
-    rows = token_batch(batch=n, seed=3)
-    return [{k: v[i] for k, v in rows.items()} for i in range(n)]
+    return token_rows(n)
 
 
 def test_train_or_reuse_reuses_and_refuses_a_checkpoint_of_other_settings(tmp_path):

@@ -142,7 +142,8 @@ def test_require_names_the_capability_the_family_and_the_analysis():
         "ToyModel has no layer structure (the HasLayers capability of mechinterp.family), "
         "which my_analysis needs")
     assert isinstance(error.value, TypeError) and isinstance(error.value, ValueError)
-    assert family.require(Decoder(CONFIG), family.Resumable, "x") is not None
+    decoder = Decoder(CONFIG)
+    assert family.require(decoder, family.Resumable, "x") is decoder  # the model itself
 
 
 @pytest.mark.parametrize("tie", [False, True])

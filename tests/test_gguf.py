@@ -149,6 +149,15 @@ def decode(data, qtype):
     return quants.dequantize(data, qtype).astype(np.float32)
 
 
+# GGUF metadata key (GGUFWriter.add_<key>) -> the DecoderConfig field it holds.
+METADATA = (("block_count", "n_layers"), ("context_length", "max_position_embeddings"),
+            ("embedding_length", "d_model"), ("feed_forward_length", "d_mlp"),
+            ("head_count", "n_heads"), ("head_count_kv", "n_kv_heads"),
+            ("key_length", "d_head"), ("value_length", "d_head"),
+            ("rope_dimension_count", "d_head"), ("rope_freq_base", "rope_theta"),
+            ("layer_norm_rms_eps", "rms_norm_eps"), ("vocab_size", "vocab_size"))
+
+
 def write_gguf(path, config, hf, gguf_arch, qtype=Q.F32, seed=0, metadata=True, tokenizer=None,
                rope_freqs=None, name="tiny", raw=None):
     """Write ``hf`` tensors as llama.cpp does; returns the HF tensors the file holds (the
@@ -159,18 +168,8 @@ def write_gguf(path, config, hf, gguf_arch, qtype=Q.F32, seed=0, metadata=True, 
     writer = gguf.GGUFWriter(str(path), gguf_arch)
     writer.add_name(name)
     if metadata:
-        writer.add_block_count(config.n_layers)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.d_model)
-        writer.add_feed_forward_length(config.d_mlp)
-        writer.add_head_count(config.n_heads)
-        writer.add_head_count_kv(config.n_kv_heads)
-        writer.add_key_length(config.d_head)
-        writer.add_value_length(config.d_head)
-        writer.add_rope_dimension_count(config.d_head)
-        writer.add_rope_freq_base(config.rope_theta)
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_vocab_size(config.vocab_size)
+        for key, attr in METADATA:
+            getattr(writer, f"add_{key}")(getattr(config, attr))
         if config.n_experts:
             writer.add_expert_count(config.n_experts)
             writer.add_expert_used_count(config.n_experts_per_tok)

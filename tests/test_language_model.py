@@ -363,6 +363,8 @@ def test_smollm2_direct_logit_attribution_and_lens(smollm2):
         "When Mary and John went to the store, John gave a drink to", " Mary", " John")
     print(f"SmolLM2 DLA: {time.perf_counter() - start:.1f} s")
     diff = float(result.logit_diff[0])
+    # the numbers docs/decisions.md quotes ("SmolLM2 on IOI"), shown with -s
+    print(f"SmolLM2 IOI: logit diff {diff:+.2f}, top heads {result.top_heads(5)}")
     assert 5.0 < diff < 7.5
     assert abs(float(result.layers.sum(0)[0]) - diff) <= 1e-3
     assert abs(float(result.heads.sum((0, 1))[0]) - float(result.layers[

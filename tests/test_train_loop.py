@@ -14,7 +14,7 @@ from mechinterp.train.checkpoint import Checkpointer
 from mechinterp.train.config import default_config, resolve_config
 from mechinterp.train.data import batches
 from mechinterp.train.loop import NonFiniteLossError, decoder_config, fit
-from test_train_support import ToyClassifier, ToyLM, token_batch
+from test_train_support import ToyClassifier, ToyLM, token_rows, toy_train_config
 
 LEARN_CONFIG = """
 from mechinterp.train.config import default_config
@@ -63,21 +63,14 @@ def test_tiny_decoder_learns_a_task_mixture_via_mechinterp_run(tmp_path):
 
 
 def _toy_config(steps=8):
-    config = default_config()
+    config = toy_train_config(steps, warmup_steps=2, checkpoint_every=4)
     config.mesh = {"data": 2, "fsdp": 2, "tensor": 2}
-    config.data.batch_size = 8
     config.optimizer.learning_rate = 2e-2
-    config.schedule.warmup_steps = 2
-    config.train.steps = steps
-    config.train.log_every = 1
-    config.train.checkpoint_every = 4
-    config.train.progress = False
     return config
 
 
 def _token_source(n=48):
-    rows = token_batch(batch=n, seed=3)
-    return [{k: v[i] for k, v in rows.items()} for i in range(n)]
+    return token_rows(n)
 
 
 def test_resumed_run_matches_an_uninterrupted_one_exactly(tmp_path):

@@ -67,3 +67,24 @@ def token_batch(batch=16, length=12, vocab=32, seed=0):
     tokens = rng.integers(0, vocab, (batch, length)).astype(np.int32)
     mask = (rng.random((batch, length)) < 0.8).astype(np.int32)
     return {"tokens": tokens, "loss_mask": mask}
+
+
+def token_rows(n, seed=3):
+    """``n`` token examples as a list of row dicts (a map-style data source)."""
+    rows = token_batch(batch=n, seed=seed)
+    return [{k: v[i] for k, v in rows.items()} for i in range(n)]
+
+
+def toy_train_config(steps, warmup_steps, checkpoint_every):
+    """``train.config.default_config()`` for the toy runs: batch 8, a record every step, no
+    progress bar."""
+    from mechinterp.train.config import default_config
+
+    config = default_config()
+    config.data.batch_size = 8
+    config.schedule.warmup_steps = warmup_steps
+    config.train.steps = steps
+    config.train.log_every = 1
+    config.train.checkpoint_every = checkpoint_every
+    config.train.progress = False
+    return config

@@ -10,13 +10,19 @@ from mechinterp.sites import SiteSpec, site
 
 
 class ToyBlock(nn.Module):
+    """A residual tanh MLP. ``hidden`` names the neuron site; ``out``, when given, names a
+    site on the MLP's output (ToyFamily's layer structure needs one, ToyModel has none)."""
+
     width: int
+    hidden: str = "hidden"
+    out: str | None = None
 
     @nn.compact
     def __call__(self, x, _=None):
         x = site(self, "resid_pre", x)
-        hidden = site(self, "hidden", jnp.tanh(nn.Dense(self.width, name="up")(x)))
-        x = x + nn.Dense(x.shape[-1], name="down")(hidden)
+        hidden = site(self, self.hidden, jnp.tanh(nn.Dense(self.width, name="up")(x)))
+        out = nn.Dense(x.shape[-1], name="down")(hidden)
+        x = x + (site(self, self.out, out) if self.out else out)
         return site(self, "resid_post", x), None
 
 
@@ -74,17 +80,6 @@ def unstack(params, n_layers):
 # capabilities and none of the others.
 
 
-class ToyFamilyBlock(nn.Module):
-    width: int
-
-    @nn.compact
-    def __call__(self, x, _=None):
-        x = site(self, "resid_pre", x)
-        hidden = site(self, "mlp.hidden", jnp.tanh(nn.Dense(self.width, name="up")(x)))
-        x = x + site(self, "mlp_out", nn.Dense(x.shape[-1], name="down")(hidden))
-        return site(self, "resid_post", x), None
-
-
 class ToyFamily(nn.Module):
     """tokens (batch, pos) -> logits (batch, pos, vocab) through ``n_layers`` residual MLPs
     (each position on its own). Capabilities: ``HasLayers``, ``SelectsOutputs``."""
@@ -107,10 +102,10 @@ class ToyFamily(nn.Module):
     @nn.compact
     def __call__(self, tokens, logit_positions=None):
         x = site(self, "embed", nn.Embed(self.vocab, self.d_model, name="token_embed")(tokens))
-        stack = nn.scan(ToyFamilyBlock, variable_axes={"params": 0, "intermediates": 0,
-                                                       "interventions": 0},
+        stack = nn.scan(ToyBlock, variable_axes={"params": 0, "intermediates": 0,
+                                                 "interventions": 0},
                         split_rngs={"params": True}, length=self.n_layers)
-        x, _ = stack(self.width, name="layers")(x, None)
+        x, _ = stack(self.width, "mlp.hidden", "mlp_out", name="layers")(x, None)
         if logit_positions is not None:
             x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
         return site(self, "logits", nn.Dense(self.vocab, name="unembed")(x))
