@@ -31,11 +31,11 @@ from mechinterp import site_io
 from mechinterp.attribution_graph_scores import (GraphScores, PrunedGraph,
                                                  cumulative_threshold, graph_scores,
                                                  influence, normalize_matrix, prune)
-from mechinterp.family import (HasLayers, LinearisableNorms, SelectsOutputs, SublayerSites,
+from mechinterp.family import (LinearisableNorms, SelectsOutputs, SublayerSites,
                                require)
 from mechinterp.interventions import Intervention
 from mechinterp.sites import INTERMEDIATES
-from mechinterp.transcoders import Transcoder, apply_layers, steer_features
+from mechinterp.transcoders import Transcoder, apply_layers, mlp_sites, steer_features
 
 Array = jax.Array
 SCHEMA = "mechinterp.attribution_graph/1"
@@ -55,7 +55,7 @@ def _mlp(model, needed_by: str = "attribution graphs") -> SublayerSites:
     """The MLP sublayer's sites, after checking the capabilities the graph needs."""
     for capability in (LinearisableNorms, SelectsOutputs):
         require(model, capability, needed_by)
-    return require(model, HasLayers, needed_by).layer_structure().sublayers["mlp"]
+    return mlp_sites(model, needed_by)
 
 
 @flax.struct.dataclass

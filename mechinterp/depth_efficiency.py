@@ -26,10 +26,15 @@ from mechinterp.interventions import Intervention
 from mechinterp.llm_drop import cosine, mlp_out_site, token_batches
 
 
-def _masked_mean(values, mask) -> np.ndarray:
+def _masked_mean_device(values, mask) -> jax.Array:
     """Mean of ``values`` (..., batch, pos) over the positions where ``mask`` is true."""
     weight = jnp.asarray(mask, jnp.float32)
-    return np.asarray((values * weight).sum((-2, -1)) / weight.sum(), np.float64)
+    return (values * weight).sum((-2, -1)) / weight.sum()
+
+
+def _masked_mean(values, mask) -> np.ndarray:
+    """:func:`_masked_mean_device` on the host, float64."""
+    return np.asarray(_masked_mean_device(values, mask), np.float64)
 
 
 def layer_contributions(model, params, tokens, token_mask=None, batch_size: int = 64):
@@ -112,8 +117,8 @@ def _lens(model, params, *inputs, **kwargs):
     log-probabilities (n, batch, pos, vocab) of the model's final norm and unembedding
     applied to ``n`` states at once (the last layer's ``resid_post`` patched to them, the
     inputs repeated ``n`` times along the batch: one forward)."""
-    n_layers = list_sites(model, *inputs, **kwargs)["resid_pre"].shape[0]
     logits, acts = capture(model, params, *inputs, sites=("resid_pre", "resid_post"), **kwargs)
+    n_layers = acts["resid_pre"].shape[0]
     states = jnp.concatenate([acts["resid_pre"], acts["resid_post"][-1:]])
     last = (jnp.arange(n_layers) == n_layers - 1).astype(jnp.float32)[:, None, None, None]
     batch = states.shape[1]
@@ -145,14 +150,15 @@ def logit_lens(model, params, tokens, token_mask=None, k: int = 5):
     (batch, mask), = token_batches(tokens, token_mask, batch_size=len(tokens))
     log_p, states, lens = _lens(model, params, batch)
     top_final = jax.lax.top_k(log_p, k)[1]
-    kl, overlap = np.zeros(len(states)), np.zeros(len(states))
-    for layer, state in enumerate(states):
+    kl, overlap = [], []
+    for state in states:  # device values only: one host copy after the loop, not per layer
         log_q = lens(state[None])[0]
         top = jax.lax.top_k(log_q, k)[1]
         shared = (top_final[..., :, None] == top[..., None, :]).any(-1).mean(-1)
-        kl[layer] = _masked_mean(_kl(log_p, log_q), mask)
-        overlap[layer] = _masked_mean(shared, mask)
-    return {"kl": kl, "topk_overlap": overlap}
+        kl.append(_masked_mean_device(_kl(log_p, log_q), mask))
+        overlap.append(_masked_mean_device(shared, mask))
+    return {"kl": np.asarray(jnp.stack(kl), np.float64),
+            "topk_overlap": np.asarray(jnp.stack(overlap), np.float64)}
 
 
 def logit_lens_top_k(model, params, *inputs, k: int = 5, **kwargs):

@@ -213,9 +213,10 @@ def check_finite(tree: Mapping[str, Any], what: str) -> None:
                 array = array.astype(np.float32)
             except (TypeError, ValueError):
                 continue
-        finite = np.isfinite(array.astype(np.float32))
+        array = array.astype(np.float32, copy=False)  # bfloat16 etc.: numpy's own float
+        finite = np.isfinite(array)
         if not finite.all():
-            n_nan = int(np.isnan(array.astype(np.float32)).sum())
+            n_nan = int(np.isnan(array).sum())
             raise NonFiniteError(
                 f"{what} {name!r} has non-finite values: {n_nan} NaN and "
                 f"{int((~finite).sum()) - n_nan} inf of {array.size} (shape {array.shape})")
