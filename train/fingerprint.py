@@ -98,14 +98,19 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def without(flat: Mapping[str, Any], ignore: Sequence[str]) -> dict[str, Any]:
+    """``flat`` (from :func:`flatten`) minus every key in ``ignore`` and every key under
+    one (``"a"`` drops ``"a"`` and ``"a.b"``)."""
+    return {k: v for k, v in flat.items()
+            if not any(k == i or k.startswith(i + ".") for i in ignore)}
+
+
 def fingerprint(*, model: Any, data: Any, train: Any,
                 ignore: Sequence[str] = IGNORED_TRAIN_KEYS) -> dict:
     """``{"hash", "settings"}`` of a training run: the model (a linen module or its
     description), the data (a description, e.g. :func:`describe_source` plus the settings
     that generated it) and the training config minus ``ignore`` d keys."""
-    train = flatten(describe(train))
-    train = {k: v for k, v in train.items()
-             if not any(k == i or k.startswith(i + ".") for i in ignore)}
+    train = without(flatten(describe(train)), ignore)
     settings = {**flatten(describe(model), "model."), **flatten(describe(data), "data."),
                 **{f"train.{k}": v for k, v in train.items()}}
     settings = json.loads(json.dumps(settings, sort_keys=True))  # tuples -> lists, etc.

@@ -28,7 +28,7 @@ import numpy as np
 from mechinterp import atomic, validate
 from mechinterp.experiments.kit import jsonio, plots
 from mechinterp.train.checkpoint import StopSignal
-from mechinterp.train.fingerprint import differences, flatten
+from mechinterp.train.fingerprint import differences, flatten, without
 
 IGNORED = ("workdir", "progress", "overwrite", "retrain")  # do not change the results
 EXIT_INTERRUPTED = 143
@@ -107,9 +107,7 @@ class Run:
         jsonio.write_json(self.workdir / "run.json", record)
 
     def _settings(self, config: dict) -> dict:
-        flat = flatten(config)
-        return {k: v for k, v in flat.items()
-                if not any(k == i or k.startswith(i + ".") for i in self.ignore)}
+        return without(flatten(config), self.ignore)
 
     def _check_not_running(self) -> None:
         path = self.workdir / "run.json"
