@@ -132,6 +132,17 @@ def _has_checkpoint(folder: Path) -> bool:
     return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
 
 
+def numbered_folder(parent: Path, prefix: str = "") -> Path:
+    """Create and return ``parent/<prefix><n>`` for the smallest ``n`` not yet there
+    (where a replaced run's files move aside)."""
+    n = 0
+    while (parent / f"{prefix}{n}").exists():
+        n += 1
+    folder = parent / f"{prefix}{n}"
+    folder.mkdir(parents=True)
+    return folder
+
+
 def guard(folder: str | Path, print_: dict, *, retrain: bool = False) -> str:
     """Check ``folder``'s checkpoint against ``print_`` (from :func:`fingerprint`) and write
     the fingerprint; returns "new", "same" (resume / reuse) or "retrained".
@@ -160,11 +171,7 @@ def guard(folder: str | Path, print_: dict, *, retrain: bool = False) -> str:
                 f"{folder} holds a checkpoint trained with other settings: {shown}. Pass "
                 "retrain=True (on the command line: retrain=True) to train anew (the old "
                 f"files move to {folder}/replaced-<n>/), or use another workdir.")
-        n = 0
-        while (folder / f"replaced-{n}").exists():
-            n += 1
-        aside = folder / f"replaced-{n}"
-        aside.mkdir()
+        aside = numbered_folder(folder, "replaced-")
         for name in TRAINING_FILES:
             if (folder / name).exists():
                 (folder / name).rename(aside / name)
