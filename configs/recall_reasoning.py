@@ -28,11 +28,12 @@ analysis functions take any decoder, so the steps are:
 3. For each task call ``patch_task(model, params, twins)``; choose circuits with
    ``select_circuit(level_effects(level, grids), coverage, max_k)`` over
    ``level_components(level, cfg.n_layers, cfg.n_heads, cfg.d_mlp)``; run
-   ``ablation_study(model, params, twins, circuits, config)`` and
-   ``dissociation(study, config)`` (all in :mod:`mechinterp.experiments.recall_reasoning`;
-   ``choose_circuits`` does the circuit step for a whole grid set); write tables with
-   ``recall_reasoning.report.dissociation_markdown``. On a 0.5B model use ``n_items`` of 16-32 and expect the
-   neuron grid (layers x d_mlp, e.g. 24 x 4864 cells) to need a GPU.
+   ``ablation_study(model, params, {task: (tokens, answers)}, circuits, n_random=...,
+   methods=[...], seed=...)`` and ``dissociation(study, methods, tasks)`` (all in
+   :mod:`mechinterp.experiments.recall_reasoning`; ``choose_circuits`` does the circuit
+   step for a whole grid set); write tables with
+   ``recall_reasoning.report.dissociation_markdown``. On a 0.5B model use ``n_items`` of
+   16-32 and expect the neuron grid (layers x d_mlp, e.g. 24 x 4864 cells) to need a GPU.
 
 Setting ``preset=paper`` raises an error pointing here rather than running something
 else silently. (The ``paper.hf_path`` key of earlier versions is gone: nothing read it.)

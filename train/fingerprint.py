@@ -98,14 +98,19 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def without(flat: Mapping[str, Any], ignore: Sequence[str]) -> dict[str, Any]:
+    """``flat`` (from :func:`flatten`) minus every key in ``ignore`` and every key under
+    one (``"a"`` drops ``"a"`` and ``"a.b"``)."""
+    return {k: v for k, v in flat.items()
+            if not any(k == i or k.startswith(i + ".") for i in ignore)}
+
+
 def fingerprint(*, model: Any, data: Any, train: Any,
                 ignore: Sequence[str] = IGNORED_TRAIN_KEYS) -> dict:
     """``{"hash", "settings"}`` of a training run: the model (a linen module or its
     description), the data (a description, e.g. :func:`describe_source` plus the settings
     that generated it) and the training config minus ``ignore`` d keys."""
-    train = flatten(describe(train))
-    train = {k: v for k, v in train.items()
-             if not any(k == i or k.startswith(i + ".") for i in ignore)}
+    train = without(flatten(describe(train)), ignore)
     settings = {**flatten(describe(model), "model."), **flatten(describe(data), "data."),
                 **{f"train.{k}": v for k, v in train.items()}}
     settings = json.loads(json.dumps(settings, sort_keys=True))  # tuples -> lists, etc.
@@ -125,6 +130,17 @@ def differences(old: Mapping, new: Mapping) -> list[str]:
 def _has_checkpoint(folder: Path) -> bool:
     ckpt = folder / "checkpoints"
     return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+
+
+def numbered_folder(parent: Path, prefix: str = "") -> Path:
+    """Create and return ``parent/<prefix><n>`` for the smallest ``n`` not yet there
+    (where a replaced run's files move aside)."""
+    n = 0
+    while (parent / f"{prefix}{n}").exists():
+        n += 1
+    folder = parent / f"{prefix}{n}"
+    folder.mkdir(parents=True)
+    return folder
 
 
 def guard(folder: str | Path, print_: dict, *, retrain: bool = False) -> str:
@@ -155,11 +171,7 @@ def guard(folder: str | Path, print_: dict, *, retrain: bool = False) -> str:
                 f"{folder} holds a checkpoint trained with other settings: {shown}. Pass "
                 "retrain=True (on the command line: retrain=True) to train anew (the old "
                 f"files move to {folder}/replaced-<n>/), or use another workdir.")
-        n = 0
-        while (folder / f"replaced-{n}").exists():
-            n += 1
-        aside = folder / f"replaced-{n}"
-        aside.mkdir()
+        aside = numbered_folder(folder, "replaced-")
         for name in TRAINING_FILES:
             if (folder / name).exists():
                 (folder / name).rename(aside / name)

@@ -40,6 +40,6 @@ def dumps(obj, **kwargs) -> str:
 
 
 def write_json(path: str | Path, obj) -> Path:
-    """Write ``obj`` atomically (:func:`mechinterp.atomic.write_text`: a temporary file in
-    the same folder, then ``os.replace``)."""
-    return atomic.write_text(path, dumps(obj) + "\n")
+    """Write ``obj`` with :class:`Encoder` atomically (:func:`mechinterp.atomic.write_json`:
+    a temporary file in the same folder, then ``os.replace``)."""
+    return atomic.write_json(path, obj, cls=Encoder)

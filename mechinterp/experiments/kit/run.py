@@ -28,7 +28,7 @@ import numpy as np
 from mechinterp import atomic, validate
 from mechinterp.experiments.kit import jsonio, plots
 from mechinterp.train.checkpoint import StopSignal
-from mechinterp.train.fingerprint import differences, flatten
+from mechinterp.train.fingerprint import differences, flatten, numbered_folder, without
 
 IGNORED = ("workdir", "progress", "overwrite", "retrain")  # do not change the results
 EXIT_INTERRUPTED = 143
@@ -107,9 +107,7 @@ class Run:
         jsonio.write_json(self.workdir / "run.json", record)
 
     def _settings(self, config: dict) -> dict:
-        flat = flatten(config)
-        return {k: v for k, v in flat.items()
-                if not any(k == i or k.startswith(i + ".") for i in self.ignore)}
+        return without(flatten(config), self.ignore)
 
     def _check_not_running(self) -> None:
         path = self.workdir / "run.json"
@@ -141,11 +139,7 @@ class Run:
                 f"{' ...' if len(diff) > 12 else ''}. Use another workdir, or pass "
                 "overwrite=True to run here (the previous results move to previous/<n>/; "
                 "checkpoints stay and are reused only where their fingerprints match).")
-        n = 0
-        while (self.workdir / "previous" / str(n)).exists():
-            n += 1
-        aside = self.workdir / "previous" / str(n)
-        aside.mkdir(parents=True)
+        aside = numbered_folder(self.workdir / "previous")
         for child in list(self.workdir.iterdir()):
             if child.is_file():
                 child.rename(aside / child.name)

@@ -45,12 +45,11 @@ def analyse(trained: kit.Trained, twins: dict, train_twins: dict, config, r: kit
     """One trained model: accuracies, patching grids, circuits, the dissociation rows."""
     model, params = trained.model, trained.params
     out = {"training": trained.info}
-    for key, tw, tokens in (("accuracy_test", twins, "clean"),
-                            ("accuracy_train_items", train_twins, "clean"),
-                            ("accuracy_corrupted_twins", twins, "corrupt")):
-        answers = "clean_answer" if tokens == "clean" else "corrupt_answer"
-        out[key] = {t: lm.answer_accuracy(model, params, getattr(tw[t], tokens),
-                                          getattr(tw[t], answers)) for t in TASKS}
+    for key, tw, side in (("accuracy_test", twins, "clean"),
+                          ("accuracy_train_items", train_twins, "clean"),
+                          ("accuracy_corrupted_twins", twins, "corrupt")):
+        out[key] = {t: lm.answer_accuracy(model, params, getattr(tw[t], side),
+                                          getattr(tw[t], f"{side}_answer")) for t in TASKS}
     with r.phase(f"{family}/patch"):
         patched = {task: patch_task(model, params, twins[task]) for task in TASKS}
     with r.phase(f"{family}/ablate"):
