@@ -62,6 +62,7 @@ def run(config, workdir) -> dict:
 def analyse(trained: kit.Trained, calib: lm.Examples, data: lm.Examples, config) -> dict:
     """Frequencies, specialization, partitions and the partition ablation of one model."""
     model, params, a = trained.model, trained.params, config.analysis
+    seed = trained.info["seed"]  # each trained model gets its own partition and controls
     tasks = [t for i, t in enumerate(data.task_names) if (calib.task == i).any()
              and (data.task == i).any()]
     index = {t: data.task_names.index(t) for t in tasks}
@@ -72,12 +73,12 @@ def analyse(trained: kit.Trained, calib: lm.Examples, data: lm.Examples, config)
     spec = bricks.specialization(freq)
     active = np.concatenate([(x > tau[None, :, None]).reshape(len(x), -1)
                              for x in acts.values()])
-    labels = bricks.coactivation_partitions(active, a.n_partitions, seed=config.seed)
+    labels = bricks.coactivation_partitions(active, a.n_partitions, seed=seed)
     per_task = {t: data.of_task(index[t]) for t in tasks}
     study = bricks.partition_ablation(
         model, params, {t: per_task[t].tokens for t in tasks},
         {t: exact_match(per_task[t]) for t in tasks}, labels, model.config.d_mlp,
-        n_random=a.n_random, seed=config.seed)
+        n_random=a.n_random, seed=seed)
     home = np.array([int(np.argmax(spec[:, labels == p].mean(1)))
                      for p in range(len(study["sizes"]))])
     return {"training": trained.info, "tasks": tasks, "thresholds": tau, "frequencies": freq,
