@@ -29,8 +29,10 @@ def _with_comment(rendering, text: str):
 
 
 def shape_text(dtype, shape, axes) -> str:
-    """``float32[layer=2, pos=5]`` (axis names where known, else ``float32[2, 5]``)."""
-    sizes = [f"{a}={n}" for a, n in zip(axes, shape)] if axes else [str(n) for n in shape]
+    """``float32[layer=2, pos=5]`` (axis names where known and fitting, else
+    ``float32[2, 5]``)."""
+    named = axes is not None and len(axes) == len(shape)
+    sizes = [f"{a}={n}" for a, n in zip(axes, shape)] if named else [str(n) for n in shape]
     return f"{np.dtype(dtype).name}[{', '.join(sizes)}]"
 
 
