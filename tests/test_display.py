@@ -222,7 +222,8 @@ def test_attention_html_embeds_escaped_tokens_and_the_pattern():
     assert data["tokens"] == TOKENS and data["heads"] == ["head 0", "head 1"]
     np.testing.assert_allclose(data["pattern"], pattern, atol=1e-6)
     assert "http" not in page.lower()  # nothing fetched: CSS and JS are inline
-    one_head = view_data(attention_html(pattern[1], TOKENS))
+    one_head = view_data(mi.display.attention_html(pattern[1], TOKENS, vmax=0.5))
+    assert one_head["vmax"] == 0.5
     np.testing.assert_allclose(one_head["pattern"], pattern[1:], atol=1e-6)
 
 
@@ -242,11 +243,13 @@ def test_attention_html_bad_input_is_a_clear_error(pattern, tokens, head_names, 
         attention_html(pattern, tokens, head_names)
 
 
-def test_attention_html_tokens_must_be_strings():
+def test_attention_html_tokens_must_be_strings_and_vmax_positive():
     with pytest.raises(TypeError, match="token 1 is a int"):
         attention_html(np.zeros((2, 2)), ["a", 3])
     with pytest.raises(TypeError, match="list of strings"):
         attention_html(np.zeros((2, 2)), "ab")
+    with pytest.raises(ValueError, match="vmax must be positive, got 0"):
+        attention_html(np.zeros((2, 2)), ["a", "b"], vmax=0)
 
 
 def chromium() -> str | None:
@@ -296,7 +299,7 @@ def test_attention_view_renders_in_a_headless_browser(tmp_path):
                                        rgb_of(SEQUENTIAL, value), atol=1)
     info = elements.find("div", "mi-attn-info")[1][2]
     assert info == f"{shown[3]} \u2192 {shown[1]}: {second[2, 3, 1]:.4f}"
-    highlighted = [e[2] for e in elements.find("th") if "mi-hl" in e[1].get("class", "")]
+    highlighted = [e[2] for e in elements.find("th", "mi-hl")]
     assert highlighted == [shown[1], shown[3]]
 
 
