@@ -48,7 +48,7 @@ __all__ = [
 # Imported on first use: the model families and training (so the core never depends on
 # them), and the analyses with heavier dependencies (scikit-learn, matplotlib).
 _LAZY = ("models", "train", "llm_drop", "depth_efficiency", "bricks", "transcoders",
-         "logit_attribution",
+         "logit_attribution", "display",
          "attribution_graph", "probe_prompting")
 
 

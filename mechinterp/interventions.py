@@ -76,3 +76,8 @@ class Intervention:
 
     def fields(self) -> dict[str, Array]:
         return {"scale": self.scale, "add": self.add, "mask": self.mask}
+
+    def __treescope_repr__(self, path, subtree_renderer):
+        from mechinterp import treescope_repr
+
+        return treescope_repr.intervention(self, path, subtree_renderer)

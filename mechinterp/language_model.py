@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mechinterp import ablation, attribution, metrics
+from mechinterp import ablation, attribution, metrics, validate
 from mechinterp.site_io import capture, intervene
 
 __all__ = ["LanguageModel", "load"]
@@ -309,6 +309,35 @@ class LanguageModel:
         return logit_attribution(self.model, self.params, tokens,
                                  *mask, tokens=self.to_single_token(correct),
                                  incorrect_tokens=wrong)
+
+    def attention_view(self, text: str, layer: int, heads=None,
+                       prepend_bos: bool | None = None):
+        """The attention pattern of ``layer`` on one text, as an HTML view labelled by its
+        tokens (:func:`mechinterp.display.attention_html`; displays in notebooks, ``.save``
+        writes a page). ``heads``: an index or a list of them (default: every head)."""
+        from mechinterp.display import HtmlView, attention_html
+
+        if not isinstance(text, str):
+            raise TypeError("attention_view takes one text (a string); loop over a list")
+        tokens, = self._inputs(text, prepend_bos)
+        _, cache = capture(self.model, self.params, tokens, sites=["attn.pattern"])
+        pattern = np.asarray(cache["attn.pattern"])  # (layer, batch, head, query, key)
+        n_layers, n_heads = pattern.shape[0], pattern.shape[2]
+        layer = validate.check_index(layer, "layer")
+        if not -n_layers <= layer < n_layers:
+            raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers")
+        heads = list(range(n_heads)) if heads is None else (
+            [heads] if np.ndim(heads) == 0 else list(heads))
+        for head in heads:
+            if not -n_heads <= validate.check_index(head, "head") < n_heads:
+                raise ValueError(f"head {head} is out of range: layer {layer} has {n_heads} "
+                                 "heads")
+        layer = layer % n_layers
+        heads = [h % n_heads for h in heads]
+        return HtmlView(attention_html(pattern[layer, 0, heads],
+                                       self.to_str_tokens(text, prepend_bos),
+                                       head_names=[f"L{layer}H{h}" for h in heads],
+                                       title=f"attention, layer {layer}"))
 
     def ablate(self, text, components, method: str = "zero", values: Mapping | None = None,
                prepend_bos: bool | None = None, padding_side: str | None = None):

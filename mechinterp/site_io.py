@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mechinterp import validate
+from mechinterp.activation_cache import ActivationCache
 from mechinterp.interventions import Intervention
 from mechinterp.sites import INTERMEDIATES, INTERVENTIONS, SiteSpec
 
@@ -48,6 +49,11 @@ class SiteInfo:
     paths: tuple[Path, ...]
     stacked: bool
     missing_layers: tuple[int, ...] = ()
+
+    def __treescope_repr__(self, path, subtree_renderer):
+        from mechinterp import treescope_repr
+
+        return treescope_repr.site_info(self, path, subtree_renderer)
 
 
 def site_table(model: nn.Module) -> Mapping[str, SiteSpec]:
@@ -450,7 +456,8 @@ def _run(model, params, inputs, kwargs, interventions, names):
 
 def capture(model: nn.Module, params, *inputs, sites=None, interventions=None,
             check_finite: bool = False, **kwargs):
-    """Run the model and return ``(outputs, {site name: activation})``.
+    """Run the model and return ``(outputs, cache)``: the cache is an
+    :class:`~mechinterp.activation_cache.ActivationCache`, a ``{site name: activation}`` dict.
 
     ``sites``: names to return (default: every site). Per-layer sites come with a leading
     layer axis. Activations are recorded before the site's own intervention (if any) is
@@ -469,6 +476,7 @@ def capture(model: nn.Module, params, *inputs, sites=None, interventions=None,
     else:
         names = tuple(sites)
     outputs, cache = _run(model, params, inputs, kwargs, interventions, names)
+    cache = ActivationCache(cache, site_table(model))
     if check_finite:
         validate.check_finite(cache, "site")
         validate.check_finite({"outputs": outputs} if hasattr(outputs, "shape") else {},

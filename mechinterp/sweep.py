@@ -71,6 +71,19 @@ class SweepResult:
     def to_numpy(self) -> np.ndarray:
         return self.values
 
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        """Notebooks show the values as a labelled heatmap
+        (:func:`mechinterp.display.heatmap_html`)."""
+        from mechinterp.display import heatmap_html
+
+        return {"text/html": heatmap_html(self.values, self.axes, self.labels),
+                "text/plain": repr(self)}
+
+    def __treescope_repr__(self, path, subtree_renderer):
+        from mechinterp import treescope_repr
+
+        return treescope_repr.sweep_result(self, path, subtree_renderer)
+
     def save(self, path) -> None:
         """Write values, axes, labels and cost to one ``.npz`` file (``mechinterp plot``
         reads it)."""
