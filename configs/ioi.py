@@ -18,7 +18,7 @@ from mechinterp.experiments import kit
 PRESETS = {
     "default": {},
     # the CI smoke test: SmolLM2 cut to its first 2 blocks (plumbing, not a finding)
-    "smoke": {"model.keep_layers": 2, "data.n_templates": 2, "data.n_pairs": 1,
+    "smoke": {"model.keep_layers": 2, "data.n_templates": 1, "data.n_pairs": 1,
               "analysis.grid_pairs": 1, "analysis.path_templates": 1,
               "analysis.n_candidates": 2},
 }

@@ -110,6 +110,9 @@ def run(config, workdir) -> dict:
                            "dla_check": ev["dla_check"], "example": b.clean[0],
                            "example_abc": b.corrupted[0]} for b, ev in zip(batches, evs)],
             "grid_prompts": [b.clean for b in small[:a.grid_templates]],
+            "grid_str_tokens": [b.str_tokens for b in small[:a.grid_templates]],
+            "grid_positions": [{k: v.tolist() for k, v in b.positions.items()}
+                               for b in small[:a.grid_templates]],
             "candidates": {"direct": cells, "s_inhibition": senders},
             "classes": classes,
             "heads": {f"L{l}H{h}": {"dla": [float(ev["dla"][l, h].mean()) for ev in evs],

@@ -58,11 +58,24 @@ def check_names(lm, names) -> list[int]:
     return [lm.to_single_token(" " + n) for n in names]
 
 
+def align(lm, clean, corrupted) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens (batch, pos) of clean and corrupted prompts (no BOS: SmolLM2 adds none), which
+    must align token for token (``lm.aligned_pair`` names a pair that does not, with its
+    token counts) and, within a batch, have one length."""
+    (tokens, *mask), (corrupted_tokens, *_) = lm.aligned_pair(clean, corrupted,
+                                                              prepend_bos=False)
+    if mask:
+        lengths = sorted({len(lm.to_str_tokens(t, prepend_bos=False)) for t in clean})
+        raise ValueError(f"one batch needs prompts of one token length, got {lengths}: "
+                         "names must be single tokens")
+    return np.asarray(tokens), np.asarray(corrupted_tokens)
+
+
 def build(lm, template: str, names, n_pairs: int, seed: int = 0) -> TemplateBatch:
     """``2 * n_pairs`` prompts of ``template``: ``n_pairs`` random (IO, S, C) triples of
     distinct ``names``, each in ABBA and BABA order. Clean and corrupted prompts must align
     token for token (``lm.aligned_pair`` names a pair that does not), and every prompt of
-    the template must have the same length (an error names the lengths)."""
+    the template must have the same length (:func:`align`)."""
     ids = dict(zip(names, check_names(lm, names)))
     if len(names) < 3:
         raise ValueError(f"IOI needs at least 3 distinct names, got {list(names)}")
@@ -75,13 +88,8 @@ def build(lm, template: str, names, n_pairs: int, seed: int = 0) -> TemplateBatc
             corrupted.append(template.format(A=first, B=second, S=c))
             io.append(ids[a])
             s.append(ids[b])
-    (tokens, *mask), (corrupted_tokens, *_) = lm.aligned_pair(clean, corrupted,
-                                                              prepend_bos=False)
-    if mask:
-        lengths = sorted({len(lm.to_str_tokens(t, prepend_bos=False)) for t in clean})
-        raise ValueError(f"the prompts of template {template!r} have different token "
-                         f"lengths {lengths}: names must be single tokens")
-    tokens, io, s = np.asarray(tokens), np.asarray(io), np.asarray(s)
+    tokens, corrupted_tokens = align(lm, clean, corrupted)
+    io, s = np.asarray(io), np.asarray(s)
     hits = lambda name_ids: [np.flatnonzero(row == i) for row, i in zip(tokens, name_ids)]  # noqa: E731
     io_at, s_at = hits(io), hits(s)
     if any(len(h) != 1 for h in io_at) or any(len(h) != 2 for h in s_at):
@@ -90,6 +98,6 @@ def build(lm, template: str, names, n_pairs: int, seed: int = 0) -> TemplateBatc
                  "S2": np.array([h[1] for h in s_at])}
     positions["S1+1"] = positions["S1"] + 1
     positions["END"] = np.full(len(tokens), tokens.shape[1] - 1)
-    return TemplateBatch(template, clean, corrupted, tokens, np.asarray(corrupted_tokens), io,
+    return TemplateBatch(template, clean, corrupted, tokens, corrupted_tokens, io,
                          s, {k: positions[k] for k in KEY_POSITIONS},
                          lm.to_str_tokens(clean[0], prepend_bos=False))
