@@ -45,5 +45,5 @@ def get_config(arg=None):
     c.analysis.grid_pairs = 4  # name triples of the grid / path patching batches
     c.analysis.n_candidates = 10  # top heads by |DLA| and |head patching| (and per step)
     c.analysis.threshold = 0.05  # |path effect| (fraction of the clean - ABC gap)
-    c.analysis.attention_threshold = 0.3  # duplicate-token / induction attention
+    c.analysis.attention_threshold = 0.3  # attention to a name for a head to "read" it
     return kit.with_preset(c, PRESETS, arg)

@@ -9,6 +9,7 @@ attention). No training seeds (a pretrained model): spread is over templates."""
 from __future__ import annotations
 
 import importlib.util
+import resource
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +50,19 @@ def _top(score, n: int, allowed=None) -> set:
 
 
 def classify(direct, via, attn: dict, threshold: float, attention_threshold: float) -> dict:
-    """Heads per class from the mean path effects (layer, head) and mean attention."""
+    """Heads per class from the mean path effects (layer, head) and mean attention. A head
+    "reads" a name when END attends to it at least ``attention_threshold`` and more than
+    to the other name; direct heads that read neither are ``other_direct``."""
     heads = lambda cond: sorted(map(tuple, np.argwhere(cond).tolist()))  # noqa: E731
+    io, s2 = attn["END->IO"], attn["END->S2"]
+    reads_io = (io >= attention_threshold) & (io > s2)
+    reads_s = (s2 >= attention_threshold) & (s2 > io)
     with np.errstate(invalid="ignore"):
-        return {"name_movers": heads((direct <= -threshold)
-                                     & (attn["END->IO"] > attn["END->S2"])),
-                "negative_name_movers": heads(direct >= threshold),
+        down, up = direct <= -threshold, direct >= threshold
+        return {"name_movers": heads(down & reads_io),
+                "negative_name_movers": heads(up & reads_io),
+                "s_suppression": heads(down & reads_s),
+                "other_direct": heads((down | up) & ~reads_io & ~reads_s),
                 "s_inhibition": heads(via <= -threshold),
                 "duplicate_token": heads(attn["S2->S1"] >= attention_threshold),
                 "induction": heads(attn["S2->S1+1"] >= attention_threshold)}
@@ -126,6 +134,8 @@ def run(config, workdir) -> dict:
         arrays = {"dla": dla, "direct": np.mean(direct, 0), "via_name_movers": np.mean(via, 0),
                   **{f"attn_{k}": v for k, v in attn.items()},
                   **{f"{k}_t{i}": v for i, g in enumerate(grids) for k, v in g.items()}}
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        results["cpu_s"] = usage.ru_utime + usage.ru_stime
         with r.phase("report"):
             figures(r, results, arrays, small[:a.grid_templates])
             r.write_results(results, arrays)

@@ -12,10 +12,13 @@ GPT2 = {"name_movers": ["9.6", "9.9", "10.0"], "negative_name_movers": ["10.7", 
         "s_inhibition": ["7.3", "7.9", "8.6", "8.10"], "induction": ["5.5", "6.9"],
         "duplicate_token": ["0.1", "3.0"]}
 WHAT = {"name_movers": "direct path to the logits lowers IO - S when corrupted, attend END->IO",
-        "negative_name_movers": "direct path works against IO (corrupting it raises IO - S)",
+        "negative_name_movers": "direct path works against IO (corrupting it raises IO - S), "
+                                "attend END->IO",
         "s_inhibition": "act through the name movers' queries at END",
         "induction": "attend from S2 to S1+1 (attention only here)",
-        "duplicate_token": "attend from S2 to S1 (attention only here)"}
+        "duplicate_token": "attend from S2 to S1 (attention only here)",
+        "s_suppression": "direct path lowers IO - S when corrupted, END attends S2",
+        "other_direct": "direct path effect, END attends neither name"}
 
 
 def _depth(heads, n_layers: int) -> str:
@@ -48,8 +51,9 @@ def figures(r, results: dict, arrays: dict, grid_batches) -> None:
                   squeeze=False) as (fig, axes):
         for ax, (key, title) in zip(axes[0], panels):
             _heatmap(fig, ax, arrays[key], title)
-    top = sorted({h for c in ("name_movers", "negative_name_movers", "s_inhibition")
-                  for h in results["classes"][c]})[:12]
+    top = sorted({tuple(h) for c in ("name_movers", "negative_name_movers", "s_suppression",
+                                     "s_inhibition", "other_direct")
+                  for h in results["classes"][c]})[:16]
     if top:
         with r.figure("attention.png", figsize=(max(4, len(top)), 3)) as (fig, ax):
             x = np.arange(len(top))
@@ -89,15 +93,17 @@ def report_markdown(config, results: dict, arrays: dict, timings: dict, batch=No
     found = {c: [f"{l}.{h}" for l, h in hs] for c, hs in classes.items()}
 
     def row(c):
-        hs = classes[c][:6]
+        hs = classes[c][:8]
         key = {"s_inhibition": "via_name_movers", "induction": "S2->S1+1",
                "duplicate_token": "S2->S1"}.get(c, "direct")
         detail = "; ".join(f"L{l}H{h} {_fmt(np.atleast_1d(heads[f'L{l}H{h}'][key]))}"
                            for l, h in hs if f"L{l}H{h}" in heads)
+        where = (f"at {', '.join(GPT2[c])} (depth {_depth(GPT2[c], 12)})" if c in GPT2
+                 else "(no GPT-2 class)")
         return kit.Claim(
-            f"{c.replace('_', ' ')} at {', '.join(GPT2[c])} (depth {_depth(GPT2[c], 12)}): "
-            f"{WHAT[c]}", f"{len(classes[c])} heads (depth {_depth(found[c], n)}): "
-            f"{detail or 'none found'}", bool(classes[c]),
+            f"{c.replace('_', ' ')} {where}: {WHAT[c]}",
+            f"{len(classes[c])} heads (depth {_depth(found[c], n)}): {detail or 'none found'}",
+            bool(classes[c]) if c in GPT2 else None,
             "attention only" if c in ("induction", "duplicate_token") else
             f"threshold {config.analysis.threshold} of the gap, mean over "
             f"{len(heads[next(iter(heads))]['direct']) if heads else 0} templates")
@@ -106,12 +112,22 @@ def report_markdown(config, results: dict, arrays: dict, timings: dict, batch=No
         f"IO above S in {acc:.1%} of {sum(t['n_prompts'] for t in per_t)} prompts; logit "
         f"diff {_fmt(diffs)} (sd over {len(diffs)} templates)",
         bool(acc >= 0.8 and min(diffs) > 0), "accuracy >= 80% and every template > 0")]
-    claims += [row(c) for c in GPT2]
+    claims += [row(c) for c in WHAT]
+    if batch is not None and (t := _transition(arrays, batch, n)):
+        si = sorted({l for l, _ in classes["s_inhibition"]})
+        claims.append(kit.Claim(
+            "residual stream: the signal sits at S2, then moves to END in the layers of the "
+            "S-inhibition heads (GPT-2: 7-8, depth 0.58-0.67)",
+            f"END restores >= half the gap from layer {t[0]} (depth {t[0] / n:.2f}), S2 up "
+            f"to {t[1]:.2f} before; S-inhibition heads in layers {si or 'none'}",
+            bool(si) and t[1] >= 0.5 and min(si) <= t[0] <= max(si) + 2,
+            "first template; moves = END >= 0.5 within 2 layers after an S-inhibition head"))
     lines = [f"# IOI on {results['model']} ({n} layers x {results['n_heads']} heads)", "",
              *kit.claims_table(claims), "",
              "No training seeds: a pretrained model. Spread (±) is the sd over templates. "
              "Relative depth = layer / n_layers (GPT-2 small: 12 layers).",
-             f"Runtime: {kit.timings_line(timings)} (2 shared CPU cores).", "",
+             f"Runtime: {kit.timings_line(timings)} wall, {results['cpu_s']:.0f} s CPU "
+             "(user + sys; 2 CPU cores, shared with other jobs).", "",
              "## Performance per template (clean vs ABC: S2 replaced by a third name)", "",
              *kit.table(["template", "prompts", "IO - S", "IO - S (ABC)", "IO > S", "IO top-1"],
                         [(t["template"], t["n_prompts"], f"{t['logit_diff']:+.2f}",
@@ -128,9 +144,6 @@ def report_markdown(config, results: dict, arrays: dict, timings: dict, batch=No
                           _fmt(v["direct"]), _fmt(v["via_name_movers"]), _fmt(v["head_patch"]),
                           f"{v['END->IO']:.2f}", f"{v['END->S2']:.2f}", f"{v['S2->S1']:.2f}",
                           f"{v['S2->S1+1']:.2f}") for k, v in heads.items()]), ""]
-    if batch is not None and (t := _transition(arrays, batch, n)):
-        lines += [f"Residual patching: from layer {t[0]} (depth {t[0] / n:.2f}) patching END "
-                  f"restores >= half the gap; before it S2 restores up to {t[1]:.2f}.", ""]
     lines += ["Figures: `patching_positions.png` (resid_pre / attn_out by layer and position, "
               "first template), `heads.png`, `attention.png`. Key positions: "
               + ", ".join(KEY_POSITIONS) + "."]
