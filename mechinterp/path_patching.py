@@ -10,7 +10,8 @@ For each sender cell (e.g. one head), in the noising direction of Wang et al. 20
    the recorded values, nothing else changed. The metric of this run is the cell's value.
 
 Both runs of every cell are one vmapped computation over sender cells; the clean and
-corrupted caches are shared by all cells.
+corrupted caches are shared by all cells. ``sender_cells`` evaluates only some cells (e.g.
+candidate heads), the rest of the grid is NaN.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def path_patch(model, params, clean_tokens, clean_cache: Mapping, corrupted_cach
                metric, sender_site: str, sender_grid: Sequence[str], receiver_site: str,
                receiver_mask=1.0, frozen_sites: Sequence[str] = ("attn.z",),
                chunk_size: int | None = None, progress: bool = True,
-               model_kwargs: Mapping | None = None) -> SweepResult:
+               model_kwargs: Mapping | None = None, sender_cells=None) -> SweepResult:
     """Metric per sender cell when only the path sender -> ``receiver_site`` is corrupted.
 
     ``sender_grid`` are axes of ``sender_site`` swept one cell at a time (e.g.
@@ -45,6 +46,8 @@ def path_patch(model, params, clean_tokens, clean_cache: Mapping, corrupted_cach
     or every position of ``final_norm`` for the direct path to the logits).
     ``frozen_sites`` (and the sender site itself) are held at their clean values in the
     first run, apart from the sender cell; the receiver site may not be frozen.
+    ``sender_cells`` (n, len(sender_grid)) ints: only these cells are run, the others are
+    NaN in the result (default: every cell).
     """
     model_kwargs = dict(model_kwargs or {})
     inputs = (clean_tokens,)
@@ -80,10 +83,19 @@ def path_patch(model, params, clean_tokens, clean_cache: Mapping, corrupted_cach
 
     grid_shape = tuple(sender.shape[sender.axes.index(axis)] for axis in sender_grid)
     cells = np.array(list(np.ndindex(*grid_shape)), np.int32).reshape(-1, len(sender_grid))
+    if sender_cells is not None:
+        cells = np.asarray(sender_cells, np.int32).reshape(-1, len(sender_grid))
+        outside = [tuple(c) for c in cells.tolist()
+                   if any(not 0 <= i < n for i, n in zip(c, grid_shape))]
+        if outside:
+            raise ValueError(f"sender_cells {outside} are outside the {sender_site!r} grid "
+                             f"{dict(zip(sender_grid, grid_shape))}")
     caches = ({n: clean_cache[n] for n in needed},
               {sender_site: corrupted_cache[sender_site]})
     if chunk_size is None:
         chunk_size = max(1, default_chunk_size(model, inputs, model_kwargs) // 2)
     values = map_in_chunks(cell, cells, (params, caches), chunk_size,
                            desc=f"path {sender_site} -> {receiver_site}", progress=progress)
-    return SweepResult(values.reshape(grid_shape), tuple(sender_grid))
+    grid = np.full(grid_shape, np.nan, np.float32)
+    grid[tuple(cells.T)] = np.asarray(values).reshape(-1)
+    return SweepResult(grid, tuple(sender_grid))

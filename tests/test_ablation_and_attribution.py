@@ -188,3 +188,26 @@ def test_path_patching_cells_follow_the_two_run_definition(setup):
     # a head in the receiver's own layer cannot reach its queries: no effect there
     clean_value = metric(model.apply({"params": params}, clean))
     np.testing.assert_allclose(result.values[1], clean_value, rtol=1e-5, atol=1e-6)
+
+
+def test_path_patching_sender_cells_run_only_those_cells(setup):
+    """``sender_cells`` gives the full grid's values at those cells, NaN elsewhere; a cell
+    outside the grid is an error naming it."""
+    from mechinterp.path_patching import path_patch
+
+    model, params, clean = setup
+    corrupted = clean.at[:, 2].set((clean[:, 2] + 7) % VOCAB)
+    _, clean_cache = mi.capture(model, params, clean)
+    _, corrupted_cache = mi.capture(model, params, corrupted)
+    metric = metrics.logprob(jnp.arange(BATCH))
+    args = (model, params, clean, clean_cache, corrupted_cache, metric, "attn.z",
+            ("layer", "head"), "final_norm")
+    full = path_patch(*args, progress=False)
+    cells = [(0, 3), (1, 0), (0, 1)]
+    part = path_patch(*args, progress=False, sender_cells=cells)
+    chosen = np.zeros(full.shape, bool)
+    chosen[tuple(np.array(cells).T)] = True
+    np.testing.assert_allclose(part.values[chosen], full.values[chosen], rtol=1e-5, atol=1e-6)
+    assert np.isnan(part.values[~chosen]).all() and np.isfinite(full.values).all()
+    with pytest.raises(ValueError, match=r"sender_cells \[\(2, 0\)\] are outside"):
+        path_patch(*args, progress=False, sender_cells=[(2, 0)])
