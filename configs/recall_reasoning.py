@@ -30,8 +30,8 @@ from mechinterp.experiments import kit
 
 PAPER = {  # SmolLM2-135M-Instruct: no training; items and analysis sized for 2 CPU cores
     "checkpoint": "smollm2", "families": "", "seeds": 1, "workdir": "runs/recall_reasoning_paper",
-    "analysis.n_items": 16, "analysis.grids": "resid_pre,heads,mlp_layers",
-    "analysis.estimated_grids": "neurons", "analysis.n_boot": 1000,
+    "analysis.n_items": 16, "analysis.grids": "heads,mlp_layers",
+    "analysis.estimated_grids": "resid_pre,attn_out,mlp_out,neurons", "analysis.n_boot": 1000,
 }
 
 
@@ -46,11 +46,12 @@ PRESETS = {
         "analysis.n_random": 2,
     },
     "paper": PAPER,
-    # the CI smoke test of the paper preset: 8 recall and 8 reasoning candidates, cheap grids
-    "paper_smoke": {**PAPER, "natural.n_recall": 8, "natural.n_reasoning": 8, "natural.min_items": 1,
-                    "analysis.n_items": 4, "analysis.grids": "mlp_layers",
-                    "analysis.estimated_grids": "heads,neurons", "analysis.n_random": 1,
-                    "analysis.methods": "zero", "analysis.n_boot": 20},
+    # the CI smoke test of the paper preset: 8 recall and 36 reasoning candidates (SmolLM2
+    # solves recall 0-3 and reasoning 35 of seed 0: both tasks analysed), estimated grids
+    "paper_smoke": {**PAPER, "natural.n_recall": 8, "natural.n_reasoning": 36,
+                    "natural.min_items": 1, "analysis.n_items": 4, "analysis.grids": "",
+                    "analysis.estimated_grids": "heads,mlp_layers,neurons",
+                    "analysis.n_random": 1, "analysis.methods": "zero", "analysis.n_boot": 20},
 }
 
 
@@ -102,7 +103,7 @@ def get_config(arg=None):
 
     c.natural = ml_collections.ConfigDict()  # natural-language items of a real checkpoint
     c.natural.n_recall = 0  # recall candidates (0: every fact of the tables)
-    c.natural.n_reasoning = 64  # reasoning candidates
-    c.natural.shots = 1  # solved examples before each reasoning prompt
+    c.natural.n_reasoning = 192  # reasoning candidates
+    c.natural.shots = 0  # solved examples before each reasoning prompt
     c.natural.min_items = 4  # a task with fewer solved items is not analysed
     return kit.with_preset(c, PRESETS, arg)

@@ -161,19 +161,25 @@ def test_paper_smoke_runs_on_smollm2(smoke_run):
     assert report.startswith("# Recall vs reasoning circuits on a real model: SmolLM2")
     assert "| paper's claim | ours | reproduced? |" in report and "## Items" in report
     results = json.loads((workdir / "results.json").read_text())
-    for task, v in results["items"].items():
-        assert v["kept"] <= v["solved"] <= v["candidates"] == 8
+    for task, n in (("recall", 8), ("reasoning", 36)):
+        v = results["items"][task]
+        assert 1 <= v["kept"] <= v["solved"] <= v["candidates"] == n
         assert v["solved"] / v["candidates"] == pytest.approx(v["accuracy_both"])
         assert v["accuracy_both"] <= min(v["accuracy_clean"], v["accuracy_twin"])
     assert results["items"]["recall"]["accuracy_clean"] >= 0.75  # it knows capitals
-    assert "recall" in results["analysed_tasks"]
+    assert results["items"]["reasoning"]["forced_choice_both"] <= 0.25  # ... not binding
+    assert "The model fails the reasoning task" in report
+    assert results["analysed_tasks"] == ["recall", "reasoning"]
     analysis = results["analysis"]
+    rows = analysis["dissociation"]  # 1 method x 2 levels x 2 circuits, with intervals
+    assert len(rows) == 4 and all(r["own_ci"][0] <= r["own_drop"] <= r["own_ci"][1]
+                                  for r in rows)
     assert analysis["logit_diff"]["recall"]["clean"] > 0 > analysis["logit_diff"]["recall"][
         "corrupt"]
     arrays = np.load(workdir / "results.npz")
     assert arrays["recall/heads"].shape == (30, 9)
     assert arrays["recall/neurons"].shape == (30, 1536)
     assert all(np.isfinite(arrays[k]).all() for k in arrays.files)
-    for row in analysis.get("dissociation", []):
+    for row in rows:
         assert all(math.isfinite(v) for v in row.values() if isinstance(v, float))
     assert json.loads((workdir / "run.json").read_text())["status"] == "complete"

@@ -9,6 +9,7 @@ is a bootstrap over items.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 from pathlib import Path
@@ -116,7 +117,13 @@ def _claims(results: dict) -> list[kit.Claim]:
                           None)]
     one = {"per_seed": {results["model"]: [analysis]},
            "families": {results["model"]: analysis}}
-    return claims(one, unit="model (one pretrained checkpoint, no seeds)")
+    found = claims(one, unit="model (one pretrained checkpoint, no seeds)")
+    chance = [f"{t} at chance (forced choice {v['forced_choice_both']:.0%} of candidates)"
+              for t, v in results["items"].items() if v["forced_choice_both"] <= 0.25]
+    if chance:  # the verdicts stand, but say what they rest on
+        found = [dataclasses.replace(c, note=f"{c.note}; {', '.join(chance)}: weak evidence")
+                 for c in found]
+    return found
 
 
 def paper_report(config, results: dict, timings: dict) -> str:
@@ -152,15 +159,23 @@ def paper_report(config, results: dict, timings: dict) -> str:
         t, *(s.replace("\n", " ") for s in v["example"])) for t, v in items.items()]
     lines += ["", "Recall: facts from a table of countries (capital city, official "
               "language), the twin swaps the country. Reasoning: two-hop binding in context "
-              f"after {config.natural.shots} solved example(s) (person -> companion -> the "
+              f"({config.natural.shots} solved examples first; person -> companion -> the "
               "companion's city), the twin swaps the companion, so the answer becomes the "
               "other city in the prompt. A model that ignores the binding (always the "
               "first city, say) can be right on one prompt of a pair but not on both."]
     for t, v in items.items():
-        if t not in results["analysed_tasks"]:
-            lines += ["", f"**The model fails the {t} task**: {v['solved']} of "
-                      f"{v['candidates']} pairs solved (fewer than {config.natural.min_items}); "
-                      "it is not analysed."]
+        if v["forced_choice_both"] <= 0.25:
+            lines += ["", f"**The model fails the {t} task**: right on both prompts of "
+                      f"{v['solved']} of {v['candidates']} pairs, and in the forced choice on "
+                      f"{v['forced_choice_both']:.0%}, not above chance (25 %): the twin's "
+                      "change barely moves its answer (logit diffs above). " + (
+                          f"The {v['kept']} solved pairs are analysed as asked, but they are "
+                          "likely right by chance: read their circuit and dissociation as "
+                          "weak evidence." if t in results["analysed_tasks"] else
+                          f"Fewer than {config.natural.min_items} solved: not analysed.")]
+        elif t not in results["analysed_tasks"]:
+            lines += ["", f"{t}: only {v['solved']} pairs solved (fewer than "
+                      f"{config.natural.min_items}); not analysed."]
     if not analysis:
         lines += ["", "Nothing to analyse.", "", "## Timings (s)", "", kit.timings_line(timings)]
         return "\n".join(lines)
@@ -173,6 +188,12 @@ def paper_report(config, results: dict, timings: dict) -> str:
         f"Patched cell by cell: {a.grids}; estimated by attribution patching (first order, "
         f"one forward and backward): {a.estimated_grids or 'none'}.", "",
         *circuits_markdown(name, analysis["circuits"], top=8)]
+    for level, tasks in analysis["circuits"].items():
+        if len(tasks) == 2:
+            shared = set.intersection(*({c["component"] for c in v} for v in tasks.values()))
+            lines += [f"- shared by both {level} circuits: {len(shared)}"
+                      + (f" ({', '.join(sorted(shared)[:8])}{' ...' if len(shared) > 8 else ''})"
+                         if shared else "")]
     if "dissociation" in analysis:
         lines += ["", "## Dissociation (accuracy drops on the analysed items; [95 % bootstrap "
                   f"interval over items]; random sets: mean ± sd over {a.n_random} sets of "
