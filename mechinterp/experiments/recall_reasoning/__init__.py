@@ -9,6 +9,7 @@ rule (:mod:`mechinterp.experiments.kit.circuits`); ablate it (zero, and mean ove
 evaluated task's own prompts) and measure top-1 answer accuracy on both tasks against
 ``n_random`` random sets of equal size. drop = unablated - ablated accuracy; selectivity =
 own-task drop - other-task drop. Seeds give mean ± sd over independently trained models.
+``preset=paper``: the same :func:`analyse` on a real checkpoint (:mod:`.paper`).
 
 Ours, not the paper's (*inferred*): the tasks, the twins, "head/layer level" = heads plus
 whole MLP layers, the coverage rule, mean ablation over the task's own prompts.
@@ -30,7 +31,8 @@ from mechinterp.experiments.recall_reasoning.puzzles import (TASKS, Twins, make_
 from mechinterp.experiments.recall_reasoning.report import report_markdown
 from mechinterp.metrics import logit_diff
 
-__all__ = ["TASKS", "Twins", "make_mixture", "make_twins", "patch_task", "analyse", "run",
+__all__ = ["TASKS", "Twins", "make_mixture", "make_twins", "patch_task", "grid_names",
+           "analyse", "analyse_trained", "run",
            "report_markdown", "LEVELS", "ablation_study", "choose_circuits", "dissociation",
            "level_components", "level_effects", "select_circuit"]  # the last: from the kit
 
@@ -69,7 +71,7 @@ def analyse(model, params, twins: dict, config, r: kit.Run, name: str) -> tuple[
                                                    for t in tasks}, circuits,
                                    n_random=a.n_random, methods=methods, seed=config.seed)
             out["dissociation"] = dissociation(study, methods, tasks,
-                                               n_boot=a.get("n_boot", 0), seed=config.seed)
+                                               n_boot=a.n_boot, seed=config.seed)
     out["logit_diff"] = {t: {"clean": patched[t]["m_clean"], "corrupt": patched[t]["m_corrupt"]}
                          for t in tasks}
     return out, {t: patched[t]["grids"] for t in tasks}

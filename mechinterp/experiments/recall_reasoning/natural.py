@@ -4,7 +4,7 @@
   is" -> " Paris", "The official language of Japan is" -> " Japanese"; the twin swaps the
   country for another of the same relation whose answer differs ("... of Italy is").
 - *reasoning*: two-hop binding in context, after ``shots`` solved examples: "Anna is in
-  Rome and Tom is in Oslo. Kate is with Tom. Kate is in" -> " Oslo" (person -> companion
+  Rome and Tom is in Oslo. Mark is with Tom. Mark is in" -> " Oslo" (person -> companion
   -> companion's city); the twin changes the companion to the other person, so the answer
   becomes the other city, which is in the prompt too.
 
