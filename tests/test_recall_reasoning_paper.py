@@ -96,6 +96,8 @@ def test_twins_of_names_the_item_whose_lengths_differ(tok_only):
                                "The capital of Italy is", " Paris", " Paris")
     with pytest.raises(ValueError, match=r"recall/same \(both answers start with ' Paris'\)"):
         natural.twins_of(tok_only, "recall", [same_answer])
+    with pytest.raises(ValueError, match="checkpoint='/no/such.gguf' does not exist"):
+        paper.checkpoint_path("/no/such.gguf")
 
 
 def test_estimated_grids_are_attribution_patching():
