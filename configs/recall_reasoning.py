@@ -21,7 +21,7 @@ binding in context), only on the items the model answers right on both prompts; 
 training, bootstrap intervals over items (:mod:`mechinterp.experiments.recall_reasoning.paper`).
 Its neuron grid (30 x 1536 on SmolLM2) is estimated by attribution patching.
 
-    mechinterp run configs/recall_reasoning.py preset=paper      # minutes on 2 cores
+    mechinterp run configs/recall_reasoning.py preset=paper      # 7-9 min on 2 shared cores
 """
 
 import ml_collections

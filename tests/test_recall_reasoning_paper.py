@@ -185,3 +185,20 @@ def test_paper_smoke_runs_on_smollm2(smoke_run):
     for row in rows:
         assert all(math.isfinite(v) for v in row.values() if isinstance(v, float))
     assert json.loads((workdir / "run.json").read_text())["status"] == "complete"
+
+
+def test_report_says_when_the_model_solves_nothing():
+    from mechinterp import cli
+
+    config = cli.load_config("configs/recall_reasoning.py", "paper")
+    task = {"candidates": 10, "solved": 0, "kept": 0, "kept_items": [], "tokens": 6,
+            "accuracy_clean": 0.3, "accuracy_twin": 0.2, "accuracy_both": 0.0,
+            "logit_diff_clean": 0.1, "logit_diff_twin": 0.1, "forced_choice_both": 0.1,
+            "example": ["a", " b", "c", " d"]}
+    results = {"model": "M", "checkpoint": "m.gguf", "analysed_tasks": [],
+               "items": {"recall": dict(task, forced_choice_both=0.9), "reasoning": task}}
+    report = paper.paper_report(config, results, {"total": 1.0})
+    assert "not testable: the model solves too few recall, reasoning items" in report
+    assert "**The model fails the reasoning task**" in report
+    assert "The model fails the recall task" not in report  # 90 % forced choice: it knows
+    assert "recall: only 0 pairs solved" in report and "Nothing to analyse." in report

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -176,9 +177,9 @@ def paper_report(config, results: dict, timings: dict) -> str:
         elif t not in results["analysed_tasks"]:
             lines += ["", f"{t}: only {v['solved']} pairs solved (fewer than "
                       f"{config.natural.min_items}); not analysed."]
+    timing = ["", f"## Timings (s, {os.cpu_count()} CPU cores)", "", kit.timings_line(timings)]
     if not analysis:
-        lines += ["", "Nothing to analyse.", "", "## Timings (s)", "", kit.timings_line(timings)]
-        return "\n".join(lines)
+        return "\n".join(lines + ["", "Nothing to analyse.", *timing])
     lines += ["", "Logit difference (answer - twin's answer) clean / corrupted: " + "; ".join(
         f"{t} {v['clean']:.2f} / {v['corrupt']:.2f}" for t, v in analysis["logit_diff"].items()),
         "", "## Circuits (top components by PE)", "",
@@ -202,6 +203,5 @@ def paper_report(config, results: dict, timings: dict) -> str:
               "circuits are those of the items it gets right; accuracy is top-1 on the "
               "answer's first token; neuron effects (if estimated) are first-order "
               "attribution estimates, not patched values; mean ablation uses the evaluated "
-              "task's own per-position means.", "", "## Timings (s)", "",
-              kit.timings_line(timings)]
+              "task's own per-position means.", *timing]
     return "\n".join(lines)
