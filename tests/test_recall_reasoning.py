@@ -123,8 +123,11 @@ def test_smoke_preset_end_to_end(smoke_run):
 def test_presets_default_and_paper():
     config = cli.load_config("configs/recall_reasoning.py")
     assert (config.preset, config.seeds, config.families) == ("default", 3, "llama,qwen")
-    with pytest.raises(ValueError, match="preset=paper runs on a real checkpoint"):
-        cli.load_config("configs/recall_reasoning.py", "paper")
+    assert config.checkpoint == ""  # the default trains tiny models
+    paper = cli.load_config("configs/recall_reasoning.py", "paper")
+    assert (paper.checkpoint, paper.preset) == ("smollm2", "paper")
+    assert "neurons" in paper.analysis.estimated_grids  # 30 x 1536 cells: not one by one
+    assert "neurons" not in paper.analysis.grids
 
 
 def test_seed_aggregation_of_dissociation_rows():

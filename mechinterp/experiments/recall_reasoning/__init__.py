@@ -9,6 +9,7 @@ rule (:mod:`mechinterp.experiments.kit.circuits`); ablate it (zero, and mean ove
 evaluated task's own prompts) and measure top-1 answer accuracy on both tasks against
 ``n_random`` random sets of equal size. drop = unablated - ablated accuracy; selectivity =
 own-task drop - other-task drop. Seeds give mean ± sd over independently trained models.
+``preset=paper``: the same :func:`analyse` on a real checkpoint (:mod:`.paper`).
 
 Ours, not the paper's (*inferred*): the tasks, the twins, "head/layer level" = heads plus
 whole MLP layers, the coverage rule, mean ablation over the task's own prompts.
@@ -21,28 +22,64 @@ from tqdm.auto import tqdm
 
 from mechinterp.experiments import kit
 from mechinterp.experiments.kit import lm
-from mechinterp.experiments.kit.circuits import (LEVELS, ablation_study, choose_circuits,
-                                                 dissociation, level_components, level_effects,
-                                                 patch_grids, plot_grids, select_circuit)
+from mechinterp.experiments.kit.circuits import (LEVELS, PATCH_GRIDS, ablation_study,
+                                                 choose_circuits, dissociation,
+                                                 level_components, level_effects, patch_grids,
+                                                 plot_grids, select_circuit)
 from mechinterp.experiments.recall_reasoning.puzzles import (TASKS, Twins, make_mixture,
                                                              make_twins)
 from mechinterp.experiments.recall_reasoning.report import report_markdown
 from mechinterp.metrics import logit_diff
 
-__all__ = ["TASKS", "Twins", "make_mixture", "make_twins", "patch_task", "analyse", "run",
+__all__ = ["TASKS", "Twins", "make_mixture", "make_twins", "patch_task", "grid_names",
+           "analyse", "analyse_trained", "run",
            "report_markdown", "LEVELS", "ablation_study", "choose_circuits", "dissociation",
            "level_components", "level_effects", "select_circuit"]  # the last: from the kit
 
 
-def patch_task(model, params, twins: Twins, progress: bool = False) -> dict:
-    """Every PE grid of one task's twins and the clean / corrupted metric values."""
+def patch_task(model, params, twins: Twins, progress: bool = False, *,
+               exact=tuple(PATCH_GRIDS), estimated=()) -> dict:
+    """Every PE grid of one task's twins (``exact`` ones patched, ``estimated`` ones by
+    attribution patching: :func:`~mechinterp.experiments.kit.circuits.patch_grids`) and
+    the clean / corrupted metric values."""
     metric = logit_diff(twins.clean_answer, twins.corrupt_answer, pos=-1)
-    return patch_grids(model, params, twins.clean, twins.corrupt, metric, progress)
+    return patch_grids(model, params, twins.clean, twins.corrupt, metric, progress,
+                       exact=exact, estimated=estimated)
 
 
-def analyse(trained: kit.Trained, twins: dict, train_twins: dict, config, r: kit.Run,
-            family: str) -> tuple[dict, dict]:
-    """One trained model: accuracies, patching grids, circuits, the dissociation rows."""
+def grid_names(analysis) -> dict:
+    """``patch_task`` keywords from the config's comma-separated ``analysis.grids`` and
+    ``analysis.estimated_grids``."""
+    def names(spec):
+        return tuple(g.strip() for g in spec.split(",") if g.strip())
+    return {"exact": names(analysis.grids), "estimated": names(analysis.estimated_grids)}
+
+
+def analyse(model, params, twins: dict, config, r: kit.Run, name: str) -> tuple[dict, dict]:
+    """Any decoder (a trained tiny one or a real checkpoint) on ``twins`` (task -> Twins):
+    patching grids, circuits and, with both tasks, the ablations' dissociation rows."""
+    a, tasks = config.analysis, tuple(twins)
+    with r.phase(f"{name}/patch"):
+        patched = {task: patch_task(model, params, twins[task], **grid_names(a)) for task in tasks}
+    out = {"estimated_grids": patched[tasks[0]]["estimated"]}
+    with r.phase(f"{name}/ablate"):
+        circuits, out["circuits"] = choose_circuits(
+            model.config, {t: patched[t]["grids"] for t in tasks}, a)
+        if len(tasks) == 2:
+            methods = a.methods.split(",")
+            study = ablation_study(model, params, {t: (twins[t].clean, twins[t].clean_answer)
+                                                   for t in tasks}, circuits,
+                                   n_random=a.n_random, methods=methods, seed=config.seed)
+            out["dissociation"] = dissociation(study, methods, tasks,
+                                               n_boot=a.n_boot, seed=config.seed)
+    out["logit_diff"] = {t: {"clean": patched[t]["m_clean"], "corrupt": patched[t]["m_corrupt"]}
+                         for t in tasks}
+    return out, {t: patched[t]["grids"] for t in tasks}
+
+
+def analyse_trained(trained: kit.Trained, twins: dict, train_twins: dict, config, r: kit.Run,
+                    family: str) -> tuple[dict, dict]:
+    """One trained model: its accuracies, then :func:`analyse`."""
     model, params = trained.model, trained.params
     out = {"training": trained.info}
     for key, tw, side in (("accuracy_test", twins, "clean"),
@@ -50,25 +87,18 @@ def analyse(trained: kit.Trained, twins: dict, train_twins: dict, config, r: kit
                           ("accuracy_corrupted_twins", twins, "corrupt")):
         out[key] = {t: lm.answer_accuracy(model, params, getattr(tw[t], side),
                                           getattr(tw[t], f"{side}_answer")) for t in TASKS}
-    with r.phase(f"{family}/patch"):
-        patched = {task: patch_task(model, params, twins[task]) for task in TASKS}
-    with r.phase(f"{family}/ablate"):
-        circuits, out["circuits"] = choose_circuits(
-            model.config, {t: patched[t]["grids"] for t in TASKS}, config.analysis)
-        methods = config.analysis.methods.split(",")
-        study = ablation_study(model, params, {t: (twins[t].clean, twins[t].clean_answer)
-                                               for t in TASKS}, circuits,
-                               n_random=config.analysis.n_random, methods=methods,
-                               seed=config.seed)
-        out["dissociation"] = dissociation(study, methods, TASKS)
-    out["logit_diff"] = {t: {"clean": patched[t]["m_clean"], "corrupt": patched[t]["m_corrupt"]}
-                         for t in TASKS}
-    return out, {t: patched[t]["grids"] for t in TASKS}
+    result, grids = analyse(model, params, twins, config, r, family)
+    return {**out, **result}, grids
 
 
 @kit.job
 def run(config, workdir) -> dict:
-    """Train every family and seed, patch, pick circuits, ablate, write the run folder."""
+    """Train every family and seed, patch, pick circuits, ablate, write the run folder; with
+    ``config.checkpoint`` set (``preset=paper``) analyse that real model instead
+    (:func:`.paper.run_paper`)."""
+    if config.get("checkpoint"):
+        from mechinterp.experiments.recall_reasoning.paper import run_paper  # imports us
+        return run_paper(config, workdir)
     with kit.Run(config, workdir) as r:
         families, seeds, a = lm.families(config.families), kit.train_seeds(config), config.analysis
         with r.phase("data"):
@@ -85,7 +115,7 @@ def run(config, workdir) -> dict:
                                            mixture.tokenizer().vocab_size,
                                            r.workdir / "models" / family / f"seed{seed}",
                                            seed=seed)
-            result, grids = analyse(trained, twins, train_twins, config, r, family)
+            result, grids = analyse_trained(trained, twins, train_twins, config, r, family)
             per_seed[family].append(result)
             for task in TASKS:
                 arrays.update({f"{family}/seed{seed}/{task}/{g}": v

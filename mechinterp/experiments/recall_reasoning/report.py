@@ -13,19 +13,24 @@ from mechinterp.experiments.recall_reasoning.puzzles import TASKS
 m = kit.mean_of
 
 
-def _drop(x, se=None) -> str:
+def _drop(x, se=None, ci=None) -> str:
     if kit.is_stat(x) and x["n"] > 1:
         return kit.pm(x, "+.3f")
+    if ci is not None:  # a bootstrap interval over items
+        return f"{m(x):+.3f} [{m(ci[0]):+.3f}, {m(ci[1]):+.3f}]"
     return f"{m(x):+.3f}" + ("" if se is None else f" ± {m(se):.3f}")
 
 
 def dissociation_markdown(rows: list[dict]) -> list[str]:
+    """The 2x2 table; rows with bootstrap intervals (``own_ci`` ...) show them in [ ]."""
     return kit.table(
         ["method", "level", "circuit (k)", "own-task drop", "other-task drop", "selectivity",
          "random k: own drop", "random k: other drop", "random selectivity"],
         [(r["method"], r["level"], f"{r['circuit']} ({m(r['k']):.3g})",
-          _drop(r["own_drop"], r["own_se"]), _drop(r["other_drop"], r["other_se"]),
-          _drop(r["selectivity"]), _drop(r["random_own_drop"], r["random_own_sd"]),
+          _drop(r["own_drop"], r["own_se"], r.get("own_ci")),
+          _drop(r["other_drop"], r["other_se"], r.get("other_ci")),
+          _drop(r["selectivity"], ci=r.get("selectivity_ci")),
+          _drop(r["random_own_drop"], r["random_own_sd"]),
           _drop(r["random_other_drop"], r["random_other_sd"]),
           _drop(r["random_selectivity"], r["random_selectivity_sd"])) for r in rows])
 
@@ -38,9 +43,9 @@ def _holds(rec: dict, rea: dict) -> tuple[bool, bool]:
     return double, beats
 
 
-def claims(results: dict) -> list[kit.Claim]:
+def claims(results: dict, unit: str = "seeds") -> list[kit.Claim]:
     """Per family and method: the double dissociation at each level, and whether neurons
-    are weaker. Judged on every seed; reproduced = in every seed."""
+    are weaker. Judged on every seed (``unit`` names them); reproduced = in every seed."""
     out = []
     for family, agg in results["families"].items():
         runs = [s["dissociation"] for s in results["per_seed"][family]]
@@ -58,7 +63,7 @@ def claims(results: dict) -> list[kit.Claim]:
                     f"recall circuit: recall {_drop(rec['own_drop'])}, reasoning "
                     f"{_drop(rec['other_drop'])}; reasoning circuit: reasoning "
                     f"{_drop(rea['own_drop'])}, recall {_drop(rea['other_drop'])}",
-                    all(held), f"{sum(held)}/{len(held)} seeds: both selectivities > 0 and "
+                    all(held), f"{sum(held)}/{len(held)} {unit}: both selectivities > 0 and "
                     "both beat random by > 1 sd"))
             weaker = [np.mean([r["selectivity"] for r in rows if r["method"] == method
                                and r["level"] == "neuron"])
@@ -70,8 +75,17 @@ def claims(results: dict) -> list[kit.Claim]:
             out.append(kit.Claim(f"{family}, {method}: neuron-level effects are weaker",
                                  f"mean selectivity neuron {sel['neuron']:+.3f} vs head/layer "
                                  f"{sel['head/layer']:+.3f}", all(weaker),
-                                 f"{sum(weaker)}/{len(weaker)} seeds"))
+                                 f"{sum(weaker)}/{len(weaker)} {unit}"))
     return out
+
+
+def circuits_markdown(name: str, circuits: dict, top: int | None = None) -> list[str]:
+    """One line per level and task: the circuit's components with their PE (the first
+    ``top`` of them, if given)."""
+    return [f"- {name}, {level}, {task} ({len(found)}): " + ", ".join(
+        f"{c['component']} ({c['pe']:.2f})" for c in found[:top])
+        + (" ..." if top is not None and len(found) > top else "")
+        for level, tasks in circuits.items() for task, found in tasks.items()]
 
 
 def report_markdown(config, results: dict, twins: dict, timings: dict) -> str:
@@ -121,10 +135,7 @@ def report_markdown(config, results: dict, twins: dict, timings: dict) -> str:
               "components, at least 1. Head/layer level = attention heads (`attn.z`) and "
               "whole MLP layers (`mlp_out`).", ""]
     for family in fams:
-        circuits = results["per_seed"][family][0]["circuits"]
-        lines += [f"- {family}, {level}, {task}: " + ", ".join(
-            f"{c['component']} ({c['pe']:.2f})" for c in circuits[level][task])
-            for level in LEVELS for task in TASKS]
+        lines += circuits_markdown(family, results["per_seed"][family][0]["circuits"])
     lines += ["", "## Dissociation (accuracy drops; with one seed ± is the paired s.e. over "
               f"items for circuits and the sd over {a.n_random} random sets of equal size for "
               "controls)", ""]
