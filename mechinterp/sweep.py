@@ -4,7 +4,7 @@ A grid names some axes of a site (e.g. ``("layer", "pos")`` of ``resid_pre``). E
 an intervention whose mask is one-hot on those axes; cells run with ``jax.vmap`` over their
 indices only, sharing the large operand (the source cache, ``in_axes=None``), in equal
 chunks that fit a memory budget. A metric that names the logits it reads gets only those
-from a family with the output-selection capability (:mod:`mechinterp.family`).
+(output selection, :mod:`mechinterp.family`).
 
 Reuse (on by default where exact): a family with the resume protocol
 (:class:`mechinterp.family.Resumable`) runs a cell from the cached residual stream at its
@@ -12,8 +12,7 @@ layer, for its positions only (a patch at layer ``l``, position ``p`` of a causa
 changes nothing below ``l`` or before ``p``). The start layer is a traced, unbatched
 argument (chunks hold cells sorted by layer and start at their lowest), and positions come
 in ``position_blocks`` windows of fixed width: one compilation per window, independent of
-the number of layers and positions. ``SweepResult.cost`` reports FLOPs executed and naive,
-compile and run seconds, and the largest executable's bytes.
+the number of layers and positions. Notes and cost: ``docs/analyses.md`` (sweeps).
 """
 
 from __future__ import annotations
@@ -45,6 +44,9 @@ DEFAULT_POSITION_BLOCKS = 4
 # about 1e11 FLOPs): by default a grid gets one block per this many naive FLOPs (one full
 # forward per cell), up to DEFAULT_POSITION_BLOCKS.
 FLOPS_PER_POSITION_BLOCK = 1e11
+# A resumed chunk starts at its lowest layer: it holds the cells of one layer, or more (so
+# spanning layers) where that is fewer tokens than this; each call has a fixed cost.
+MIN_CHUNK_TOKENS = 256
 LAYER_AXIS = "layer"
 POSITION_AXES = ("pos", "query_pos")  # a patch there changes this position and later ones
 
@@ -331,7 +333,7 @@ def sweep(
     state = _resume_state(model, params, inputs, model_kwargs, info, reuse)
     if state is None:
         per_cell = _bytes_per_cell(model, inputs, model_kwargs)
-        runs = [(np.arange(len(cells)), fn, shared, None)]
+        runs = [(np.arange(len(cells)), fn, shared, None, 0)]
     else:
         per_cell = _bytes_per_resumed_cell(model, inputs, model_kwargs, selects)
         if position_blocks is None:
@@ -345,7 +347,8 @@ def sweep(
             cell = _cell_fn(_make_resumed_cell, model, site_name, info, grid_axes,
                             make_intervention, first_pos, static_metric)
             runs.append((rows, cell, (params, state, source, metric_arg, None if positions
-                                      is None else jnp.asarray(positions - first_pos)), layer))
+                                      is None else jnp.asarray(positions - first_pos)), layer,
+                         batch * (seq_len - first_pos)))
 
     values = np.zeros(len(cells), np.float32)
     budget = None if chunk_size else memory_budget
@@ -355,12 +358,13 @@ def sweep(
     with tqdm(total=n_chunks, desc=f"patch {site_name}", disable=not progress,
               leave=False) as bar:
         runner = Runner(bar)
-        for rows, cell, cell_shared, layer in runs:
+        for rows, cell, cell_shared, layer, tokens in runs:
             first_of = None if state is None else (
                 (lambda chunk: 0) if layer is None else (lambda chunk: chunk[:, layer].min()))
             size = chunk_size
-            if budget is not None and layer is not None:  # a chunk within a layer
-                size = min(size, -(-len(rows) // len(np.unique(cells[rows, layer]))))
+            if budget is not None and layer is not None:  # one layer, or MIN_CHUNK_TOKENS
+                per_layer = -(-len(rows) // len(np.unique(cells[rows, layer])))
+                size = min(size, max(per_layer, -(-MIN_CHUNK_TOKENS // tokens)))
             values[rows] = runner.chunks(
                 cell, cells[rows], cell_shared, size, first_of=first_of, budget=budget,
                 layer_flops=lambda first: (n_layers - first) / n_layers)

@@ -104,7 +104,7 @@ def test_reuse_gives_the_same_grid_with_less_work(setup, name):
     kwargs = dict(progress=False, model_kwargs={"attention_mask": mask})
     plain = getattr(patching, name)(model, params, corrupted, cache, metric, reuse=False,
                                     **kwargs)
-    reused = getattr(patching, name)(model, params, corrupted, cache, metric,
+    reused = getattr(patching, name)(model, params, corrupted, cache, metric, chunk_size=4,
                                      position_blocks=2, **kwargs)  # reuse by default
     np.testing.assert_allclose(reused.values, plain.values, atol=1e-5)
     assert np.ptp(plain.values) > 1e-4  # the grid is not flat, so agreement means something
@@ -151,7 +151,6 @@ def test_compilations_do_not_grow_with_layers_or_positions():
                                                       progress=False, position_blocks=2,
                                                       chunk_size=4)
         assert result.cost["groups"] == result.cost["compiles"] == 2
-        assert result.cost["chunks"] >= 2 * n_layers  # a chunk within a layer
         assert result.cost["compile_s"] > 0 and result.cost["peak_bytes"] > 0
         counts.append(compiles.count)
     assert counts[1] == 1 + 2  # the resume state's forward, a cell function per window
@@ -178,7 +177,7 @@ def test_reuse_with_a_metric_on_full_logits(setup):
     plain = patching.get_act_patch_resid_pre(model, params, corrupted, cache, last_logit_diff,
                                              progress=False, reuse=False)
     reused = patching.get_act_patch_resid_pre(model, params, corrupted, cache, last_logit_diff,
-                                              progress=False, reuse=True)
+                                              progress=False, reuse=True, chunk_size=SEQ)
     np.testing.assert_allclose(reused.values, plain.values, atol=1e-5)
     assert reused.cost["groups"] == 1 and reused.cost["flops"] < plain.cost["flops"]
 
