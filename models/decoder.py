@@ -137,7 +137,7 @@ class Decoder(DecoderCapabilities, nn.Module):
       place of the token embeddings (``tokens`` may then be ``None``; the ``embed`` site is
       not reached).
     - ``first_layer``: int32 scalar (may be traced) with ``residual``: the residual enters
-      this layer; earlier layers are skipped (``lax.cond``), their sites unchanged inputs.
+      this layer; earlier layers are skipped (``lax.cond``) and pass it on unchanged.
     - ``prefix``: a :class:`KVCache` read but not returned: the tokens sit at slots
       ``prefix.index ...`` and attend to the earlier slots' keys and values. Used with
       ``residual`` to resume a forward part-way (see
