@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,15 +20,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mechinterp import validate
-from mechinterp.jaxpr_flops import matmul_flops
+from mechinterp.jaxpr_flops import jaxpr_matmul_flops
 
 _VMAPPED: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
-# What tracing or compiling a function gives (output shapes, FLOPs, executables), kept per
+# What tracing or compiling a function gives (output shapes, executables and FLOPs), kept per
 # function and argument shapes for as long as the function lives: a repeated sweep traces
 # and compiles nothing.
 _EXECUTABLES: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
-_FLOPS: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
-_LEAST_FLOPS: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
 OUTPUT_SHAPES: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -54,13 +53,25 @@ def once_per_shapes(store, trace, fn, args):
     return per_fn[key]
 
 
+class _Compiled(NamedTuple):
+    executable: Any
+    seconds: float | None  # None once counted
+    temp: int
+    held: int
+    flops: tuple[int, int]  # matmul FLOPs with every cond's costliest / cheapest branch
+
+
 def _compile(run, *args):
+    """One trace serves the FLOP count and the compilation."""
     start = time.perf_counter()
-    executable = run.lower(*args).compile()
+    traced = run.trace(*args)
+    flops = (jaxpr_matmul_flops(traced.jaxpr), jaxpr_matmul_flops(traced.jaxpr, "min"))
+    executable = traced.lower().compile()
     memory = executable.memory_analysis()
     held = (memory.argument_size_in_bytes + memory.output_size_in_bytes
             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-    return executable, time.perf_counter() - start, memory.temp_size_in_bytes, held
+    return _Compiled(executable, time.perf_counter() - start, memory.temp_size_in_bytes,
+                     held, flops)
 
 
 def balanced(n: int, chunk_size: int) -> int:
@@ -70,8 +81,8 @@ def balanced(n: int, chunk_size: int) -> int:
 
 class Runner:
     """Runs cell functions in chunks and adds up what it cost: ``compiles`` and
-    ``compile_s`` (first compilations only), ``calls`` and ``run_s``, ``peak_bytes`` (the largest executable's arguments,
-    outputs and temporaries) and matmul ``flops``."""
+    ``compile_s`` (first compilations only), ``calls`` and ``run_s``, ``peak_bytes`` (the
+    largest executable's arguments, outputs and temporaries) and matmul ``flops``."""
 
     def __init__(self, bar):
         self.bar, self.compile_s, self.run_s, self.peak_bytes, self.flops = bar, 0.0, 0.0, 0, 0
@@ -80,14 +91,15 @@ class Runner:
     def executable(self, run, args, budget=None):
         """The compiled ``run`` for ``args``; ``budget``: fail (``None``) when its
         temporaries exceed that many bytes."""
-        executable, seconds, temp, held = once_per_shapes(_EXECUTABLES, _compile, run, args)
-        if budget is not None and temp > budget:
-            return None, temp
-        if seconds is not None:
-            self.compile_s, self.compiles = self.compile_s + seconds, self.compiles + 1
-            _EXECUTABLES[run][shape_key(args)] = (executable, None, temp, held)
-        self.peak_bytes = max(self.peak_bytes, held)
-        return executable, temp
+        compiled = once_per_shapes(_EXECUTABLES, _compile, run, args)
+        if budget is not None and compiled.temp > budget:
+            return None, compiled.temp
+        if compiled.seconds is not None:
+            self.compile_s += compiled.seconds
+            self.compiles += 1
+            _EXECUTABLES[run][shape_key(args)] = compiled._replace(seconds=None)
+        self.peak_bytes = max(self.peak_bytes, compiled.held)
+        return compiled, compiled.temp
 
     def chunks(self, fn, items, shared, chunk_size, *, first_of=None, budget=None,
                layer_flops=None, count_flops=True):
@@ -104,8 +116,8 @@ class Runner:
             size = balanced(n, chunk_size)
             probe = (jax.tree.map(lambda leaf: np.repeat(leaf[:1], size, 0), items),
                      *firsts, *shared)
-            executable, temp = self.executable(run, probe, None if size == 1 else budget)
-            if executable is not None:
+            compiled, temp = self.executable(run, probe, None if size == 1 else budget)
+            if compiled is not None:
                 break
             chunk_size = max(1, min(size - 1, size * budget // temp))
         outputs = []  # device arrays: no host sync between chunks
@@ -113,26 +125,16 @@ class Runner:
         for begin in range(0, n, size):
             chunk = jax.tree.map(lambda leaf, b=begin: _padded(leaf[b:b + size], size), items)
             first = () if first_of is None else (np.int32(first_of(chunk)),)
-            outputs.append(executable(chunk, *first, *shared))
+            outputs.append(compiled.executable(chunk, *first, *shared))
             self.calls += 1
             if count_flops:
-                self._count(run, probe, first, layer_flops)
+                most, least = compiled.flops
+                self.flops += most if not first else least + round(
+                    (most - least) * layer_flops(int(first[0])))
             self.bar.update(1)
         values = np.concatenate([np.asarray(out) for out in outputs])[:n]
         self.run_s += time.perf_counter() - start
         return values
-
-    def _count(self, run, probe, first, layer_flops):
-        most = once_per_shapes(_FLOPS, matmul_flops, run, probe)
-        if not first:
-            self.flops += most
-            return
-        least = once_per_shapes(_LEAST_FLOPS, _least_flops, run, probe)
-        self.flops += least + round((most - least) * layer_flops(int(first[0])))
-
-
-def _least_flops(run, *args):
-    return matmul_flops(run, *args, cond="min")
 
 
 def _padded(chunk, size):
