@@ -68,12 +68,14 @@ class Resumable(Protocol):
     ``resume_state(params, *inputs, **kwargs)`` returns the state (``None`` where these
     inputs cannot resume); ``resume(params, state, first_layer, first_pos)`` returns
     ``(model, params, kwargs)`` with ``model.apply({"params": params}, None, **kwargs)``
-    computing the rest, its per-layer sites sliced ``[first_layer:]`` and position sites
-    ``[first_pos:]``."""
+    computing the rest. ``first_pos`` is an int; ``first_layer`` may be a traced int32
+    scalar (one compilation for every layer; unbatched under ``vmap``). Its per-layer sites
+    keep the whole layer axis (layers below ``first_layer`` are skipped, not removed);
+    position sites are sliced ``[first_pos:]``, and so are its outputs."""
 
     def resume_state(self, params, *inputs, **kwargs) -> Any: ...
 
-    def resume(self, params, state, first_layer: int, first_pos: int
+    def resume(self, params, state, first_layer: Array, first_pos: int
                ) -> tuple[Any, Any, dict[str, Any]]: ...
 
 

@@ -7,7 +7,7 @@ derivative sub-computations. Elementwise work (norms, softmax, RoPE) is left out
 transformer it is well under a few percent of the total. Unlike XLA's ``cost_analysis``,
 which counts the body of a loop once, a ``scan`` over ``n`` layers counts ``n`` times.
 A ``while`` loop with an unknown trip count is counted once per body; ``cond`` counts its
-most expensive branch.
+most expensive branch (``cond="min"``: its cheapest, e.g. every skippable layer skipped).
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ def _sub_jaxprs(value):
             yield from _sub_jaxprs(item)
 
 
-def jaxpr_matmul_flops(jaxpr) -> int:
+def jaxpr_matmul_flops(jaxpr, cond: str = "max") -> int:
     """Matmul FLOPs of a (closed) jaxpr; see the module docstring for what is counted."""
+    if cond not in ("max", "min"):
+        raise ValueError(f"cond must be 'max' or 'min', got {cond!r}")
     if isinstance(jaxpr, jex_core.ClosedJaxpr):
         jaxpr = jaxpr.jaxpr
     total = 0
@@ -49,14 +51,16 @@ def jaxpr_matmul_flops(jaxpr) -> int:
             total += _dot_general_flops(eqn)
             continue
         if name == "cond":
-            total += max(jaxpr_matmul_flops(b) for b in eqn.params["branches"])
+            pick = max if cond == "max" else min
+            total += pick(jaxpr_matmul_flops(b, cond) for b in eqn.params["branches"])
             continue
-        inner = sum(jaxpr_matmul_flops(sub) for value in eqn.params.values()
+        inner = sum(jaxpr_matmul_flops(sub, cond) for value in eqn.params.values()
                     for sub in _sub_jaxprs(value))
         total += inner * (eqn.params["length"] if name == "scan" else 1)
     return total
 
 
-def matmul_flops(fn, *args, **kwargs) -> int:
-    """Matmul FLOPs of ``fn(*args, **kwargs)`` (traced abstractly; nothing runs)."""
-    return jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args, **kwargs))
+def matmul_flops(fn, *args, cond: str = "max", **kwargs) -> int:
+    """Matmul FLOPs of ``fn(*args, **kwargs)`` (traced abstractly; nothing runs); ``cond``
+    picks each ``cond``'s most (``"max"``) or least (``"min"``) expensive branch."""
+    return jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args, **kwargs), cond)

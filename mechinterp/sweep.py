@@ -4,14 +4,15 @@ A grid names some axes of a site (e.g. ``("layer", "pos")`` of ``resid_pre``). E
 an intervention whose mask is one-hot on those axes; cells run with ``jax.vmap`` over their
 indices only, sharing the large operand (the source cache, ``in_axes=None``), in equal
 chunks that fit a memory budget. A metric that names the logits it reads gets only those
-from a family with the output-selection capability (:mod:`mechinterp.family`).
+(output selection, :mod:`mechinterp.family`).
 
-Reuse: a family with the resume protocol (:class:`mechinterp.family.Resumable`) lets the
-sweep group cells by layer and block of positions and run each group from the cached
-residual stream at its layer, for its positions only (a patch at layer ``l``, position ``p``
-of a causal model changes nothing below ``l`` or before ``p``). ``position_blocks`` sets
-how many position groups there are. Each :class:`SweepResult` reports the matmul FLOPs it
-executed and those of the naive way (one full forward, full logits, per cell).
+Reuse (on by default where exact): a family with the resume protocol
+(:class:`mechinterp.family.Resumable`) runs a cell from the cached residual stream at its
+layer, for its positions only (a patch at layer ``l``, position ``p`` of a causal model
+changes nothing below ``l`` or before ``p``). The start layer is a traced, unbatched
+argument (chunks hold cells sorted by layer and start at their lowest), and positions come
+in ``position_blocks`` windows of fixed width: one compilation per window, independent of
+the number of layers and positions. Notes and cost: ``docs/analyses.md`` (sweeps).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import dataclasses
 import functools
 import itertools
 import json
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -35,13 +35,18 @@ from mechinterp.family import Resumable, SelectsOutputs, has, require
 from mechinterp.jaxpr_flops import matmul_flops
 from mechinterp.interventions import Intervention
 from mechinterp.metrics import Metric
+from mechinterp.sweep_run import (OUTPUT_SHAPES, Runner, balanced, map_in_chunks,  # noqa: F401
+                                  once_per_shapes, shape_key)
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of activations for one chunk of cells
 DEFAULT_POSITION_BLOCKS = 4
-# Reuse costs one compilation per group of cells (about a second or two each on a laptop
-# CPU). With reuse=None a grid reuses when its naive work (matmul FLOPs of one full forward
-# per cell) is at least this much per group, i.e. when the compute saved outweighs them.
-REUSE_FLOPS_PER_GROUP = 1e11
+# Each position block is one more compilation (about a second on a laptop CPU, the time of
+# about 1e11 FLOPs): by default a grid gets one block per this many naive FLOPs (one full
+# forward per cell), up to DEFAULT_POSITION_BLOCKS.
+FLOPS_PER_POSITION_BLOCK = 1e11
+# A resumed chunk starts at its lowest layer: it holds the cells of one layer, or more (so
+# spanning layers) where that is fewer tokens than this; each call has a fixed cost.
+MIN_CHUNK_TOKENS = 256
 LAYER_AXIS = "layer"
 POSITION_AXES = ("pos", "query_pos")  # a patch there changes this position and later ones
 
@@ -52,14 +57,17 @@ class SweepResult:
 
     ``np.asarray(result)`` gives the values; :meth:`to_pandas` a long-form DataFrame.
     ``cost`` (when the sweep engine produced it): ``flops``, the matmul FLOPs executed
-    (padding included), ``naive_flops``, those of one full forward with full logits per
-    cell (how TransformerLens evaluates a grid), and ``groups``, the computations run.
+    (padding included; skipped layers left out), ``naive_flops``, those of one full
+    forward with full logits per cell (how TransformerLens evaluates a grid), ``groups``,
+    the computations run, ``chunks``, their calls, ``compiles`` and ``compile_s`` (0 when
+    every compilation was cached: trace, lower and compile), ``run_s``, and ``peak_bytes``, the most an executable holds
+    (arguments, outputs, temporaries: XLA's memory analysis).
     """
 
     values: np.ndarray
     axes: tuple[str, ...]
     labels: dict[str, list] = dataclasses.field(default_factory=dict)
-    cost: dict[str, int] | None = None
+    cost: dict[str, float] | None = None
 
     def __array__(self, dtype=None, copy=None):
         return self.values if dtype is None else self.values.astype(dtype)
@@ -154,71 +162,84 @@ def _bytes_per_cell(model, inputs, kwargs) -> int:
     return 2 * sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in sites.values())
 
 
+def _bytes_per_resumed_cell(model, inputs, kwargs, selects) -> int:
+    """What one cell of a resumed sweep holds at once: one layer's sites (layers run one
+    after another) and the others (the logits only without output selection), twice."""
+    total = 0
+    for name, info in list_sites(model, *inputs, **kwargs).items():
+        size = int(np.prod(info.shape)) * info.dtype.itemsize
+        if info.axes and info.axes[0] == LAYER_AXIS:
+            size //= info.shape[0]
+        total += 0 if (selects and name == "logits") else size
+    return 2 * total
+
+
 # ---------------------------------------------------------------------------------------
-# Grouping cells by where they can resume.
+# Resumed sweeps: cells by window of positions, chunks from their lowest layer.
 
 
-def _cut(x, axes: Sequence[str], start: tuple[int, int]):
-    """``x`` sliced to a resumed run: ``[first_layer:]`` on the layer axis and
-    ``[first_pos:]`` on position axes (axes of size 1 broadcast and stay)."""
-    first_layer, first_pos = start
-    begins = {LAYER_AXIS: first_layer, **dict.fromkeys(POSITION_AXES, first_pos)}
-    return x[tuple(slice(begins.get(axis, 0) if size > 1 else 0, None)
+def _cut(x, axes: Sequence[str], first_pos: int):
+    """``x`` sliced ``[first_pos:]`` on its position axes (size-1 axes broadcast, stay)."""
+    return x[tuple(slice(first_pos if axis in POSITION_AXES and size > 1 else 0, None)
                    for axis, size in zip(axes, x.shape))]
 
 
-def _resume_state(model, params, inputs, model_kwargs, info, grid_axes, reuse, worth_it):
-    """The model's resume state if this grid can (and, with ``reuse=None``, should:
-    ``worth_it``) use it, else ``None``. ``reuse=True`` where it cannot is an error."""
-    if reuse is False or (reuse is None and not worth_it):
+def _resume_state(model, params, inputs, model_kwargs, info, reuse):
+    """The model's resume state if this grid can use it (``reuse`` not False), else
+    ``None``; ``reuse=True`` where it cannot is an error."""
+    if reuse is False:
         return None
-    name = type(model).__name__
     if not has(model, Resumable):
         if reuse:
             require(model, Resumable, "sweep(reuse=True) (pass reuse=False or None)")
         return None
     why = None
-    if not info.axes or info.axes[0] != LAYER_AXIS or LAYER_AXIS not in grid_axes:
-        why = f"the grid {grid_axes} over site {info.name!r} has no layer axis to start from"
+    if not info.axes or info.axes[0] != LAYER_AXIS:
+        why = f"site {info.name!r} has no layer axis to start from"
     state = None if why else model.resume_state(params, *inputs, **model_kwargs)
     if state is None and why is None:
-        why = f"{name}.resume_state returned None for these inputs"
+        why = f"{type(model).__name__}.resume_state returned None for these inputs"
     if state is None and reuse:
         raise ValueError(f"reuse=True, but {why}: pass reuse=False (or None to decide)")
     return state
 
 
-def _group_cells(cells, grid_axes, seq_len, last_first_pos, position_blocks):
-    """``{(first_layer, first_pos): cell rows}``: where each cell's run can start.
-
-    ``first_pos`` is the start of the cell's block of positions, but never after
+def _windows(cells, grid_axes, seq_len, last_first_pos, position_blocks):
+    """``{first_pos: cell rows}``: the window of positions each cell runs, ``[first_pos:]``
+    with ``first_pos`` the start of the cell's block of positions, but never after
     ``last_first_pos`` (the first position the metric reads, or 0 when it reads them all).
-    """
-    layer = cells[:, list(grid_axes).index(LAYER_AXIS)]
+    Rows stay in grid order, so sorted by layer when the layer axis comes first."""
     pos_axes = [k for k, axis in enumerate(grid_axes) if axis in POSITION_AXES]
+    first = np.zeros(len(cells), np.int64)
     if pos_axes and last_first_pos > 0:
         starts = np.unique([seq_len * b // position_blocks for b in range(position_blocks)])
         first = starts[np.searchsorted(starts, cells[:, pos_axes[0]], side="right") - 1]
         first = np.minimum(first, last_first_pos)
-    else:
-        first = np.zeros(len(cells), np.int64)
-    groups: dict[tuple[int, int], np.ndarray] = {}
-    for key in sorted(set(zip(layer.tolist(), first.tolist()))):
-        groups[key] = np.flatnonzero((layer == key[0]) & (first == key[1]))
-    return groups
+    return {int(p): np.flatnonzero(first == p) for p in np.unique(first)}
+
+
+def _make_resumed_cell(model, site_name, info, grid_axes, make_intervention, first_pos,
+                       static_metric):
+    def cell(index, first_layer, params, state, source, metric, logit_positions):
+        mask = _cut(grid_mask(info, grid_axes, index), info.axes, first_pos)
+        tail, tail_params, kwargs = model.resume(params, state, first_layer, first_pos)
+        return evaluate_metric(
+            tail, tail_params, (None,), kwargs, static_metric if metric is None else metric,
+            {site_name: make_intervention(_cut(source, info.axes, first_pos), mask)},
+            logit_positions)
+
+    return cell
 
 
 # ---------------------------------------------------------------------------------------
-# The cell function: one per (site, grid, call signature, start), cached across calls so a
-# repeated sweep reuses its compilation. Everything that is an array is an argument.
+# The cell function: one per (site, grid, call signature or window, metric type), cached
+# across calls so a repeated sweep reuses its compilation. Every array is an argument.
 
 
-def _make_cell(model, site_name, info, grid_axes, make_intervention, signature, start,
+def _make_cell(model, site_name, info, grid_axes, make_intervention, signature,
                static_metric):
     def cell(index, params, source, arrays, metric, logit_positions):
         mask = grid_mask(info, grid_axes, index)
-        if start is not None:
-            mask = _cut(mask, info.axes, start)
         args, kwargs = signature.rebuild(arrays)
         return evaluate_metric(
             model, params, args, kwargs, static_metric if metric is None else metric,
@@ -228,11 +249,12 @@ def _make_cell(model, site_name, info, grid_axes, make_intervention, signature, 
     return cell
 
 
-_make_cell_cached = functools.lru_cache(maxsize=512)(_make_cell)
+_CELL_CACHES = {_make_cell: functools.lru_cache(maxsize=512)(_make_cell),
+                _make_resumed_cell: functools.lru_cache(maxsize=512)(_make_resumed_cell)}
 
 
-def _cell_fn(*key):
-    return _make_cell_cached(*key) if _hashable(*key) else _make_cell(*key)
+def _cell_fn(make, *key):
+    return _CELL_CACHES[make](*key) if _hashable(*key) else make(*key)
 
 
 def _is_pytree_metric(metric) -> bool:
@@ -260,22 +282,22 @@ def sweep(
     model_kwargs: Mapping[str, Any] | None = None,
     labels: Mapping[str, list] | None = None,
     reuse: bool | None = None,
-    position_blocks: int = DEFAULT_POSITION_BLOCKS,
+    position_blocks: int | None = None,
 ) -> SweepResult:
     """Evaluate ``metric`` with one intervention per cell of a grid over ``site_name``.
 
     ``make_intervention(source, mask)`` builds each cell's intervention (default: patch
     ``source`` where the mask is 1); it must act elementwise (so a cell's intervention,
     sliced to a resumed run, is the resumed run's intervention). ``chunk_size`` cells run
-    at once; by default as many as fit ``memory_budget`` bytes of activations. ``labels``
-    name the entries of grid axes (e.g. ``{"pos": token_strings}``) for tables and plots.
-    ``reuse=True`` skips work a cell cannot change (see the module docstring; the family
-    needs the :class:`~mechinterp.family.Resumable` capability), ``reuse=False`` runs every cell from the input, and
-    ``None`` reuses when that saves more than the extra compilations cost (see
-    :data:`REUSE_FLOPS_PER_GROUP`);
-    ``position_blocks`` groups positions for reuse. Errors (unknown site or axis, a source
-    of the wrong shape, a metric that does not return a scalar) are raised before any
-    compile.
+    at once; by default as many as keep a chunk's temporaries within ``memory_budget``
+    bytes (checked on the compiled executable). ``labels`` name the entries of grid axes
+    (e.g. ``{"pos": token_strings}``) for tables and plots. ``reuse`` (see the module
+    docstring; the family needs :class:`~mechinterp.family.Resumable`): ``None`` reuses
+    wherever that is exact, ``True`` demands it, ``False`` runs every cell from the input.
+    ``position_blocks``: windows of positions for reuse (default: one per
+    :data:`FLOPS_PER_POSITION_BLOCK` naive FLOPs, at most :data:`DEFAULT_POSITION_BLOCKS`).
+    Errors (unknown site or axis, a source of the wrong shape, a metric that does not
+    return a scalar) are raised before any compile.
     """
     model_kwargs = dict(model_kwargs or {})
     inputs = tuple(inputs)
@@ -297,8 +319,7 @@ def sweep(
             f"the source for site {site_name!r} has shape {tuple(np.shape(source))}, expected "
             f"{info.shape} (axes {info.axes}): capture it from inputs of the same shape"
         )
-    if not isinstance(position_blocks, int) or position_blocks < 1:
-        raise ValueError(f"position_blocks must be a positive int, got {position_blocks!r}")
+    validate.check_positive_int(position_blocks, "position_blocks", allow_none=True)
     grid_shape = tuple(info.shape[info.axes.index(axis)] for axis in grid_axes)
     selects = _selects_logits(model, metric)
     metric_arg, static_metric = (metric, None) if _is_pytree_metric(metric) else (None, metric)
@@ -306,12 +327,12 @@ def sweep(
     batch, seq_len = (tuple(np.shape(inputs[0])) + (1,))[:2]
     positions = np.asarray(metric.positions(batch, seq_len)) if selects else None
     signature, arrays = _CallSignature.of(inputs, model_kwargs)
-    fn = _cell_fn(model, site_name, info, grid_axes, make_intervention, signature, None,
-                  static_metric)
+    fn = _cell_fn(_make_cell, model, site_name, info, grid_axes, make_intervention,
+                  signature, static_metric)
     shared = (params, source, arrays, metric_arg,
               None if positions is None else jnp.asarray(positions))
-    probe = _once_per_shapes(_OUTPUT_SHAPES, jax.eval_shape, fn,
-                             (jnp.zeros(len(grid_axes), jnp.int32), *shared))
+    probe = once_per_shapes(OUTPUT_SHAPES, jax.eval_shape, fn,
+                            (jnp.zeros(len(grid_axes), jnp.int32), *shared))
     if probe.shape != ():
         raise ValueError(
             f"the patching metric must return a scalar, got shape {probe.shape}; reduce over "
@@ -321,36 +342,49 @@ def sweep(
     cells = np.array(list(itertools.product(*map(range, grid_shape))), np.int32).reshape(
         -1, len(grid_axes)
     )
-    if chunk_size is None:
-        chunk_size = default_chunk_size(model, inputs, model_kwargs, memory_budget)
     naive = len(cells) * _forward_flops(model, params, inputs, model_kwargs)
-    groups = (_group_cells(cells, grid_axes, seq_len, int(positions.min()) if selects else 0,
-                           position_blocks) if LAYER_AXIS in grid_axes else {})
-    state = _resume_state(model, params, inputs, model_kwargs, info, grid_axes, reuse,
-                          naive >= REUSE_FLOPS_PER_GROUP * len(groups))
+    state = _resume_state(model, params, inputs, model_kwargs, info, reuse)
     if state is None:
-        runs = {None: (np.arange(len(cells)), fn, shared)}
+        per_cell = _bytes_per_cell(model, inputs, model_kwargs)
+        runs = [(np.arange(len(cells)), fn, shared, None, 0)]
     else:
-        runs = {}
-        for start, rows in groups.items():
-            sub_model, sub_params, sub_kwargs = model.resume(params, state, *start)
-            signature, arrays = _CallSignature.of((None,), sub_kwargs)
-            sub_fn = _cell_fn(sub_model, site_name, info, grid_axes, make_intervention,
-                              signature, start, static_metric)
-            sub_positions = None if positions is None else jnp.asarray(positions - start[1])
-            runs[start] = (rows, sub_fn, (sub_params, _cut(source, info.axes, start), arrays,
-                                          metric_arg, sub_positions))
+        per_cell = _bytes_per_resumed_cell(model, inputs, model_kwargs, selects)
+        if position_blocks is None:
+            position_blocks = int(np.clip(naive // FLOPS_PER_POSITION_BLOCK, 1,
+                                          DEFAULT_POSITION_BLOCKS))
+        layer = grid_axes.index(LAYER_AXIS) if LAYER_AXIS in grid_axes else None
+        runs = []
+        for first_pos, rows in _windows(cells, grid_axes, seq_len,
+                                        int(positions.min()) if selects else 0,
+                                        position_blocks).items():
+            cell = _cell_fn(_make_resumed_cell, model, site_name, info, grid_axes,
+                            make_intervention, first_pos, static_metric)
+            runs.append((rows, cell, (params, state, source, metric_arg, None if positions
+                                      is None else jnp.asarray(positions - first_pos)), layer,
+                         batch * (seq_len - first_pos)))
 
     values = np.zeros(len(cells), np.float32)
-    flops = 0
-    n_chunks = sum(-(-len(rows) // chunk_size) for rows, _, _ in runs.values())
+    budget = None if chunk_size else memory_budget
+    chunk_size = chunk_size or max(1, memory_budget // per_cell)
+    n_layers = info.shape[0] if info.axes and info.axes[0] == LAYER_AXIS else 1
+    n_chunks = sum(-(-len(rows) // balanced(len(rows), chunk_size)) for rows, *_ in runs)
     with tqdm(total=n_chunks, desc=f"patch {site_name}", disable=not progress,
               leave=False) as bar:
-        for rows, cell, cell_shared in runs.values():
-            values[rows], group_flops = _run_chunks(cell, cells[rows], cell_shared, chunk_size,
-                                                    bar)
-            flops += group_flops
-    cost = dict(flops=int(flops), naive_flops=int(naive), groups=len(runs))
+        runner = Runner(bar)
+        for rows, cell, cell_shared, layer, tokens in runs:
+            first_of = None if state is None else (
+                (lambda chunk: 0) if layer is None else (lambda chunk: chunk[:, layer].min()))
+            size = chunk_size
+            if budget is not None and layer is not None:  # one layer, or MIN_CHUNK_TOKENS
+                per_layer = -(-len(rows) // len(np.unique(cells[rows, layer])))
+                size = min(size, max(per_layer, -(-MIN_CHUNK_TOKENS // tokens)))
+            values[rows] = runner.chunks(
+                cell, cells[rows], cell_shared, size, first_of=first_of, budget=budget,
+                layer_flops=lambda first: (n_layers - first) / n_layers)
+    cost = dict(flops=int(runner.flops), naive_flops=int(naive), groups=len(runs),
+                chunks=runner.calls, compiles=runner.compiles, compile_s=runner.compile_s,
+                run_s=runner.run_s,
+                peak_bytes=int(runner.peak_bytes))
     return SweepResult(values.reshape(grid_shape), grid_axes, dict(labels or {}), cost)
 
 
@@ -372,74 +406,11 @@ def default_chunk_size(model, inputs, model_kwargs, memory_budget=DEFAULT_MEMORY
     return max(1, memory_budget // _bytes_per_cell(model, inputs, model_kwargs))
 
 
-# ---------------------------------------------------------------------------------------
-# Running chunks with a cached jit(vmap(fn)).
-
-_VMAPPED: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
-
-
-def _jit_vmap(fn, n_shared: int):
-    """``jit(vmap(fn))`` over the first argument, cached for as long as ``fn`` lives, so a
-    cell function that is itself cached compiles once per shape."""
-    per_fn = _VMAPPED.setdefault(fn, {})
-    if n_shared not in per_fn:
-        per_fn[n_shared] = jax.jit(jax.vmap(fn, in_axes=(0,) + (None,) * n_shared))
-    return per_fn[n_shared]
-
-
-def _balanced(n: int, chunk_size: int) -> int:
-    """As many chunks as ``chunk_size`` gives, but equal: padding < 1 item per chunk."""
-    return -(-n // -(-n // int(chunk_size)))
-
-
-def _run_chunks(fn, items, shared, chunk_size, bar, count_flops=True):
-    """``fn`` over ``items`` in equal padded chunks; returns (values, matmul FLOPs run, or
-    ``None`` without ``count_flops``)."""
-    n = len(jax.tree.leaves(items)[0])
-    chunk_size = _balanced(n, chunk_size)
-    run = _jit_vmap(fn, len(shared))
-    outputs = []  # device arrays: no host sync between chunks
-    for begin in range(0, n, chunk_size):
-        size = min(chunk_size, n - begin)
-
-        def take(leaf, begin=begin, size=size):
-            chunk = leaf[begin:begin + size]
-            return np.concatenate([chunk, np.repeat(chunk[-1:], chunk_size - size, 0)])
-
-        chunk = jax.tree.map(take, items)
-        outputs.append(run(chunk, *shared))
-        bar.update(1)
-    values = np.concatenate([np.asarray(out) for out in outputs])[:n]
-    if not count_flops:
-        return values, None
-    return values, _once_per_shapes(_FLOPS, matmul_flops, run, (chunk, *shared)) * len(outputs)
-
-
-# What tracing a function tells (its output shape, its FLOPs), kept per function and
-# argument shapes for as long as the function lives, so a repeated sweep traces nothing.
-_OUTPUT_SHAPES: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
-_FLOPS: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
-
-
-def _shape_key(tree):
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((np.shape(x), str(jnp.result_type(x))) for x in leaves)
-
-
-def _once_per_shapes(store, trace, fn, args):
-    """``trace(fn, *args)``, computed once per ``fn`` and shapes of ``args``."""
-    per_fn = store.setdefault(fn, {})
-    key = _shape_key(args)
-    if key not in per_fn:
-        per_fn[key] = trace(fn, *args)
-    return per_fn[key]
-
-
 @functools.lru_cache(maxsize=64)
 def _forward_flops_cached(model, signature, params_key) -> int:
     specs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in signature.specs]
     params = jax.tree.unflatten(params_key[0], [jax.ShapeDtypeStruct(s, d)
-                                                for s, d in params_key[1]])
+                                                for s, d, _ in params_key[1]])
 
     def forward(params, arrays):
         args, kwargs = signature.rebuild(arrays)
@@ -451,24 +422,7 @@ def _forward_flops_cached(model, signature, params_key) -> int:
 def _forward_flops(model, params, inputs, kwargs) -> int:
     """Matmul FLOPs of one plain forward (full logits at every position)."""
     signature, _ = _CallSignature.of(tuple(inputs), dict(kwargs))
-    params_key = _shape_key(params)
+    params_key = shape_key(params)
     if _hashable(model, signature):
         return _forward_flops_cached(model, signature, params_key)
     return _forward_flops_cached.__wrapped__(model, signature, params_key)
-
-
-def map_in_chunks(fn, items, shared, chunk_size: int, *, desc: str, progress: bool = True):
-    """``np.stack([fn(item, *shared) for item in items])``, as ``jit(vmap(fn))`` over chunks.
-
-    ``items`` is a pytree whose leaves share a leading axis; ``shared`` is passed unbatched
-    (``in_axes=None``), so large operands are not copied per item. The last chunk is padded
-    by repeating its final item, so every chunk has one shape and compiles once (per
-    ``fn``: pass the same function object to reuse the compilation across calls).
-    """
-    validate.check_positive_int(chunk_size, "chunk_size")
-    n = len(jax.tree.leaves(items)[0])
-    if n == 0:
-        raise ValueError(f"{desc}: nothing to run (no items)")
-    n_chunks = -(-n // _balanced(n, chunk_size))
-    with tqdm(total=n_chunks, desc=desc, disable=not progress, leave=False) as bar:
-        return _run_chunks(fn, items, tuple(shared), chunk_size, bar, count_flops=False)[0]

@@ -47,8 +47,10 @@ class Block(nn.Module):
     """One pre-norm layer: ``x + attn(norm(x))`` then ``x + mlp(norm(x))`` (``mlp`` is the
     MoE layer, its output the site ``moe_out``, when ``config.n_experts > 0``).
 
-    ``__call__(x, rope, mask, cache, cache_index) -> (x, new_cache)``, the signature
-    ``nn.scan`` needs (carry first; ``cache`` is this layer's ``(k, v)`` or ``None``).
+    ``__call__(x, rope, mask, cache, cache_index, active=None) -> (x, new_cache)``, the
+    signature ``nn.scan`` needs (carry first; ``cache`` is this layer's ``(k, v)`` or
+    ``None``). ``active`` (a bool scalar, may be traced; ``None`` = on): off skips the layer
+    (``lax.cond``: the residual and the cache pass through, nothing is computed).
     Without ``has_attn`` / ``has_mlp`` that sublayer (and its norm) is absent: the residual
     passes through and the cache comes back unchanged.
     """
@@ -58,14 +60,26 @@ class Block(nn.Module):
     has_mlp: bool = True
 
     @nn.compact
-    def __call__(self, x, rope, mask, cache, cache_index):
+    def __call__(self, x, rope, mask, cache, cache_index, active=None):
+        if active is None:
+            return self._layer(x, rope, mask, cache, cache_index)
+        if self.is_initializing() or any(map(self.is_mutable_collection,
+                                             (INTERMEDIATES, AUX_LOSS))):
+            # Recording sites (or creating parameters) needs every branch the same: run
+            # the layer and select, which gives the numbers the skip gives.
+            y, new_cache = self._layer(x, rope, mask, cache, cache_index)
+            return jnp.where(active, y, x), new_cache
+        return nn.cond(active, Block._layer, lambda mdl, x, *rest: (x, rest[2]), self, x,
+                       rope, mask, cache, cache_index)
+
+    def _layer(self, x, rope, mask, cache, cache_index):
         c = self.config
         norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=c.dtype,
-                                 param_dtype=c.param_dtype)
+                                 param_dtype=c.param_dtype, parent=self)
         attention = Attention(
             n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, d_head=c.d_head,
             qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm_eps=c.rms_norm_eps,
-            dtype=c.dtype, param_dtype=c.param_dtype, name="attn",
+            dtype=c.dtype, param_dtype=c.param_dtype, parent=self, name="attn",
         )
         if c.n_experts > 0:
             mlp = MoE(n_experts=c.n_experts, n_experts_per_tok=c.n_experts_per_tok,
@@ -76,11 +90,11 @@ class Block(nn.Module):
                       capacity_factor=c.moe_capacity_factor,
                       jitter_noise=c.router_jitter_noise,
                       balance_loss_form=c.router_balance_loss_form,
-                      dtype=c.dtype, param_dtype=c.param_dtype, name="moe")
+                      dtype=c.dtype, param_dtype=c.param_dtype, parent=self, name="moe")
             out_site = "moe_out"
         else:
             mlp = GatedMLP(d_mlp=c.d_mlp, activation=nn.silu, dtype=c.dtype,
-                           param_dtype=c.param_dtype, name="mlp")
+                           param_dtype=c.param_dtype, parent=self, name="mlp")
             out_site = "mlp_out"
 
         x = site(self, "resid_pre", x)
@@ -122,6 +136,8 @@ class Decoder(DecoderCapabilities, nn.Module):
     - ``residual``: (batch, pos, d_model); if given, the stream entering the first layer in
       place of the token embeddings (``tokens`` may then be ``None``; the ``embed`` site is
       not reached).
+    - ``first_layer``: int32 scalar (may be traced) with ``residual``: the residual enters
+      this layer; earlier layers are skipped (``lax.cond``) and pass it on unchanged.
     - ``prefix``: a :class:`KVCache` read but not returned: the tokens sit at slots
       ``prefix.index ...`` and attend to the earlier slots' keys and values. Used with
       ``residual`` to resume a forward part-way (see
@@ -174,7 +190,8 @@ class Decoder(DecoderCapabilities, nn.Module):
     def __call__(self, tokens: Array, attention_mask: Array | None = None,
                  positions: Array | None = None, cache: KVCache | None = None,
                  logit_positions: Array | None = None, residual: Array | None = None,
-                 prefix: KVCache | None = None, logit_columns: Array | None = None):
+                 prefix: KVCache | None = None, logit_columns: Array | None = None,
+                 first_layer: Array | None = None):
         c = self.config
         if (c.n_experts > 0) != self.MOE:
             raise ValueError(
@@ -189,6 +206,11 @@ class Decoder(DecoderCapabilities, nn.Module):
             cache = prefix
         if residual is None and tokens is None:
             raise ValueError("pass tokens, or residual= (the stream entering the first layer)")
+        if first_layer is not None and residual is None:
+            raise ValueError("first_layer= skips layers, so it needs residual= (the stream "
+                             "entering that layer)")
+        active = (None if first_layer is None
+                  else jnp.arange(c.n_layers) >= jnp.asarray(first_layer, jnp.int32))
         mask, positions = mask_and_positions(
             (tokens if residual is None else residual).shape[:2], attention_mask, positions,
             start=0 if cache is None else cache.next_position[:, None])
@@ -220,17 +242,18 @@ class Decoder(DecoderCapabilities, nn.Module):
                 Block,
                 variable_axes={"params": 0, INTERMEDIATES: 0, INTERVENTIONS: 0, AUX_LOSS: 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
                 length=c.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c, has_attn=c.has_attention(0), has_mlp=c.has_mlp(0), name="layers")
-            x, new_layer_cache = layers(x, rope, attend, layer_cache, index)
+            x, new_layer_cache = layers(x, rope, attend, layer_cache, index, active)
         else:
             per_layer = []
             for i in range(c.n_layers):
                 this = None if cache is None else jax.tree.map(lambda a: a[i], layer_cache)
                 x, new = Block(c, has_attn=c.has_attention(i), has_mlp=c.has_mlp(i),
-                               name=f"layers_{i}")(x, rope, attend, this, index)
+                               name=f"layers_{i}")(x, rope, attend, this, index,
+                                                   None if active is None else active[i])
                 per_layer.append(new)
             new_layer_cache = (None if cache is None
                                else jax.tree.map(lambda *a: jnp.stack(a), *per_layer))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from mechinterp.family import LayerStructure, SublayerSites
+from mechinterp import validate
 from mechinterp.validate import check_index
 
 from .decoder_config import DecoderConfig
@@ -123,6 +125,18 @@ def _per_layer(params: Mapping, path: tuple[str, ...], n_layers: int) -> Array:
     return jnp.stack([get(params[f"layers_{i}"]) for i in range(n_layers)])
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _resume_state(model, params, tokens, attention_mask, positions):
+    from mechinterp.site_io import capture  # the analysis core reads sites; no cycle
+
+    mask, positions = mask_and_positions(tokens.shape, attention_mask, positions)
+    (_, cache), sites = capture(model, params, tokens, mask, positions,
+                                cache=init_cache(model.config, *tokens.shape),
+                                sites=["resid_pre"])
+    return dict(residual=sites["resid_pre"], k=cache.k, v=cache.v, key_mask=mask,
+                positions=positions)
+
+
 class DecoderCapabilities:
     """The family protocol for :class:`~mechinterp.models.Decoder` and
     :class:`~mechinterp.models.MoEDecoder` (needs ``self.config``, a :class:`DecoderConfig`,
@@ -166,59 +180,41 @@ class DecoderCapabilities:
         values, the key mask and the RoPE positions. ``None`` where these inputs cannot
         resume: other call keywords (``cache``, ``logit_positions``, ...), or a model whose
         layers differ (dropped sublayers), whose sites do not stack into one layer axis."""
-        from mechinterp.site_io import capture  # the analysis core reads sites; no cycle
-
-        c = self.config
-        if kwargs or tokens is None or not c.uniform_layers:
+        if kwargs or tokens is None or not self.config.uniform_layers:
             return None
-        mask, positions = mask_and_positions(tokens.shape, attention_mask, positions)
-        (_, cache), sites = capture(self, params, tokens, mask, positions,
-                                    cache=init_cache(c, *tokens.shape), sites=["resid_pre"])
-        return dict(residual=sites["resid_pre"], k=cache.k, v=cache.v, key_mask=mask,
-                    positions=positions)
+        return _resume_state(self, params, tokens, attention_mask, positions)
 
-    def resume(self, params, state, first_layer: int, first_pos: int):
+    def resume(self, params, state, first_layer, first_pos: int):
         """``(model, params, kwargs)`` computing, from layer ``first_layer`` on and for
         positions ``first_pos`` on, what this model computes on the inputs ``state`` came
         from (:meth:`resume_state`): ``model.apply({"params": params}, None, **kwargs)``.
 
-        The returned model has ``n_layers - first_layer`` layers; its per-layer sites are
-        the original ones sliced ``[first_layer:]`` on the layer axis and ``[first_pos:]``
-        on ``pos``/``query_pos`` (``key_pos`` keeps every position); its logits are those
-        of positions ``first_pos ...``.
+        ``first_layer`` may be traced (one compilation serves every layer): the returned
+        model is this one, skipping the layers below ``first_layer`` (``lax.cond``; keep
+        it unbatched under ``vmap``, where a batched predicate computes both branches). Its
+        per-layer sites keep the whole layer axis; position sites are sliced
+        ``[first_pos:]`` on ``pos``/``query_pos`` (``key_pos`` keeps every position), and
+        its logits are those of positions ``first_pos ...``.
         """
         c = self.config
-        if not 0 <= first_layer < c.n_layers:
+        if validate.is_concrete(first_layer) and not 0 <= int(first_layer) < c.n_layers:
             raise ValueError(f"first_layer={first_layer} is not a layer of this "
                              f"{c.n_layers}-layer model")
         length = state["key_mask"].shape[1]
         if not 0 <= first_pos < length:
             raise ValueError(f"first_pos={first_pos} is not a position of these "
                              f"{length}-token inputs")
-        def shifted(kept):  # kept-sublayer indices of a dropped model, renumbered
-            return None if kept is None else tuple(i - first_layer for i in kept
-                                                   if i >= first_layer)
-
-        tail = self.clone(parent=None, config=dataclasses.replace(
-            c, n_layers=c.n_layers - first_layer, attn_layers=shifted(c.attn_layers),
-            mlp_layers=shifted(c.mlp_layers)))
-        params = dict(params)
-        if c.scan_layers:
-            params["layers"] = jax.tree.map(lambda a: a[first_layer:], params["layers"])
-        else:
-            for i in range(c.n_layers):
-                layer = params.pop(f"layers_{i}")
-                if i >= first_layer:
-                    params[f"layers_{i - first_layer}"] = layer
+        first_layer = jnp.asarray(first_layer, jnp.int32)
         prefix = KVCache(
-            k=state["k"][first_layer:], v=state["v"][first_layer:],
-            index=jnp.asarray(first_pos, jnp.int32), key_mask=state["key_mask"],
-            next_position=state["positions"][:, first_pos],
+            k=state["k"], v=state["v"], index=jnp.asarray(first_pos, jnp.int32),
+            key_mask=state["key_mask"], next_position=state["positions"][:, first_pos],
         )
-        kwargs = dict(residual=state["residual"][first_layer][:, first_pos:],
+        residual = jax.lax.dynamic_index_in_dim(state["residual"], first_layer, 0, False)
+        kwargs = dict(residual=residual[:, first_pos:],
                       attention_mask=state["key_mask"][:, first_pos:],
-                      positions=state["positions"][:, first_pos:], prefix=prefix)
-        return tail, params, kwargs
+                      positions=state["positions"][:, first_pos:], prefix=prefix,
+                      first_layer=first_layer)
+        return self, params, kwargs
 
     # ---------------------------------------------------------------- SelectsOutputs
 
