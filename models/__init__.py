@@ -1,11 +1,12 @@
 """Model families (installed as ``mechinterp.models``).
 
 The LLaMA / Mistral / Qwen2 / Qwen3 decoder family and its mixture-of-experts variants
-(Mixtral, Qwen2-MoE, Qwen3-MoE), its generation loop and Hugging Face checkpoint I/O; shared
+(Mixtral, Qwen2-MoE, Qwen3-MoE), the vision families (:mod:`.cnn`), its generation loop and Hugging Face checkpoint I/O; shared
 blocks live in :mod:`mechinterp.models.layers` and :mod:`mechinterp.models.moe`; GGUF
 (llama.cpp) files load with :func:`load_gguf` (needs the ``gguf`` package: the ``real`` extra).
 """
 
+from .cnn import CNN
 from .decoder import (Decoder, DecoderConfig, KVCache, MoEDecoder, decoder_class, init_cache,
                       stack_layers, unstack_layers)
 from .generate import generate
@@ -14,6 +15,7 @@ from .hf import load_hf, save_hf
 from .moe import MoE
 
 __all__ = [
+    "CNN",
     "Decoder",
     "DecoderConfig",
     "KVCache",
