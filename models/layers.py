@@ -282,6 +282,28 @@ class GatedMLP(nn.Module):
         return jnp.einsum("btm,me->bte", hidden, down)
 
 
+class MLP(nn.Module):
+    """``down(act(x @ up + up_bias)) + down_bias``: the two-layer MLP of ViT and BERT-style
+    blocks. Site: ``mlp.hidden`` (the neurons, after the activation)."""
+
+    d_mlp: int
+    activation: Callable[[Array], Array] = functools.partial(nn.gelu, approximate=False)
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d_model = x.shape[-1]
+        zeros = nn.initializers.zeros
+        up = logical_param(self, "up", ("embed", "mlp"), (d_model, self.d_mlp))
+        up_bias = logical_param(self, "up_bias", ("mlp",), (self.d_mlp,), zeros)
+        down = logical_param(self, "down", ("mlp", "embed"), (self.d_mlp, d_model))
+        down_bias = logical_param(self, "down_bias", ("embed",), (d_model,), zeros)
+        hidden = site(self, "mlp.hidden",
+                      self.activation(jnp.einsum("bte,em->btm", x, up) + up_bias))
+        return jnp.einsum("btm,me->bte", hidden, down) + down_bias
+
+
 class BatchNorm(nn.Module):
     """Batch normalization over every axis but the last (Ioffe & Szegedy, 2015):
     ``y = scale * (x - mean) / sqrt(var + eps) + bias``.
@@ -330,4 +352,5 @@ def merge_batch_stats(variables: Mapping[str, Any]) -> dict:
             out[key] = merge(out.get(key, {}), value) if isinstance(value, Mapping) else value
         return out
 
+    variables = nn.meta.unbox(variables)
     return merge(variables["params"], variables.get("batch_stats", {}))
