@@ -13,6 +13,7 @@ from mechinterp.family import HasLayers, has
 from mechinterp.models.cnn import CNN
 from mechinterp.models.layers import BatchNorm
 from mechinterp.sweep import sweep
+from random_params import random_variables
 
 
 def _bn_reference(x, scale, bias, mean, var, eps):
@@ -50,7 +51,7 @@ def trained():
     """A CNN with BatchNorm statistics from a few train-mode passes, in analysis form."""
     model = CNN(n_classes=4, width=6, n_layers=2)
     images = jax.random.normal(jax.random.key(0), (3, 6, 6, 1))
-    variables = model.init(jax.random.key(1), images)
+    variables = random_variables(model, images)
     for k in range(3):
         batch = jax.random.normal(jax.random.key(10 + k), (8, 6, 6, 1)) * 2 + 0.5
         _, stats = model.apply(variables, batch, train=True, mutable=["batch_stats"])

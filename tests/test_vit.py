@@ -8,7 +8,6 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -17,6 +16,7 @@ from mechinterp import Intervention, patching  # noqa: E402
 from mechinterp.family import HasLayers, has  # noqa: E402
 from mechinterp.models import load_hf  # noqa: E402
 from mechinterp.models.vit import ViT  # noqa: E402
+from random_params import random_variables  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,7 @@ def test_transformerlens_grids_run_unchanged():
                 n_classes=3)
     clean = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
     corrupted = jax.random.normal(jax.random.key(1), (2, 4, 4, 1))
-    params = jax.tree.map(lambda a: a * 8, model.init(jax.random.key(2), clean)["params"])
-    params = nn.meta.unbox(params)
+    params = random_variables(model, clean)["params"]
     metric = _metric(jnp.array([0, 2]))
     _, cache = mechinterp.capture(model, params, clean, sites=["resid_pre", "attn.z"])
     n_pos = 5  # the class token and 4 patches
