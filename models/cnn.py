@@ -24,18 +24,24 @@ from .layers import BatchNorm, merge_batch_stats
 _SPATIAL = ("batch", "height", "width", "channel")
 
 
+def _norm(module, name, x, train):
+    """BatchNorm (or nothing, with ``norm=False``) as a submodule of ``module``."""
+    return BatchNorm(stats=module.stats, name=name)(x, train) if module.norm else x
+
+
 class ResidualBlock(nn.Module):
     """One pre-activation residual block; ``(x, train) -> (x, None)`` as ``nn.scan`` needs."""
 
     width: int
     stats: str = "batch_stats"
+    norm: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = site(self, "resid_pre", x)
-        h = nn.relu(BatchNorm(stats=self.stats, name="norm1")(x, train))
+        h = nn.relu(_norm(self, "norm1", x, train))
         h = site(self, "conv.pre", nn.Conv(self.width, (3, 3), name="conv1")(h))
-        h = nn.relu(BatchNorm(stats=self.stats, name="norm2")(h, train))
+        h = nn.relu(_norm(self, "norm2", h, train))
         h = site(self, "conv.hidden", h)
         out = site(self, "conv_out", nn.Conv(self.width, (3, 3), name="conv2")(h))
         return site(self, "resid_post", x + out), None
@@ -44,7 +50,8 @@ class ResidualBlock(nn.Module):
 class CNN(nn.Module):
     """The ResNet classifier. ``stem_pool`` average-pools the stem output by that factor
     (1: none). ``stats`` is where BatchNorm keeps its running averages (see the module
-    docstring)."""
+    docstring); ``norm=False`` leaves BatchNorm out (a plain residual CNN, no
+    ``batch_stats``)."""
 
     n_classes: int = 10
     width: int = 16
@@ -52,6 +59,7 @@ class CNN(nn.Module):
     stem_pool: int = 1
     scan_layers: bool = True
     stats: str = "batch_stats"
+    norm: bool = True
 
     SITES: ClassVar[dict[str, SiteSpec]] = {
         "stem": SiteSpec(_SPATIAL, "stem convolution output (the residual stream at layer 0)"),
@@ -80,11 +88,12 @@ class CNN(nn.Module):
                 ResidualBlock,
                 variable_axes={"params": 0, self.stats: 0, INTERMEDIATES: 0, INTERVENTIONS: 0},
                 split_rngs={"params": True}, in_axes=nn.broadcast, length=self.n_layers)
-            x, _ = stack(self.width, self.stats, name="layers")(x, train)
+            x, _ = stack(self.width, self.stats, self.norm, name="layers")(x, train)
         else:
             for i in range(self.n_layers):
-                x, _ = ResidualBlock(self.width, self.stats, name=f"layers_{i}")(x, train)
-        x = site(self, "final_act", nn.relu(BatchNorm(stats=self.stats, name="norm")(x, train)))
+                x, _ = ResidualBlock(self.width, self.stats, self.norm,
+                                     name=f"layers_{i}")(x, train)
+        x = site(self, "final_act", nn.relu(_norm(self, "norm", x, train)))
         pooled = site(self, "pooled", x.mean(axis=(1, 2)))
         return site(self, "logits", nn.Dense(self.n_classes, name="head")(pooled))
 
