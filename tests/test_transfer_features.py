@@ -7,24 +7,27 @@ import json
 import jax
 import numpy as np
 
-from mechinterp.experiments.transfer_features import CONDITIONS, Trainer, layer_names
+from mechinterp.experiments.kit.classifier import Classifier
+from mechinterp.experiments.transfer_features import CONDITIONS, layer_names
 from mechinterp.models.cnn import CNN
 
 
 def test_frozen_layers_stay_fixed_and_the_rest_trains():
     model = CNN(n_classes=3, width=4, n_layers=2, norm=False, scan_layers=False)
-    trainer = Trainer(model, steps=3, batch_size=4, learning_rate=1e-2)
+    trainer = Classifier(model, steps=3, batch_size=4, learning_rate=1e-2)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, 6, 6, 1)).astype(np.float32)
     y = rng.integers(0, 3, 8).astype(np.int32)
-    start = trainer.init(0, x)
+    start = trainer.init(0, x)["params"]
     frozen = layer_names(model)[:2]
     assert frozen == ["stem_conv", "layers_0"]
-    trained = trainer.fit(start, x, y, seed=0, frozen=frozen)
+    variables, losses = trainer.fit({"params": start}, x, y, seed=0, frozen=frozen)
+    trained = variables["params"]
+    assert losses.shape == (3,) and np.all(np.isfinite(losses))
     for name in start:
         same = jax.tree.map(np.array_equal, start[name], trained[name])
         assert all(jax.tree.leaves(same)) == (name in frozen), name
-    assert trainer.accuracy(trained, x, y) == np.mean(
+    assert trainer.accuracy(variables, x, y) == np.mean(
         np.asarray(model.apply({"params": trained}, x)).argmax(-1) == y)
 
 

@@ -7,8 +7,9 @@ copied from baseA (AnB) or baseB (BnB), frozen or fine-tuned (+), or random and 
 network trained on A and B together, mean-ablated channel by channel with the sweep engine
 on A's and on B's test images, locates A- and B-specific channels by layer.
 
-Training: ~200 small networks per run, so one jitted Adam step is shared by all of them
-(frozen layers are a gradient mask argument, no recompilation; docs/decisions.md).
+Training: ~200 small networks per run share one compiled Adam step
+(:class:`~mechinterp.experiments.kit.classifier.Classifier`; frozen layers are a mask
+argument, no recompilation; docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mechinterp import Intervention, capture
 from mechinterp.experiments import kit
+from mechinterp.experiments.kit.classifier import Classifier
 from mechinterp.experiments.transfer_features import report
 from mechinterp.models.cnn import CNN
 from mechinterp.sweep import sweep
@@ -58,60 +59,17 @@ def load_tasks(config, split: str, data_dir) -> dict:
             for name, classes in pair.items()}
 
 
-class Trainer:
-    """One jitted Adam step and one evaluation for every network of a run."""
-
-    def __init__(self, model: CNN, steps: int, batch_size: int, learning_rate: float):
-        self.model, self.steps, self.batch, self.lr = model, steps, batch_size, learning_rate
-        self.tx = optax.adam(learning_rate)
-
-        def loss(params, x, y):
-            logits = model.apply({"params": params}, x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        def step(params, opt_state, x, y, mask):
-            grads = jax.grad(loss)(params, x, y)
-            updates, opt_state = self.tx.update(jax.tree.map(jnp.multiply, grads, mask),
-                                                opt_state, params)
-            return optax.apply_updates(params, jax.tree.map(jnp.multiply, updates, mask)), \
-                opt_state
-
-        self._step = jax.jit(step)
-        self._predict = jax.jit(lambda p, x: model.apply({"params": p}, x).argmax(-1))
-        self._init = jax.jit(lambda key, x: model.init(key, x)["params"])
-
-    def init(self, seed: int, x):
-        return self._init(jax.random.key(seed), x[:1])
-
-    def fit(self, params, x, y, seed: int, frozen=()):
-        """``params`` trained on ``(x, y)``, top-level entries in ``frozen`` held fixed."""
-        mask = {k: jax.tree.map(lambda _, k=k: jnp.float32(k not in frozen), v)
-                for k, v in params.items()}
-        opt_state = self.tx.init(params)
-        rng = np.random.default_rng(seed)
-        order = np.zeros(0, int)
-        for _ in range(self.steps):
-            if len(order) < self.batch:
-                order = np.concatenate([order, rng.permutation(len(x))])
-            idx, order = order[:self.batch], order[self.batch:]
-            params, opt_state = self._step(params, opt_state, x[idx], y[idx], mask)
-        return params
-
-    def accuracy(self, params, x, y) -> float:
-        return float(np.mean(np.asarray(self._predict(params, x)) == y))
-
-
 def layer_names(model: CNN) -> list[str]:
     """The transferable layers in order: the stem, then each residual block."""
     return ["stem_conv"] + [f"layers_{i}" for i in range(model.n_layers)]
 
 
-def transfer_curves(trainer: Trainer, tasks: dict, seed: int) -> dict:
+def transfer_curves(trainer: Classifier, tasks: dict, seed: int) -> dict:
     """Test accuracy on B of every condition at each depth n, plus the base networks."""
     xa, ya, xa_test, ya_test = tasks["A"]
     xb, yb, xb_test, yb_test = tasks["B"]
-    base_a = trainer.fit(trainer.init(1000 * seed + 1, xa), xa, ya, seed)
-    base_b = trainer.fit(trainer.init(1000 * seed + 2, xb), xb, yb, seed + 1)
+    base_a, _ = trainer.fit(trainer.init(1000 * seed + 1, xa), xa, ya, seed)
+    base_b, _ = trainer.fit(trainer.init(1000 * seed + 2, xb), xb, yb, seed + 1)
     random = trainer.init(1000 * seed + 3, xb)
     names = layer_names(trainer.model)
     out = {"baseA_on_A": trainer.accuracy(base_a, xa_test, ya_test),
@@ -119,16 +77,16 @@ def transfer_curves(trainer: Trainer, tasks: dict, seed: int) -> dict:
            **{c: [] for c in CONDITIONS}}
     for n in range(1, len(names) + 1):
         for condition in CONDITIONS:
-            source = {"A": base_a, "B": base_b, "r": random}[condition[0]]
-            fresh = trainer.init(1000 * seed + 10 + n, xb)
+            source = {"A": base_a, "B": base_b, "r": random}[condition[0]]["params"]
+            fresh = trainer.init(1000 * seed + 10 + n, xb)["params"]
             start = {k: (source[k] if k in names[:n] else v) for k, v in fresh.items()}
             frozen = () if condition.endswith("+") else names[:n]
-            params = trainer.fit(start, xb, yb, seed + 2 + n, frozen)
-            out[condition].append(trainer.accuracy(params, xb_test, yb_test))
+            trained, _ = trainer.fit({"params": start}, xb, yb, seed + 2 + n, frozen)
+            out[condition].append(trainer.accuracy(trained, xb_test, yb_test))
     return out
 
 
-def channel_specificity(trainer: Trainer, tasks: dict, seed: int, chunk_size: int) -> dict:
+def channel_specificity(trainer: Classifier, tasks: dict, seed: int, chunk_size: int) -> dict:
     """A network trained on A and B (10 classes) with each (layer, channel) of
     ``conv.hidden`` mean-ablated: the drop in correct-class log-probability on A's and B's
     test images, and specificity ``(dA - dB) / (|dA| + |dB|)`` per channel."""
@@ -136,8 +94,10 @@ def channel_specificity(trainer: Trainer, tasks: dict, seed: int, chunk_size: in
     xb, yb, xb_test, yb_test = tasks["B"]
     x, y = np.concatenate([xa, xb]), np.concatenate([ya, yb + 5])
     joint_model = trainer.model.clone(n_classes=10)
-    joint = Trainer(joint_model, trainer.steps, trainer.batch, trainer.lr)
-    params = joint.fit(joint.init(1000 * seed + 4, x), x, y, seed)
+    joint = Classifier(joint_model, steps=trainer.steps, batch_size=trainer.batch_size,
+                       learning_rate=trainer.learning_rate)
+    variables, _ = joint.fit(joint.init(1000 * seed + 4, x), x, y, seed)
+    params = variables["params"]
     model = joint_model.clone(scan_layers=True)
     stacked = {k: v for k, v in params.items() if not k.startswith("layers_")}
     stacked["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *[
@@ -160,7 +120,7 @@ def channel_specificity(trainer: Trainer, tasks: dict, seed: int, chunk_size: in
         drops[task] = clean - grid.values
     spec = (drops["A"] - drops["B"]) / (np.abs(drops["A"]) + np.abs(drops["B"]) + 1e-6)
     return {"drop_A": drops["A"], "drop_B": drops["B"], "specificity": spec,
-            "joint_accuracy": joint.accuracy(params, np.concatenate([xa_test, xb_test]),
+            "joint_accuracy": joint.accuracy(variables, np.concatenate([xa_test, xb_test]),
                                              np.concatenate([ya_test, yb_test + 5]))}
 
 
@@ -170,7 +130,8 @@ def run(config, workdir):
         model = CNN(n_classes=5, width=config.model.width, n_layers=config.model.n_layers,
                     norm=False, scan_layers=False)
         t = config.train
-        trainer = Trainer(model, t.steps, t.batch_size, t.learning_rate)
+        trainer = Classifier(model, steps=t.steps, batch_size=t.batch_size,
+                             learning_rate=t.learning_rate)
         per_split, arrays = {}, {}
         for split in config.data.splits:
             with r.phase(f"{split}/data"):
