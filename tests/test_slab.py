@@ -102,3 +102,18 @@ def test_folded_batchnorm_equals_unfolded_inference(norm, attention, pool):
 def test_fold_refuses_layernorm():
     with pytest.raises(ValueError, match="LayerNorm depends on each token"):
         fold_norms(ViT(norm="layer"), {"params": {}})
+
+
+def test_slab_smoke_run_reports_every_variant_and_an_exact_fold(smoke_run):
+    import json
+
+    workdir = smoke_run("slab")
+    results = json.loads((workdir / "results.json").read_text())
+    assert set(results["variants"]) == {"LN", "PRepBN"}
+    for variant in results["variants"].values():
+        assert 0 <= variant["summary"]["accuracy"]["mean"] <= 1
+    latency = results["latency"]
+    assert len(latency["tokens"]) == len(latency["softmax"]) == len(latency["linear"]) == 2
+    assert results["inference"]["fold_max_abs_diff"] < 1e-4
+    with np.load(workdir / "results.npz") as arrays:
+        assert arrays["loss/PRepBN"].shape == (1, 4)  # seeds x steps

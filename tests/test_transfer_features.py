@@ -46,3 +46,21 @@ def test_smoke_run_has_curves_per_depth_and_channel_specificity(smoke_run):
         expected = (drop_a - drop_b) / (np.abs(drop_a) + np.abs(drop_b) + 1e-6)
         np.testing.assert_allclose(spec, expected, rtol=1e-5)
     assert (workdir / "transfer.png").stat().st_size > 0
+
+
+def test_classifier_updates_batchnorm_statistics_and_feeds_the_schedule():
+    seen = []
+    model = CNN(n_classes=2, width=2, n_layers=1)  # with BatchNorm
+
+    def schedule(step):
+        seen.append(step)
+        return {}
+
+    trainer = Classifier(model, steps=2, batch_size=4, learning_rate=1e-2,
+                         train_kwargs={"train": True}, schedule=schedule)
+    x = np.random.default_rng(1).normal(3.0, 1.0, (4, 4, 4, 1)).astype(np.float32)
+    start = trainer.init(0, x)
+    variables, _ = trainer.fit(start, x, np.array([0, 1, 0, 1], np.int32), seed=0)
+    assert seen == [0, 1]
+    before, after = start["batch_stats"]["norm"]["mean"], variables["batch_stats"]["norm"]["mean"]
+    assert np.abs(np.asarray(after - before)).max() > 1e-3  # running means moved

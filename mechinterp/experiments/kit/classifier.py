@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 STATS = "batch_stats"
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 class Classifier:
@@ -55,7 +56,9 @@ class Classifier:
 
         self._step = jax.jit(step)
         self._logits = jax.jit(model.apply)
-        self._init = jax.jit(model.init)
+        # init runs once per network, and XLA's optimizing CPU compile of its random
+        # initializers takes seconds (~10 s for one attention layer's, 2-3 s unoptimized)
+        self._init = jax.jit(model.init, compiler_options=FAST_COMPILE)
 
     def init(self, seed: int, x) -> dict:
         """Fresh variables (``params`` and, with BatchNorm, ``batch_stats``)."""
