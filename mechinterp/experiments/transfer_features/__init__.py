@@ -22,6 +22,7 @@ from mechinterp import Intervention, capture
 from mechinterp.experiments import kit
 from mechinterp.experiments.kit.classifier import Classifier
 from mechinterp.experiments.transfer_features import report
+from mechinterp.models import stack_layers
 from mechinterp.models.cnn import CNN
 from mechinterp.sweep import sweep
 from mechinterp.train.digits import build_digits
@@ -99,9 +100,7 @@ def channel_specificity(trainer: Classifier, tasks: dict, seed: int, chunk_size:
     variables, _ = joint.fit(joint.init(1000 * seed + 4, x), x, y, seed)
     params = variables["params"]
     model = joint_model.clone(scan_layers=True)
-    stacked = {k: v for k, v in params.items() if not k.startswith("layers_")}
-    stacked["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *[
-        params[f"layers_{i}"] for i in range(model.n_layers)])
+    stacked = stack_layers(params)
     drops = {}
     for task, (images, labels) in {"A": (xa_test, ya_test), "B": (xb_test, yb_test + 5)}.items():
         labels = jnp.asarray(labels)
