@@ -16,7 +16,7 @@ from mechinterp.experiments import kit
 
 PRESETS = {
     "default": {},
-    "smoke": {"seeds": 1, "heads": ("none", "mlp"), "data.n_shapes": 2, "data.n_train": 8,
+    "smoke": {"seeds": 1, "heads": ("mlp",), "data.n_shapes": 2, "data.n_train": 8,
               "data.n_test": 4, "model.width": 4, "model.n_layers": 1, "train.steps": 3,
               "train.batch_size": 8},
 }
@@ -34,7 +34,7 @@ def get_config(arg=None):
     c.data.textures = ("solid", "hstripes")
     c.data.palette = "warm"
     c.data.shifted_textures = ("vstripes", "checker")
-    c.data.shifted_palette = "cool"
+    c.data.shifted_palette = "warm"  # "cool" as well leaves every probe at chance (see docs)
     c.data.size = 8
     c.data.n_train = 100  # images per (shape, texture) class
     c.data.n_test = 50

@@ -14,8 +14,7 @@ from mechinterp.experiments import kit
 
 PRESETS = {
     "default": {},
-    "smoke": {"seeds": 1, "variants": {"LN": ("layer", "softmax"),
-                                       "PRepBN": ("prepbn", "linear")},
+    "smoke": {"seeds": 1, "variants": {"PRepBN": ("prepbn", "linear")},
               "model.d_model": 8, "model.n_layers": 1, "model.n_heads": 2, "model.d_mlp": 8,
               "train.steps": 4, "train.batch_size": 8, "latency.grids": (2, 4),
               "latency.repeats": 1, "latency.batch": 8},

@@ -109,7 +109,7 @@ def test_slab_smoke_run_reports_every_variant_and_an_exact_fold(smoke_run):
 
     workdir = smoke_run("slab")
     results = json.loads((workdir / "results.json").read_text())
-    assert set(results["variants"]) == {"LN", "PRepBN"}
+    assert set(results["variants"]) == {"PRepBN"}
     for variant in results["variants"].values():
         assert 0 <= variant["summary"]["accuracy"]["mean"] <= 1
     latency = results["latency"]

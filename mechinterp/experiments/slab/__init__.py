@@ -94,19 +94,22 @@ def attention_latency(config) -> dict:
 
 
 def inference_speed(config, trained: dict, x) -> dict:
-    """Seconds per batch: PRepBN unfolded and folded, and LayerNorm; the fold's error."""
+    """Seconds per batch: PRepBN unfolded and folded, and LayerNorm (if trained); the
+    fold's error."""
     model, variables = trained["PRepBN"]
     folded_model, folded = fold_norms(model, variables)
     unfolded = jax.jit(model.apply)
     fold_fn = jax.jit(folded_model.apply)
-    ln_model, ln_variables = trained["LN"]
     repeats = config.latency.repeats
-    return {"prepbn_unfolded": _median_seconds(unfolded, variables, x, repeats=repeats),
-            "prepbn_folded": _median_seconds(fold_fn, {"params": folded}, x, repeats=repeats),
-            "layernorm": _median_seconds(jax.jit(ln_model.apply), ln_variables, x,
-                                         repeats=repeats),
-            "fold_max_abs_diff": float(jnp.abs(unfolded(variables, x)
-                                               - fold_fn({"params": folded}, x)).max())}
+    out = {"prepbn_unfolded": _median_seconds(unfolded, variables, x, repeats=repeats),
+           "prepbn_folded": _median_seconds(fold_fn, {"params": folded}, x, repeats=repeats),
+           "fold_max_abs_diff": float(jnp.abs(unfolded(variables, x)
+                                              - fold_fn({"params": folded}, x)).max())}
+    if "LN" in trained:
+        ln_model, ln_variables = trained["LN"]
+        out["layernorm"] = _median_seconds(jax.jit(ln_model.apply), ln_variables, x,
+                                           repeats=repeats)
+    return out
 
 
 @kit.job
