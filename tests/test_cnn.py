@@ -52,10 +52,10 @@ def trained():
     model = CNN(n_classes=4, width=6, n_layers=2)
     images = jax.random.normal(jax.random.key(0), (3, 6, 6, 1))
     variables = random_variables(model, images)
+    train = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1])
     for k in range(3):
         batch = jax.random.normal(jax.random.key(10 + k), (8, 6, 6, 1)) * 2 + 0.5
-        _, stats = model.apply(variables, batch, train=True, mutable=["batch_stats"])
-        variables = {**variables, **stats}
+        variables = {**variables, **train(variables, batch)}
     analysis_model, params = model.for_analysis(variables)
     return model, variables, analysis_model, params, images
 

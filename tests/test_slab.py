@@ -2,7 +2,6 @@
 PRepBN schedule, and BatchNorm folded into the next linear layer equal to the unfolded
 network in inference mode."""
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -12,14 +11,6 @@ from mechinterp.models.vit import ViT
 from random_params import random_variables
 
 RNG = np.random.default_rng(0)
-
-
-def _randomized(tree, scale=0.5):
-    """Every leaf moved off its initial value (ones/zeros would hide mapping mistakes)."""
-    leaves, treedef = jax.tree.flatten(nn.meta.unbox(tree))
-    moved = [np.asarray(x) + scale * RNG.normal(size=np.shape(x)).astype(np.float32)
-             for x in leaves]
-    return jax.tree.unflatten(treedef, moved)
 
 
 def test_prepbn_lambda_decays_linearly_to_zero():
@@ -34,9 +25,8 @@ def test_repbn_and_prepbn_match_numpy():
     ln = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6)
     for kind, lam in (("repbn", 0.0), ("prepbn", 0.3)):
         norm = Norm(kind)
-        params = _randomized(norm.init(jax.random.key(0), x)["params"])
-        variables = {"params": params,
-                     "batch_stats": norm.init(jax.random.key(0), x)["batch_stats"]}
+        variables = random_variables(norm, x, scale=0.5)
+        params = variables["params"]
         out, _ = norm.apply(variables, x, True, lam, mutable=["batch_stats"])
         p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
         rep = bn * p["bn"]["scale"] + p["bn"]["bias"] + p["alpha"] * x64
@@ -60,7 +50,7 @@ def test_linear_attention_matches_numpy():
     t = 1 + grid * grid  # a class token, which gets no depthwise-convolution term
     x = RNG.normal(size=(b, t, e)).astype(np.float32)
     attn = LinearAttention(h, d, grid, kernel=3)
-    params = _randomized(attn.init(jax.random.key(0), x)["params"])
+    params = random_variables(attn, x, scale=0.5)["params"]
     out = attn.apply({"params": params}, x)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     x64 = x.astype(np.float64)
@@ -79,8 +69,7 @@ def test_linear_attention_matches_numpy():
 
 
 @pytest.mark.parametrize("norm,attention,pool", [("batch", "softmax", "cls"),
-                                                 ("repbn", "linear", "mean"),
-                                                 ("prepbn", "softmax", "mean")])
+                                                 ("prepbn", "linear", "mean")])
 def test_folded_batchnorm_equals_unfolded_inference(norm, attention, pool):
     model = ViT(image_size=4, patch_size=2, d_model=8, n_layers=2, n_heads=2, d_mlp=16,
                 n_classes=3, norm=norm, attention=attention, pool=pool)
