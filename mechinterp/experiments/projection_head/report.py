@@ -35,7 +35,7 @@ def claims(per_head: dict) -> list[kit.Claim]:
             "features become increasingly unequal with depth (progressive weighting)",
             "effective rank / width by layer: " + ", ".join(
                 f"{k} {kit.mean_of(v):.2f}" for k, v in ranks.items()),
-            bool(last < first - MARGIN), f"z ({last:.2f}) below {layers[0]} ({first:.2f})"))
+            bool(last < first - MARGIN), f"needs z ({last:.2f}) below {layers[0]} ({first:.2f})"))
         pre_s, post_s = (_seeds(per_head, "mlp", f"probe_{k}", "shifted") for k in "hz")
         out.append(kit.Claim(
             "pre-projection representations are more robust to a distribution shift",
