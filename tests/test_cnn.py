@@ -114,7 +114,8 @@ def test_spatial_patching_grid_matches_loop(trained):
                  clean_cache["resid_pre"], metric, progress=False)
     assert grid.shape == (2, 6, 6)
     rng = np.random.default_rng(1)
-    for layer, row, col in [(0, 0, 0), (1, 5, 2), (0, 3, 4), *rng.integers(0, 6, (3, 3)) % [2, 6, 6]]:
+    cells = [(0, 0, 0), (1, 5, 2), (0, 3, 4), *rng.integers(0, 6, (3, 3)) % [2, 6, 6]]
+    for layer, row, col in cells:
         mask = np.zeros((2, 1, 6, 6, 1), np.float32)
         mask[layer, :, row, col] = 1
         logits = mechinterp.intervene(model, params, corrupted, interventions={

@@ -25,7 +25,8 @@ from mechinterp.experiments.kit.train import (Trained, train_config, train_or_re
 from mechinterp.train.fingerprint import FingerprintMismatch
 
 __all__ = [
-    "aggregate", "Claim", "claims_table", "classifier", "common", "Encoder", "EXIT_INTERRUPTED", "figure",
+    "aggregate", "Claim", "claims_table", "classifier", "common", "Encoder",
+    "EXIT_INTERRUPTED", "figure",
     "FingerprintMismatch", "Interrupted", "is_stat", "job", "jsonio", "lm", "mean_of",
     "plots", "pm", "Run", "RunFolderMismatch", "table", "timings_line", "Trained",
     "train_config", "train_or_reuse", "train_seeds", "training_note", "UnknownPreset",
