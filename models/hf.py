@@ -189,7 +189,8 @@ def _untie_if_head_differs(config: DecoderConfig, files: dict[str, Path]) -> Dec
 def load_hf(path, dtype=jnp.float32, scan_layers: bool = True, check_finite: bool = True
             ) -> tuple[Decoder, dict]:
     """Load a local Hugging Face checkpoint folder: ``(Decoder, params)`` (a
-    :class:`~mechinterp.models.decoder.MoEDecoder` for the mixture-of-experts architectures).
+    :class:`~mechinterp.models.decoder.MoEDecoder` for the mixture-of-experts architectures,
+    a :class:`~mechinterp.models.vit.ViT` for ``ViTForImageClassification``).
 
     ``dtype`` is both the compute and the parameter dtype (a floating dtype).
     ``scan_layers`` picks the scanned (``layers``) or unrolled (``layers_0``, ...) parameter
@@ -207,8 +208,12 @@ def load_hf(path, dtype=jnp.float32, scan_layers: bool = True, check_finite: boo
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(f"no config.json in {folder}; pass a Hugging Face model folder")
-    config = config_from_hf(_read_json(config_file), dtype=dtype,
-                            param_dtype=dtype, scan_layers=scan_layers)
+    hf = _read_json(config_file)
+    if isinstance(hf, dict) and hf.get("architectures") == ["ViTForImageClassification"]:
+        from .vit_hf import load_vit_hf  # imports this module's readers
+
+        return load_vit_hf(folder, hf, dtype, scan_layers, check_finite)
+    config = config_from_hf(hf, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
     files = _safetensors_files(folder)
     config = _untie_if_head_differs(config, files)
     tensors = _tensors(config)

@@ -280,3 +280,77 @@ class GatedMLP(nn.Module):
         hidden = self.activation(pre) * jnp.einsum("bte,em->btm", x, up)
         hidden = site(self, "mlp.hidden", hidden)
         return jnp.einsum("btm,me->bte", hidden, down)
+
+
+class MLP(nn.Module):
+    """``down(act(x @ up + up_bias)) + down_bias``: the two-layer MLP of ViT and BERT-style
+    blocks. Site: ``mlp.hidden`` (the neurons, after the activation)."""
+
+    d_mlp: int
+    activation: Callable[[Array], Array] = functools.partial(nn.gelu, approximate=False)
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d_model = x.shape[-1]
+        zeros = nn.initializers.zeros
+        up = logical_param(self, "up", ("embed", "mlp"), (d_model, self.d_mlp))
+        up_bias = logical_param(self, "up_bias", ("mlp",), (self.d_mlp,), zeros)
+        down = logical_param(self, "down", ("mlp", "embed"), (self.d_mlp, d_model))
+        down_bias = logical_param(self, "down_bias", ("embed",), (d_model,), zeros)
+        hidden = site(self, "mlp.hidden",
+                      self.activation(jnp.einsum("bte,em->btm", x, up) + up_bias))
+        return jnp.einsum("btm,me->bte", hidden, down) + down_bias
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization over every axis but the last (Ioffe & Szegedy, 2015):
+    ``y = scale * (x - mean) / sqrt(var + eps) + bias``.
+
+    ``train=True`` normalizes with the batch's mean and (biased) variance and, when the
+    ``stats`` collection is mutable, updates the running averages there
+    (``r <- momentum * r + (1 - momentum) * batch value``); ``train=False`` uses the running
+    averages. ``stats`` names the collection holding them: ``"batch_stats"`` for training,
+    ``"params"`` for analysis (see :func:`merge_batch_stats`), so the analysis core, which
+    passes only ``params``, runs the network in inference mode.
+    """
+
+    momentum: float = 0.9
+    eps: float = 1e-5
+    stats: str = "batch_stats"
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        running_mean = self.variable(self.stats, "mean", jnp.zeros, (features,), jnp.float32)
+        running_var = self.variable(self.stats, "var", jnp.ones, (features,), jnp.float32)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            h = x.astype(jnp.float32)
+            mean = h.mean(axes)
+            var = jnp.mean(jnp.square(h - mean), axes)
+            if not self.is_initializing() and self.is_mutable_collection(self.stats):
+                m = self.momentum
+                running_mean.value = m * running_mean.value + (1 - m) * mean
+                running_var.value = m * running_var.value + (1 - m) * var
+        else:
+            mean, var = running_mean.value, running_var.value
+        factor = scale * jax.lax.rsqrt(var + self.eps)
+        return (x * factor + (bias - mean * factor)).astype(x.dtype)
+
+
+def merge_batch_stats(variables: Mapping[str, Any]) -> dict:
+    """``variables['params']`` with ``variables['batch_stats']`` merged in at the same module
+    paths: the parameters of a model whose :class:`BatchNorm` layers use ``stats="params"``."""
+
+    def merge(a, b):
+        out = dict(a)
+        for key, value in b.items():
+            out[key] = merge(out.get(key, {}), value) if isinstance(value, Mapping) else value
+        return out
+
+    variables = nn.meta.unbox(variables)
+    return merge(variables["params"], variables.get("batch_stats", {}))

@@ -19,3 +19,19 @@ def test_decoder_site_table_matches_declarations():
     documented = _documented_rows("## Decoder")
     declared = {name: (", ".join(spec.axes), spec.meaning) for name, spec in Decoder.SITES.items()}
     assert documented == declared
+
+
+def test_cnn_site_table_matches_declarations():
+    from mechinterp.models.cnn import CNN
+
+    documented = _documented_rows("## CNN")
+    declared = {name: (", ".join(spec.axes), spec.meaning) for name, spec in CNN.SITES.items()}
+    assert documented == declared
+
+
+def test_vit_site_table_matches_declarations():
+    from mechinterp.models.vit import ViT
+
+    documented = _documented_rows("## ViT")
+    declared = {name: (", ".join(spec.axes), spec.meaning) for name, spec in ViT.SITES.items()}
+    assert documented == declared

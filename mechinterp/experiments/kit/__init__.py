@@ -9,9 +9,10 @@
 - report: ``Claim``, ``claims_table``, ``table``.
 - one JSON encoder (``jsonio``), one plotting set-up (``plots.figure``).
 - ``lm``: small decoders on synthetic task mixtures (families, data, metrics).
+- ``classifier``: ``Classifier``, one compiled step for many small image classifiers.
 """
 
-from mechinterp.experiments.kit import jsonio, lm, plots
+from mechinterp.experiments.kit import classifier, jsonio, lm, plots
 from mechinterp.experiments.kit.jsonio import Encoder, write_json
 from mechinterp.experiments.kit.plots import figure
 from mechinterp.experiments.kit.presets import UnknownPreset, common, with_preset
@@ -24,7 +25,8 @@ from mechinterp.experiments.kit.train import (Trained, train_config, train_or_re
 from mechinterp.train.fingerprint import FingerprintMismatch
 
 __all__ = [
-    "aggregate", "Claim", "claims_table", "common", "Encoder", "EXIT_INTERRUPTED", "figure",
+    "aggregate", "Claim", "claims_table", "classifier", "common", "Encoder",
+    "EXIT_INTERRUPTED", "figure",
     "FingerprintMismatch", "Interrupted", "is_stat", "job", "jsonio", "lm", "mean_of",
     "plots", "pm", "Run", "RunFolderMismatch", "table", "timings_line", "Trained",
     "train_config", "train_or_reuse", "train_seeds", "training_note", "UnknownPreset",

@@ -1,0 +1,96 @@
+"""report.md and figures of the projection-head reproduction."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mechinterp.experiments import kit
+
+MARGIN = 0.01
+
+
+def _seeds(per_head, head, *path) -> np.ndarray:
+    values = []
+    for run in per_head[head]["per_seed"]:
+        for key in path:
+            run = run[key]
+        values.append(run)
+    return np.array(values, float)
+
+
+def claims(per_head: dict) -> list[kit.Claim]:
+    out = []
+    if "mlp" in per_head:
+        pre, post = _seeds(per_head, "mlp", "probe_h", "test"), _seeds(per_head, "mlp",
+                                                                       "probe_z", "test")
+        out.append(kit.Claim(
+            "pre-projection representations are better than post-projection ones",
+            f"MLP head, linear probe: h {kit.pm(kit.aggregate(list(pre)))}, z "
+            f"{kit.pm(kit.aggregate(list(post)))}", bool((pre - post).mean() > MARGIN),
+            f"h > z in {int(np.sum(pre > post))} of {len(pre)} seeds"))
+        ranks = per_head["mlp"]["summary"]["effective_rank"]
+        layers = list(ranks)
+        first, last = kit.mean_of(ranks[layers[0]]), kit.mean_of(ranks["z"])
+        out.append(kit.Claim(
+            "features become increasingly unequal with depth (progressive weighting)",
+            "effective rank / width by layer: " + ", ".join(
+                f"{k} {kit.mean_of(v):.2f}" for k, v in ranks.items()),
+            bool(last < first - MARGIN), f"needs z ({last:.2f}) below {layers[0]} ({first:.2f})"))
+        pre_s, post_s = (_seeds(per_head, "mlp", f"probe_{k}", "shifted") for k in "hz")
+        out.append(kit.Claim(
+            "pre-projection representations are more robust to a distribution shift",
+            f"shifted test set: h {kit.pm(kit.aggregate(list(pre_s)))}, z "
+            f"{kit.pm(kit.aggregate(list(post_s)))}", bool((pre_s - post_s).mean() > MARGIN),
+            f"h > z in {int(np.sum(pre_s > post_s))} of {len(pre_s)} seeds"))
+    if "mlp" in per_head and "none" in per_head:
+        head, none = (_seeds(per_head, k, "probe_h", "test") for k in ("mlp", "none"))
+        out.append(kit.Claim(
+            "training through a projection head improves the encoder's representation",
+            f"probe on h: with head {kit.pm(kit.aggregate(list(head)))}, without "
+            f"{kit.pm(kit.aggregate(list(none)))}", bool((head - none).mean() > MARGIN),
+            f"better in {int(np.sum(head > none))} of {len(head)} seeds"))
+    if "fixed" in per_head and "none" in per_head:
+        fixed, none = (_seeds(per_head, k, "probe_h", "shifted") for k in ("fixed", "none"))
+        out.append(kit.Claim(
+            "a fixed re-weighting head is an alternative to the learned head",
+            f"probe on h, shifted test: fixed {kit.pm(kit.aggregate(list(fixed)))}, no head "
+            f"{kit.pm(kit.aggregate(list(none)))}", bool((fixed - none).mean() > MARGIN),
+            "judged against no head"))
+    return out
+
+
+def figures(r, per_head: dict, losses: dict) -> None:
+    with r.figure("projection_head.png", 1, 2, figsize=(9, 3.2)) as (_, (ax_loss, ax_rank)):
+        for head, curves in losses.items():
+            ax_loss.plot(np.stack(curves).mean(0), label=head, lw=1)
+            ranks = per_head[head]["summary"]["effective_rank"]
+            ax_rank.plot(list(ranks), [kit.mean_of(v) for v in ranks.values()], "o-",
+                         label=head)
+        ax_loss.set(xlabel="step", ylabel="InfoNCE loss (seed mean)")
+        ax_rank.set(xlabel="layer", ylabel="effective rank / width")
+        ax_loss.legend()
+        ax_rank.legend()
+
+
+def markdown(config, per_head: dict, timings: dict) -> list[str]:
+    d = config.data
+    lines = ["# Projection heads (Xue et al., 2024), small", "",
+             f"CNN encoder (width {config.model.width}, stem + {config.model.n_layers} "
+             f"blocks) trained with InfoNCE for {config.train.steps} steps on {d.n_shapes} "
+             f"shapes x textures {tuple(d.textures)} ({d.palette}); linear probes on shape; "
+             f"shifted test: textures {tuple(d.shifted_textures)} ({d.shifted_palette}). "
+             f"{len(kit.train_seeds(config))} training seeds. Figure: projection_head.png.",
+             "", *kit.claims_table(claims(per_head)), ""]
+    rows = []
+    for head, s in per_head.items():
+        m = s["summary"]
+        rows.append([head, kit.pm(m["probe_h"]["test"]), kit.pm(m["probe_h"]["shifted"]),
+                     kit.pm(m["probe_z"]["test"]), kit.pm(m["probe_z"]["shifted"])])
+    lines += kit.table(["head", "probe h", "probe h (shifted)", "probe z",
+                        "probe z (shifted)"], rows) + [""]
+    ranks = {head: s["summary"]["effective_rank"] for head, s in per_head.items()}
+    layers = list(next(iter(ranks.values())))
+    lines += kit.table(["head", *layers], [[h, *(f"{kit.mean_of(r[k]):.2f}" for k in layers)]
+                                           for h, r in ranks.items()]) + [""]
+    lines += [f"Timings: {kit.timings_line(timings)}."]
+    return lines
