@@ -150,7 +150,8 @@ def _layer_counts(intermediates: Mapping) -> dict[str, int]:
 
 def _partial_stack(entries, spec, counts) -> SiteInfo | None:
     """A per-layer site (declared with a leading ``layer`` axis) that only some unrolled
-    layers record, as a :class:`SiteInfo` naming the layers that lack it; else ``None``."""
+    layers record, or a one-layer stack's (``PREFIX_0`` alone), as a :class:`SiteInfo`
+    naming the layers that lack it; else ``None``."""
     if spec is None or spec.axes[:1] != ("layer",) or len({len(p) for p, _ in entries}) != 1:
         return None
     for k in range(len(entries[0][0])):
@@ -159,7 +160,8 @@ def _partial_stack(entries, spec, counts) -> SiteInfo | None:
             continue
         present = sorted(int(m.group(2)) for m in matches)
         n_layers = counts[matches[0].group(1)]
-        if len(present) != n_layers:
+        lone = len(entries) == 1 and len(spec.axes) == entries[0][1].ndim + 1
+        if len(present) != n_layers or lone:
             order = sorted(range(len(entries)), key=lambda i: int(matches[i].group(2)))
             value = entries[0][1]
             return SiteInfo(

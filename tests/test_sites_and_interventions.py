@@ -126,6 +126,26 @@ def test_scan_equals_unrolled_with_interventions(setup):
         np.testing.assert_array_equal(cache_a[name], cache_b[name], err_msg=name)
 
 
+def test_a_one_layer_unrolled_stack_keeps_its_layer_axis():
+    """``layers_0`` alone is still a stack: its sites carry the declared layer axis (1), and
+    capture / interventions equal the scanned one-layer model's."""
+    scanned = ToyModel(n_layers=1)
+    x = normal(5, (BATCH, D_IN))
+    params = scanned.init(jax.random.key(0), x)["params"]
+    unrolled, unrolled_params = ToyModel(n_layers=1, scan_layers=False), unstack(params, 1)
+    info = mi.list_sites(unrolled, x)["hidden"]
+    assert info.shape == (1, BATCH, 16) and info.axes == ("layer", "batch", "neuron")
+    ablate = {"hidden": mi.Intervention.zero(jnp.zeros((1, BATCH, 16)).at[0, 1].set(1.0))}
+    a, cache_a = mi.capture(scanned, params, x, interventions=ablate)
+    b, cache_b = mi.capture(unrolled, unrolled_params, x, interventions=ablate)
+    np.testing.assert_array_equal(a, b)
+    clean, _ = mi.capture(unrolled, unrolled_params, x)
+    changed = np.abs(np.asarray(b - clean)).max(-1)  # the ablation reached batch row 1 only
+    assert changed[1] > 0 and np.all(changed[[0, 2, 3]] == 0)
+    for name in cache_a:
+        np.testing.assert_array_equal(cache_a[name], cache_b[name], err_msg=name)
+
+
 def test_vmap_over_sixteen_interventions_equals_separate_calls(setup):
     model, params, x = setup
     _, clean = mi.capture(model, params, x)
