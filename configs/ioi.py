@@ -38,9 +38,6 @@ def get_config(arg=None):
     c.analysis = ml_collections.ConfigDict()
     c.analysis.grid_templates = 1  # templates with the full patching grids
     c.analysis.grids = "resid_pre,attn_out,heads"
-    # the sweep engine's reuse holds every (layer, position block) group's sliced
-    # parameters at once: on SmolLM2 resid_pre ran out of 23 GB; without reuse it is small
-    c.analysis.reuse = False
     c.analysis.path_templates = 3  # templates with path patching (spread over them)
     c.analysis.grid_pairs = 4  # name triples of the grid / path patching batches
     c.analysis.n_candidates = 10  # top heads by |DLA| and |head patching| (and per step)

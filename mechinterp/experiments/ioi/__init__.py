@@ -84,8 +84,8 @@ def run(config, workdir) -> dict:
             evs = [analysis.evaluate(lm, b) for b in batches]
             small_evs = [analysis.evaluate(lm, b) for b in small]
         with r.phase("grids"):
-            grids = [analysis.grids(lm, small[i], small_evs[i], a.grids.split(","), progress,
-                                    a.reuse) for i in range(a.grid_templates)]
+            grids = [analysis.grids(lm, small[i], small_evs[i], a.grids.split(","), progress)
+                     for i in range(a.grid_templates)]
         dla = np.mean([ev["dla"].mean(-1) for ev in evs], 0)
         attn = {k: np.mean([ev["attn"][k].mean(-1) for ev in evs], 0) for k in evs[0]["attn"]}
         head_grid = (np.mean([g["heads"] for g in grids], 0) if grids and "heads" in grids[0]

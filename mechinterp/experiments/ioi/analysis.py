@@ -52,17 +52,15 @@ def metric_of(batch):
     return mi.metrics.logit_diff(jnp.asarray(batch.io), jnp.asarray(batch.s))
 
 
-def grids(lm, batch, ev: dict, names, progress: bool, reuse) -> dict:
-    """Denoising grids, each normalized: 0 = the ABC run, 1 = the clean run (``reuse``: the
-    sweep engine's)."""
+def grids(lm, batch, ev: dict, names, progress: bool) -> dict:
+    """Denoising grids, each normalized: 0 = the ABC run, 1 = the clean run."""
     tokens, corrupted = jnp.asarray(batch.tokens), jnp.asarray(batch.corrupted_tokens)
     fns = [GRIDS[name] for name in names]
     _, cache = mi.capture(lm.model, lm.params, tokens,
                           sites=sorted({s for f in fns for s in f.sites}))
     clean, corr = ev["clean"].mean(), ev["corrupted"].mean()
     return {name: np.asarray(patching.normalized_effect(
-                fn(lm.model, lm.params, corrupted, cache, metric_of(batch), progress=progress,
-                   reuse=reuse),
+                fn(lm.model, lm.params, corrupted, cache, metric_of(batch), progress=progress),
                 clean, corr)) for name, fn in zip(names, fns)}
 
 
