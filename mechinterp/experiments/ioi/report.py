@@ -23,7 +23,10 @@ WHAT = {"name_movers": "direct path to the logits lowers IO - S when corrupted, 
 
 def _depth(heads, n_layers: int) -> str:
     depths = [int(str(h).split(".")[0]) / n_layers for h in heads]
-    return f"{min(depths):.2f}-{max(depths):.2f}" if depths else "-"
+    if not depths:
+        return "-"
+    low, high = f"{min(depths):.2f}", f"{max(depths):.2f}"
+    return low if low == high else f"{low}-{high}"
 
 
 def _heatmap(fig, ax, values, title, xlabels=None, xlabel="head"):
@@ -102,7 +105,7 @@ def report_markdown(config, results: dict, arrays: dict, timings: dict, batch=No
                  else "(no GPT-2 class)")
         return kit.Claim(
             f"{c.replace('_', ' ')} {where}: {WHAT[c]}",
-            f"{len(classes[c])} heads (depth {_depth(found[c], n)}): {detail or 'none found'}",
+            f"{len(classes[c])} head{'s' * (len(classes[c]) != 1)} (depth {_depth(found[c], n)}): {detail or 'none found'}",
             bool(classes[c]) if c in GPT2 else None,
             "attention only" if c in ("induction", "duplicate_token") else
             f"threshold {config.analysis.threshold} of the gap, mean over "
