@@ -55,9 +55,12 @@ def grid_names(analysis) -> dict:
     return {"exact": names(analysis.grids), "estimated": names(analysis.estimated_grids)}
 
 
-def analyse(model, params, twins: dict, config, r: kit.Run, name: str) -> tuple[dict, dict]:
+def analyse(model, params, twins: dict, config, r: kit.Run, name: str,
+            seed: int) -> tuple[dict, dict]:
     """Any decoder (a trained tiny one or a real checkpoint) on ``twins`` (task -> Twins):
-    patching grids, circuits and, with both tasks, the ablations' dissociation rows."""
+    patching grids, circuits and, with both tasks, the ablations' dissociation rows. ``seed``
+    draws the random control circuits and the bootstrap: the training seed for a trained
+    model, so each seed's controls are independent draws."""
     a, tasks = config.analysis, tuple(twins)
     with r.phase(f"{name}/patch"):
         patched = {task: patch_task(model, params, twins[task], **grid_names(a)) for task in tasks}
@@ -69,16 +72,16 @@ def analyse(model, params, twins: dict, config, r: kit.Run, name: str) -> tuple[
             methods = a.methods.split(",")
             study = ablation_study(model, params, {t: (twins[t].clean, twins[t].clean_answer)
                                                    for t in tasks}, circuits,
-                                   n_random=a.n_random, methods=methods, seed=config.seed)
+                                   n_random=a.n_random, methods=methods, seed=seed)
             out["dissociation"] = dissociation(study, methods, tasks,
-                                               n_boot=a.n_boot, seed=config.seed)
+                                               n_boot=a.n_boot, seed=seed)
     out["logit_diff"] = {t: {"clean": patched[t]["m_clean"], "corrupt": patched[t]["m_corrupt"]}
                          for t in tasks}
     return out, {t: patched[t]["grids"] for t in tasks}
 
 
 def analyse_trained(trained: kit.Trained, twins: dict, train_twins: dict, config, r: kit.Run,
-                    family: str) -> tuple[dict, dict]:
+                    family: str, seed: int) -> tuple[dict, dict]:
     """One trained model: its accuracies, then :func:`analyse`."""
     model, params = trained.model, trained.params
     out = {"training": trained.info}
@@ -87,7 +90,7 @@ def analyse_trained(trained: kit.Trained, twins: dict, train_twins: dict, config
                           ("accuracy_corrupted_twins", twins, "corrupt")):
         out[key] = {t: lm.answer_accuracy(model, params, getattr(tw[t], side),
                                           getattr(tw[t], f"{side}_answer")) for t in TASKS}
-    result, grids = analyse(model, params, twins, config, r, family)
+    result, grids = analyse(model, params, twins, config, r, family, seed)
     return {**out, **result}, grids
 
 
@@ -115,7 +118,7 @@ def run(config, workdir) -> dict:
                                            mixture.tokenizer().vocab_size,
                                            r.workdir / "models" / family / f"seed{seed}",
                                            seed=seed)
-            result, grids = analyse_trained(trained, twins, train_twins, config, r, family)
+            result, grids = analyse_trained(trained, twins, train_twins, config, r, family, seed)
             per_seed[family].append(result)
             for task in TASKS:
                 arrays.update({f"{family}/seed{seed}/{task}/{g}": v

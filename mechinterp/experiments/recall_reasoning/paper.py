@@ -93,7 +93,8 @@ def run_paper(config, workdir) -> dict:
                    "analysed_tasks": list(twins)}
         arrays = {}
         if twins:
-            result, grids = analyse(lm.model, lm.params, twins, config, r, "model")
+            result, grids = analyse(lm.model, lm.params, twins, config, r, "model",
+                                   config.seed)
             results["analysis"] = result
             for task, task_grids in grids.items():
                 arrays.update({f"{task}/{g}": v for g, v in task_grids.items()})
