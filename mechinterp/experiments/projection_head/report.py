@@ -18,16 +18,21 @@ def _seeds(per_head, head, *path) -> np.ndarray:
     return np.array(values, float)
 
 
+def _better(claim: str, where: str, names: tuple[str, str], a: np.ndarray, b: np.ndarray,
+            verdict: str | None = None) -> kit.Claim:
+    """``claim`` holds when ``a`` beats ``b`` by more than MARGIN on the seed mean."""
+    return kit.Claim(
+        claim, f"{where}: {names[0]} {kit.pm(kit.aggregate(list(a)))}, {names[1]} "
+        f"{kit.pm(kit.aggregate(list(b)))}", bool((a - b).mean() > MARGIN),
+        verdict or f"{names[0]} > {names[1]} in {int(np.sum(a > b))} of {len(a)} seeds")
+
+
 def claims(per_head: dict) -> list[kit.Claim]:
     out = []
     if "mlp" in per_head:
-        pre, post = _seeds(per_head, "mlp", "probe_h", "test"), _seeds(per_head, "mlp",
-                                                                       "probe_z", "test")
-        out.append(kit.Claim(
-            "pre-projection representations are better than post-projection ones",
-            f"MLP head, linear probe: h {kit.pm(kit.aggregate(list(pre)))}, z "
-            f"{kit.pm(kit.aggregate(list(post)))}", bool((pre - post).mean() > MARGIN),
-            f"h > z in {int(np.sum(pre > post))} of {len(pre)} seeds"))
+        pre, post = (_seeds(per_head, "mlp", f"probe_{k}", "test") for k in "hz")
+        out.append(_better("pre-projection representations are better than post-projection "
+                           "ones", "MLP head, linear probe", ("h", "z"), pre, post))
         ranks = per_head["mlp"]["summary"]["effective_rank"]
         layers = list(ranks)
         first, last = kit.mean_of(ranks[layers[0]]), kit.mean_of(ranks["z"])
@@ -37,25 +42,18 @@ def claims(per_head: dict) -> list[kit.Claim]:
                 f"{k} {kit.mean_of(v):.2f}" for k, v in ranks.items()),
             bool(last < first - MARGIN), f"needs z ({last:.2f}) below {layers[0]} ({first:.2f})"))
         pre_s, post_s = (_seeds(per_head, "mlp", f"probe_{k}", "shifted") for k in "hz")
-        out.append(kit.Claim(
-            "pre-projection representations are more robust to a distribution shift",
-            f"shifted test set: h {kit.pm(kit.aggregate(list(pre_s)))}, z "
-            f"{kit.pm(kit.aggregate(list(post_s)))}", bool((pre_s - post_s).mean() > MARGIN),
-            f"h > z in {int(np.sum(pre_s > post_s))} of {len(pre_s)} seeds"))
+        out.append(_better("pre-projection representations are more robust to a distribution "
+                           "shift", "shifted test set", ("h", "z"), pre_s, post_s))
     if "mlp" in per_head and "none" in per_head:
         head, none = (_seeds(per_head, k, "probe_h", "test") for k in ("mlp", "none"))
-        out.append(kit.Claim(
-            "training through a projection head improves the encoder's representation",
-            f"probe on h: with head {kit.pm(kit.aggregate(list(head)))}, without "
-            f"{kit.pm(kit.aggregate(list(none)))}", bool((head - none).mean() > MARGIN),
-            f"better in {int(np.sum(head > none))} of {len(head)} seeds"))
+        out.append(_better("training through a projection head improves the encoder's "
+                           "representation", "probe on h", ("with head", "without"),
+                           head, none))
     if "fixed" in per_head and "none" in per_head:
         fixed, none = (_seeds(per_head, k, "probe_h", "shifted") for k in ("fixed", "none"))
-        out.append(kit.Claim(
-            "a fixed re-weighting head is an alternative to the learned head",
-            f"probe on h, shifted test: fixed {kit.pm(kit.aggregate(list(fixed)))}, no head "
-            f"{kit.pm(kit.aggregate(list(none)))}", bool((fixed - none).mean() > MARGIN),
-            "judged against no head"))
+        out.append(_better("a fixed re-weighting head is an alternative to the learned head",
+                           "probe on h, shifted test", ("fixed", "no head"), fixed, none,
+                           "judged against no head"))
     return out
 
 
