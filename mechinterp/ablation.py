@@ -22,8 +22,9 @@ from mechinterp.site_io import capture, intervene, list_sites
 from mechinterp.components import Component, component_masks
 from mechinterp.interventions import Intervention
 from mechinterp.metrics import Accuracy
-from mechinterp.sweep import (SweepResult, check_sweep_inputs, default_chunk_size,
-                              evaluate_metric, map_in_chunks)
+from mechinterp.site_io import _CallSignature
+from mechinterp.sweep import (SweepResult, cell_maker, check_sweep_inputs, default_chunk_size,
+                              evaluate_metric, map_in_chunks, metric_argument)
 
 METHODS = ("zero", "mean", "resample")
 
@@ -138,16 +139,26 @@ def sweep_component_sets(model, params, inputs, component_sets: Sequence[Iterabl
                                for masks in per_set]) for name in names}
     replacement = _replacement_values(method, values, names, sites)
 
-    def one_set(masks, params, replacement):
-        interventions = {name: Intervention(scale=0.0, add=replacement[name], mask=masks[name])
-                         for name in names}
-        return evaluate_metric(model, params, inputs, model_kwargs, metric, interventions)
-
+    signature, arrays = _CallSignature.of(inputs, model_kwargs)
+    metric_arg, static_metric = metric_argument(metric)
     if chunk_size is None:
         chunk_size = default_chunk_size(model, inputs, model_kwargs)
-    result = map_in_chunks(one_set, stacked, (params, replacement), chunk_size,
+    result = map_in_chunks(_make_set_cell(model, tuple(names), signature, static_metric),
+                           stacked, (params, replacement, arrays, metric_arg), chunk_size,
                            desc="ablate sets", progress=progress)
     return SweepResult(result, ("set",), {"set": [", ".join(map(str, s)) for s in component_sets]})
+
+
+@cell_maker
+def _make_set_cell(model, names, signature, static_metric):
+    def one_set(masks, params, replacement, arrays, metric):
+        args, kwargs = signature.rebuild(arrays)
+        interventions = {name: Intervention(scale=0.0, add=replacement[name], mask=masks[name])
+                         for name in names}
+        return evaluate_metric(model, params, args, kwargs,
+                               static_metric if metric is None else metric, interventions)
+
+    return one_set
 
 
 def accuracy_under_ablation(model, params, tokens, answer_ids, components: Iterable[Component],

@@ -17,9 +17,10 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from mechinterp.site_io import list_sites
+from mechinterp.site_io import _CallSignature, list_sites
 from mechinterp.interventions import Intervention
-from mechinterp.sweep import SweepResult, check_sweep_inputs, evaluate_metric
+from mechinterp.sweep import (SweepResult, cell_maker, check_sweep_inputs, evaluate_metric,
+                              metric_argument)
 
 
 def _grid_shape(info, grid_axes):
@@ -50,12 +51,11 @@ def attribution_patch(model, params, corrupted_inputs, clean_cache: Mapping,
             raise KeyError(f"the clean cache has no {name!r}; capture it first")
         zeros[name] = jnp.zeros(_grid_shape(sites[name], grid_axes), jnp.float32)
 
-    def patched_metric(masks, params, clean):
-        interventions = {name: Intervention.patch(clean[name], masks[name]) for name in masks}
-        return evaluate_metric(model, params, inputs, model_kwargs, metric, interventions)
-
     clean = {name: clean_cache[name] for name in grids}
-    grads = jax.jit(jax.grad(patched_metric))(zeros, params, clean)
+    signature, arrays = _CallSignature.of(inputs, model_kwargs)
+    metric_arg, static_metric = metric_argument(metric)
+    gradient = _make_mask_gradient(model, signature, static_metric)
+    grads = gradient(zeros, params, clean, arrays, metric_arg)
     results = {}
     for name, grid_axes in grids.items():
         axes = sites[name].axes
@@ -66,3 +66,16 @@ def attribution_patch(model, params, corrupted_inputs, clean_cache: Mapping,
         values = jnp.transpose(values, [order.index(k) for k in range(len(kept))])
         results[name] = SweepResult(jax.device_get(values), tuple(grid_axes))
     return results
+
+
+@cell_maker
+def _make_mask_gradient(model, signature, static_metric):
+    """The jitted gradient of the metric with respect to the patching masks (cached, so a
+    repeated call on inputs of the same shapes compiles nothing)."""
+    def patched_metric(masks, params, clean, arrays, metric):
+        args, kwargs = signature.rebuild(arrays)
+        interventions = {name: Intervention.patch(clean[name], masks[name]) for name in masks}
+        return evaluate_metric(model, params, args, kwargs,
+                               static_metric if metric is None else metric, interventions)
+
+    return jax.jit(jax.grad(patched_metric))

@@ -21,15 +21,17 @@ from collections.abc import Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from mechinterp.site_io import capture, list_sites
+from mechinterp.site_io import _CallSignature, capture, list_sites
 from mechinterp.interventions import Intervention
 from mechinterp.sweep import (
     SweepResult,
+    cell_maker,
     check_sweep_inputs,
     default_chunk_size,
     evaluate_metric,
     grid_mask,
     map_in_chunks,
+    metric_argument,
 )
 
 
@@ -70,17 +72,6 @@ def path_patch(model, params, clean_tokens, clean_cache: Mapping, corrupted_cach
     if unknown:
         raise ValueError(f"grid axes {unknown} are not axes of {sender_site!r} ({sender.axes})")
 
-    def cell(index, params, caches):
-        clean, corrupted = caches
-        sender_mask = grid_mask(sender, sender_grid, index)
-        first = {name: Intervention.patch(clean[name]) for name in frozen_sites}
-        sender_value = jnp.where(sender_mask > 0, corrupted[sender_site], clean[sender_site])
-        first[sender_site] = Intervention.patch(sender_value)
-        _, recorded = capture(model, params, *inputs, sites=[receiver_site],
-                              interventions=first, **model_kwargs)
-        second = {receiver_site: Intervention.patch(recorded[receiver_site], receiver_mask)}
-        return evaluate_metric(model, params, inputs, model_kwargs, metric, second)
-
     grid_shape = tuple(sender.shape[sender.axes.index(axis)] for axis in sender_grid)
     cells = np.array(list(np.ndindex(*grid_shape)), np.int32).reshape(-1, len(sender_grid))
     if sender_cells is not None:
@@ -94,8 +85,32 @@ def path_patch(model, params, clean_tokens, clean_cache: Mapping, corrupted_cach
               {sender_site: corrupted_cache[sender_site]})
     if chunk_size is None:
         chunk_size = max(1, default_chunk_size(model, inputs, model_kwargs) // 2)
-    values = map_in_chunks(cell, cells, (params, caches), chunk_size,
+    signature, arrays = _CallSignature.of(inputs, model_kwargs)
+    metric_arg, static_metric = metric_argument(metric)
+    cell = _make_path_cell(model, signature, sender_site, sender, tuple(sender_grid),
+                           receiver_site, tuple(frozen_sites), static_metric)
+    shared = (params, caches, arrays, jnp.asarray(receiver_mask, jnp.float32), metric_arg)
+    values = map_in_chunks(cell, cells, shared, chunk_size,
                            desc=f"path {sender_site} -> {receiver_site}", progress=progress)
     grid = np.full(grid_shape, np.nan, np.float32)
     grid[tuple(cells.T)] = np.asarray(values).reshape(-1)
     return SweepResult(grid, tuple(sender_grid))
+
+
+@cell_maker
+def _make_path_cell(model, signature, sender_site, sender, sender_grid, receiver_site,
+                    frozen_sites, static_metric):
+    def cell(index, params, caches, arrays, receiver_mask, metric):
+        clean, corrupted = caches
+        args, kwargs = signature.rebuild(arrays)
+        sender_mask = grid_mask(sender, sender_grid, index)
+        first = {name: Intervention.patch(clean[name]) for name in frozen_sites}
+        sender_value = jnp.where(sender_mask > 0, corrupted[sender_site], clean[sender_site])
+        first[sender_site] = Intervention.patch(sender_value)
+        _, recorded = capture(model, params, *args, sites=[receiver_site],
+                              interventions=first, **kwargs)
+        second = {receiver_site: Intervention.patch(recorded[receiver_site], receiver_mask)}
+        return evaluate_metric(model, params, args, kwargs,
+                               static_metric if metric is None else metric, second)
+
+    return cell

@@ -218,6 +218,25 @@ def _windows(cells, grid_axes, seq_len, last_first_pos, position_blocks):
     return {int(p): np.flatnonzero(first == p) for p in np.unique(first)}
 
 
+# ---------------------------------------------------------------------------------------
+# The cell function: one per (site, grid, call signature or window, metric type), cached
+# across calls so a repeated sweep reuses its compilation. Every array is an argument.
+
+
+def cell_maker(make):
+    """Cache the cell functions ``make`` builds, by its (hashable) arguments, so a repeated
+    sweep gets the same function object and reuses its compilation; with an unhashable
+    argument every call builds (and compiles) a new one. Every array is a cell argument."""
+    cached = functools.lru_cache(maxsize=512)(make)
+
+    @functools.wraps(make)
+    def get(*key):
+        return cached(*key) if _hashable(*key) else make(*key)
+
+    return get
+
+
+@cell_maker
 def _make_resumed_cell(model, site_name, info, grid_axes, make_intervention, first_pos,
                        static_metric):
     def cell(index, first_layer, params, state, source, metric, logit_positions):
@@ -231,11 +250,7 @@ def _make_resumed_cell(model, site_name, info, grid_axes, make_intervention, fir
     return cell
 
 
-# ---------------------------------------------------------------------------------------
-# The cell function: one per (site, grid, call signature or window, metric type), cached
-# across calls so a repeated sweep reuses its compilation. Every array is an argument.
-
-
+@cell_maker
 def _make_cell(model, site_name, info, grid_axes, make_intervention, signature,
                static_metric):
     def cell(index, params, source, arrays, metric, logit_positions):
@@ -249,12 +264,10 @@ def _make_cell(model, site_name, info, grid_axes, make_intervention, signature,
     return cell
 
 
-_CELL_CACHES = {_make_cell: functools.lru_cache(maxsize=512)(_make_cell),
-                _make_resumed_cell: functools.lru_cache(maxsize=512)(_make_resumed_cell)}
-
-
-def _cell_fn(make, *key):
-    return _CELL_CACHES[make](*key) if _hashable(*key) else make(*key)
+def metric_argument(metric) -> tuple:
+    """``(argument, static)``: a metric registered as a pytree travels as a jit argument (no
+    recompile per instance); any other callable is part of the cell function."""
+    return (metric, None) if _is_pytree_metric(metric) else (None, metric)
 
 
 def _is_pytree_metric(metric) -> bool:
@@ -322,12 +335,12 @@ def sweep(
     validate.check_positive_int(position_blocks, "position_blocks", allow_none=True)
     grid_shape = tuple(info.shape[info.axes.index(axis)] for axis in grid_axes)
     selects = _selects_logits(model, metric)
-    metric_arg, static_metric = (metric, None) if _is_pytree_metric(metric) else (None, metric)
+    metric_arg, static_metric = metric_argument(metric)
 
     batch, seq_len = (tuple(np.shape(inputs[0])) + (1,))[:2]
     positions = np.asarray(metric.positions(batch, seq_len)) if selects else None
     signature, arrays = _CallSignature.of(inputs, model_kwargs)
-    fn = _cell_fn(_make_cell, model, site_name, info, grid_axes, make_intervention,
+    fn = _make_cell(model, site_name, info, grid_axes, make_intervention,
                   signature, static_metric)
     shared = (params, source, arrays, metric_arg,
               None if positions is None else jnp.asarray(positions))
@@ -357,7 +370,7 @@ def sweep(
         for first_pos, rows in _windows(cells, grid_axes, seq_len,
                                         int(positions.min()) if selects else 0,
                                         position_blocks).items():
-            cell = _cell_fn(_make_resumed_cell, model, site_name, info, grid_axes,
+            cell = _make_resumed_cell(model, site_name, info, grid_axes,
                             make_intervention, first_pos, static_metric)
             runs.append((rows, cell, (params, state, source, metric_arg, None if positions
                                       is None else jnp.asarray(positions - first_pos)), layer,

@@ -211,3 +211,54 @@ def test_path_patching_sender_cells_run_only_those_cells(setup):
     assert np.isnan(part.values[~chosen]).all() and np.isfinite(full.values).all()
     with pytest.raises(ValueError, match=r"sender_cells \[\(2, 0\)\] are outside"):
         path_patch(*args, progress=False, sender_cells=[(2, 0)])
+
+
+def test_repeated_set_sweeps_and_path_patching_compile_once(setup, monkeypatch):
+    """A second call on other tokens of the same shape, with a new metric instance, reuses
+    the first call's compilation (the cell function is cached by the call's static parts;
+    arrays and pytree metrics are its arguments) and gives that call's values."""
+    from mechinterp.path_patching import path_patch
+
+    from mechinterp import sweep_run
+
+    compiled, compile_ = [], sweep_run._compile
+    monkeypatch.setattr(sweep_run, "_compile",
+                        lambda run, *args: compiled.append(run) or compile_(run, *args))
+    model, params, tokens = setup
+    other = (tokens + 1) % VOCAB
+    sets = [[component("attn.z", layer=0, head=h)] for h in range(HEADS)]
+
+    def ablate_sets(toks):
+        return ablation.sweep_component_sets(model, params, toks, sets,
+                                             metrics.logprob(jnp.arange(BATCH)), chunk_size=2,
+                                             progress=False).values
+
+    def paths(toks):
+        corrupted = toks.at[:, 1].set((toks[:, 1] + 5) % VOCAB)
+        caches = [mi.capture(model, params, t)[1] for t in (toks, corrupted)]
+        return path_patch(model, params, toks, *caches, metrics.logprob(jnp.arange(BATCH)),
+                          "attn.z", ("layer", "head"), "final_norm", progress=False,
+                          chunk_size=3).values
+
+    for run in (ablate_sets, paths):
+        first, n_compiled = run(tokens), len(compiled)
+        again, changed = run(tokens), run(other)
+        assert len(compiled) == n_compiled, f"{run.__name__} compiled again"
+        np.testing.assert_array_equal(again, first)
+        assert not np.allclose(changed, first)
+    np.testing.assert_allclose(ablate_sets(other)[0], metrics.logprob(jnp.arange(BATCH))(
+        ablation.ablate(model, params, other, components=sets[0])), rtol=1e-5, atol=1e-6)
+
+    from mechinterp import attribution
+    from mechinterp.site_io import _CallSignature
+
+    _, clean_cache = mi.capture(model, params, tokens, sites=["attn.z"])
+    gradient = attribution._make_mask_gradient(model, _CallSignature.of((other,), {})[0], None)
+    estimates, cache_sizes = [], []
+    for toks in (other, (tokens + 2) % VOCAB):
+        estimates.append(attribution_patch(model, params, toks, clean_cache,
+                                           metrics.logprob(jnp.arange(BATCH)),
+                                           {"attn.z": ("layer", "head")})["attn.z"].values)
+        cache_sizes.append(gradient._cache_size())
+    assert not np.allclose(*estimates)
+    assert cache_sizes[1] == cache_sizes[0]  # the first call's compilation served the second
