@@ -15,7 +15,11 @@ Two setups, the same weights on both sides (saved as a Hugging Face folder, load
   768, vocab 32000), batch 8 x 32 random tokens (``--quick``: 2 layers, 4 x 16).
 
 Grids: ``resid_pre`` (layer x pos), ``attn_head_out_all_pos`` (layer x head),
-``attn_head_out_by_pos`` (layer x pos x head). Ours run with default arguments (reuse on
+``attn_head_out_by_pos`` (layer x pos x head). A grid of more than ``--tl-max-cells`` cells (500; SmolLM2's
+by-position grid has 3780) runs on TransformerLens as an evenly spaced sample of cells
+through its own ``generic_activation_patch`` (``index_df``); one cell is one hooked forward,
+so its time is scaled to the grid (rows "TransformerLens (sampled)") and our values are
+compared on the sampled cells. Ours run with default arguments (reuse on
 where exact); ``--no-reuse`` adds ``reuse=False`` rows, ``--position-blocks N`` rows with N
 windows. Printed per grid: TransformerLens's median time (``--tl-runs``; it compiles
 nothing), our first call (trace + compile + run; ``cost["compile_s"]``) and the median of
@@ -44,6 +48,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens draws a progress b
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import torch
 import transformers
 from tokenizers import Tokenizer, pre_tokenizers
@@ -148,6 +153,13 @@ def forward_flops(cfg, logit_positions):
     projections = d * h * dh + 2 * d * kv * dh + h * dh * d + 3 * d * cfg["d_mlp"]
     per_layer = 2 * b * s * projections + 2 * 2 * b * h * s * s * dh
     return cfg["n_layers"] * per_layer + 2 * b * logit_positions * d * cfg["vocab"]
+
+
+def grid_shape(cfg, grid):
+    """The grid's shape in TransformerLens's axis order."""
+    axes = {"resid_pre": ("n_layers", "seq"), "attn_head_out_all_pos": ("n_layers", "n_heads"),
+            "attn_head_out_by_pos": ("n_layers", "seq", "n_heads")}[grid]
+    return tuple(cfg[k] for k in axes)
 
 
 def minimal_flops(cfg, grid):
@@ -265,17 +277,35 @@ def run_setup(setup, args, rows, failures):
         name = f"get_act_patch_{grid}"
         print(f"== {setup} {grid} ==")
 
+        shape = grid_shape(cfg, grid)
+        cells = int(np.prod(shape))
+        sampled = None if cells <= args.tl_max_cells else np.unique(
+            np.linspace(0, cells - 1, args.tl_max_cells).round().astype(int))
+
         def tl_call(name=name):
             with torch.inference_mode():
-                return getattr(tl_patching, name)(bridge, corrupted_t, tl_cache, tl_metric)
+                if sampled is None:
+                    return getattr(tl_patching, name)(bridge, corrupted_t, tl_cache, tl_metric)
+                tl_fn = getattr(tl_patching, name)  # a partial of generic_activation_patch
+                index = pd.DataFrame(np.array(np.unravel_index(sampled, shape)).T,
+                                     columns=tl_fn.keywords["index_axis_names"])
+                return tl_patching.generic_activation_patch(
+                    bridge, corrupted_t, tl_cache, tl_metric, tl_fn.keywords["patch_setter"],
+                    tl_fn.keywords["activation_name"], index_df=index)
 
         tl_s, tl_grid = median_time(tl_call, args.tl_runs)
         tl_grid = tl_grid.numpy()
-        cells = tl_grid.size
-        print(f"  TransformerLens: {cells} forwards, median {tl_s:.2f} s")
+        if sampled is None:
+            print(f"  TransformerLens: {cells} forwards, median {tl_s:.2f} s")
+        else:  # its time per cell is one hooked forward, whichever cell: scale it up
+            print(f"  TransformerLens: {len(sampled)} of {cells} cells (evenly spaced; "
+                  f"--tl-max-cells), median {tl_s:.2f} s -> {tl_s * cells / len(sampled):.2f} "
+                  "s for the grid")
+            tl_s *= cells / len(sampled)
         common = dict(setup=setup, grid=grid, cells=cells, minimal=minimal_flops(cfg, grid))
-        rows.append(dict(common, side="TransformerLens", flops=cells * tl_forward,
-                         median=tl_s, rng=float(np.ptp(tl_grid))))
+        rows.append(dict(common, side="TransformerLens" + ("" if sampled is None else
+                                                           " (sampled)"),
+                         flops=cells * tl_forward, median=tl_s, rng=float(np.ptp(tl_grid))))
         for label, options in variants:
             def our_call(name=name, options=options):
                 return getattr(patching, name)(model, params, corrupted_j, cache, metric,
@@ -286,8 +316,9 @@ def run_setup(setup, args, rows, failures):
             first_s = time.perf_counter() - start
             later_s, again = median_time(our_call, args.runs)
             assert np.array_equal(result.values, again.values)
-            diff = float(np.max(np.abs(result.values - tl_grid)))
-            if result.shape != tl_grid.shape or not diff <= TOL:
+            ours = result.values if sampled is None else result.values.reshape(-1)[sampled]
+            diff = float(np.max(np.abs(ours - tl_grid)))
+            if result.shape != shape or ours.shape != tl_grid.shape or not diff <= TOL:
                 failures.append(f"{setup} {grid}, {label}: max |ours - TL| = {diff:.2e}")
             c = result.cost
             print(f"  {label}: first call {first_s:.2f} s (compile {c['compile_s']:.2f} s, "
@@ -335,6 +366,10 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=3, help="our timed later calls (>= 3)")
     parser.add_argument("--tl-runs", type=int, default=1,
                         help="TransformerLens timed runs (it compiles nothing)")
+    parser.add_argument("--tl-max-cells", type=int, default=500,
+                        help="TransformerLens runs at most this many cells of a grid (evenly "
+                        "spaced, through its own generic_activation_patch) and its time is "
+                        "scaled to the grid; our values are compared on those cells")
     parser.add_argument("--no-reuse", action="store_true", help="also time reuse=False")
     parser.add_argument("--position-blocks", type=int, action="append", default=None,
                         help="also time this many position windows (repeatable)")
@@ -366,7 +401,7 @@ def main(argv=None):
               f"{'median s':>8} {'x TL':>6} {'x TL 1st':>8} {'peak MiB':>8} {'max|diff|':>9}")
     print(header + "\n" + "-" * len(header))
     for r in rows:
-        tl = r["side"] == "TransformerLens"
+        tl = r["side"].startswith("TransformerLens")
         dash = "-"
         print(f"{r['setup']:<8} {r['grid']:<21} {r['side']:<27} {r['cells']:>5} "
               f"{dash if tl else r['groups']:>3} {fmt_flops(r['flops']):>8} "
@@ -379,7 +414,7 @@ def main(argv=None):
               f"{dash if tl else format(r['peak'] / 2**20, '.0f'):>8} "
               f"{'' if tl else format(r['diff'], '.1e'):>9}")
     for r in rows:
-        if r["side"] == "TransformerLens":
+        if r["side"].startswith("TransformerLens"):
             print(f"{r['setup']} {r['grid']}: TL grid values span {r['rng']:.3f}")
     if failures:
         print("\nFAILED (results differ by more than 1e-4):\n  " + "\n  ".join(failures))
