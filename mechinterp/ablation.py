@@ -22,6 +22,7 @@ from mechinterp.site_io import capture, intervene, list_sites
 from mechinterp.components import Component, component_masks
 from mechinterp.interventions import Intervention
 from mechinterp.metrics import Accuracy
+from mechinterp.sweep_mesh import placement
 from mechinterp.sweep import (SweepResult, check_sweep_inputs, default_chunk_size,
                               evaluate_metric, map_in_chunks)
 
@@ -118,11 +119,14 @@ def ablate(model, params, *inputs, components: Iterable[Component], method: str 
 def sweep_component_sets(model, params, inputs, component_sets: Sequence[Iterable[Component]],
                          metric, method: str = "zero", values: Mapping | None = None,
                          chunk_size: int | None = None, progress: bool = True,
-                         model_kwargs: Mapping | None = None) -> SweepResult:
+                         model_kwargs: Mapping | None = None, mesh=None,
+                         rules=None) -> SweepResult:
     """``metric`` with each set of components ablated, all sets as one vmapped computation.
 
     Every set gets a mask on every site any set touches (zeros where it touches nothing),
-    so the sets stack into one batch of masks; the ablation values are shared.
+    so the sets stack into one batch of masks; the ablation values are shared. ``mesh``
+    and ``rules``: sets split over the mesh as a sweep's cells are
+    (:mod:`mechinterp.sweep_mesh`).
     """
     model_kwargs = dict(model_kwargs or {})
     inputs = _as_inputs(inputs)
@@ -137,6 +141,10 @@ def sweep_component_sets(model, params, inputs, component_sets: Sequence[Iterabl
     stacked = {name: np.stack([np.broadcast_to(masks.get(name, np.zeros(())), full[name])
                                for masks in per_set]) for name in names}
     replacement = _replacement_values(method, values, names, sites)
+    place = placement(mesh, rules)
+    if place is not None:
+        params = place.params(model, params, inputs)
+        replacement = place.replicate(replacement, "the ablation values")
 
     def one_set(masks, params, replacement):
         interventions = {name: Intervention(scale=0.0, add=replacement[name], mask=masks[name])
@@ -144,9 +152,10 @@ def sweep_component_sets(model, params, inputs, component_sets: Sequence[Iterabl
         return evaluate_metric(model, params, inputs, model_kwargs, metric, interventions)
 
     if chunk_size is None:
-        chunk_size = default_chunk_size(model, inputs, model_kwargs)
+        chunk_size = default_chunk_size(model, inputs, model_kwargs) * (place.ways if place
+                                                                        else 1)
     result = map_in_chunks(one_set, stacked, (params, replacement), chunk_size,
-                           desc="ablate sets", progress=progress)
+                           desc="ablate sets", progress=progress, placement=place)
     return SweepResult(result, ("set",), {"set": [", ".join(map(str, s)) for s in component_sets]})
 
 

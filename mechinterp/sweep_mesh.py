@@ -73,8 +73,20 @@ class Placement:
 
     def replicate(self, tree, what: str):
         return jax.tree_util.tree_map_with_path(
-            lambda path, x: self.put(x, self.replicated, f"{what}{path_str(path) and ' '}"
-                                                         f"{path_str(path)}"), tree)
+            lambda path, x: self.put(x, self.replicated, f"{what} {path_str(path)}".strip())
+            if hasattr(x, "shape") else x, tree)
+
+    def batch(self, tree, what: str):
+        """Each leaf split over the batch axes where its leading size divides by ``ways``,
+        else replicated (a capture's inputs)."""
+        def put(path, x):
+            if not hasattr(x, "shape"):  # a static keyword (a flag, a Python number)
+                return x
+            split = np.ndim(x) > 0 and np.shape(x)[0] % self.ways == 0
+            return self.put(x, self.split if split else self.replicated,
+                            f"{what} {path_str(path)}".strip())
+
+        return jax.tree_util.tree_map_with_path(put, tree)
 
     def params(self, model, params, inputs: Sequence[Any]):
         """``params`` sharded as the model's logical axes and the rules say (parameters
