@@ -1,0 +1,38 @@
+"""Two JAX processes on CPU (gloo), each computing its own devices' cells, give the grid of
+one process on one device; processes asking for different grids are refused before compute
+(see tests/sweep_multihost_worker.py)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from sweep_multihost_worker import problem
+from test_multihost import _free_port
+
+WORKER = Path(__file__).with_name("sweep_multihost_worker.py")
+
+
+def test_two_processes_sweep_like_one(tmp_path):
+    port, out = _free_port(), tmp_path / "multi.npz"
+    workers = [subprocess.Popen([sys.executable, str(WORKER), str(out), str(i), str(port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for i in range(2)]
+    from mechinterp import patching  # the reference, here on one device, meanwhile
+
+    model, params, cache, corrupt, metric = problem()
+    want = patching.get_act_patch_resid_pre(model, params, corrupt, cache, metric,
+                                            progress=False)
+    try:
+        logs = [w.communicate(timeout=600)[0] for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    for w, log in zip(workers, logs):
+        assert w.returncode == 0, log[-3000:]
+    multi = np.load(out)
+    assert (int(multi["processes"]), int(multi["devices"]), int(multi["cell_devices"])) == (
+        2, 4, 4)
+    np.testing.assert_allclose(multi["grid"], np.asarray(want), atol=1e-6, rtol=1e-6)
+    assert "processes [1] sweep a different grid than process 0" in str(multi["refusal"])
