@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mechinterp import validate
-from mechinterp.sweep_mesh import placement
+from mechinterp.sweep_mesh import on_mesh
 from mechinterp.activation_cache import ActivationCache
 from mechinterp.interventions import Intervention
 from mechinterp.sites import INTERMEDIATES, INTERVENTIONS, SiteSpec
@@ -468,16 +468,12 @@ def capture(model: nn.Module, params, *inputs, sites=None, interventions=None,
     materialized. ``check_finite=True`` raises
     :class:`~mechinterp.validate.NonFiniteError` naming the first site (in forward order
     of the returned dict) or the outputs holding NaN or inf (costs a host copy of each).
-    Token ids are checked against the family's vocabulary (:mod:`mechinterp.validate`).
-    ``mesh``/``rules`` (:mod:`mechinterp.sweep_mesh`): params sharded by the rules, the
-    batch split over the batch axes where its size divides (else replicated).
+    Token ids are checked against the family's vocabulary (:mod:`mechinterp.validate`);
+    ``mesh``/``rules``: run over a mesh (:meth:`mechinterp.sweep_mesh.Placement.call`).
     """
     validate.check_model_inputs(model, inputs, kwargs)
-    place = placement(mesh, rules)
-    if place is not None:
-        params = place.params(model, params, inputs)
-        inputs, kwargs = place.batch((inputs, kwargs), "the inputs")
-        interventions = place.replicate(interventions, "the interventions")
+    params, inputs, kwargs, interventions = on_mesh(mesh, rules)(
+        model, params, inputs, kwargs, interventions)
     if sites is None:
         signature, _ = _CallSignature.of(inputs, kwargs)
         names = tuple(sorted(_sites_for(model, signature)))

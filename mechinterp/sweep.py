@@ -333,7 +333,8 @@ def sweep(
     put = (lambda x, what: x) if place is None else place.replicate
     if place is not None:
         place.check_same_grid(site_name, grid_axes, grid_shape, reuse, position_blocks,
-                              chunk_size, memory_budget, grid_digest(inputs, model_kwargs))
+                              chunk_size, memory_budget,
+                              grid_digest((*inputs, source), model_kwargs))
         params = place.params(model, params, inputs)
         source = put(source, "the source")
     selects = _selects_logits(model, metric)

@@ -88,6 +88,13 @@ class Placement:
 
         return jax.tree_util.tree_map_with_path(put, tree)
 
+    def call(self, model, params, inputs, kwargs, interventions):
+        """A forward's operands (a capture's): params by the rules, inputs split over the
+        batch axes where their batch divides by ``ways`` (else replicated)."""
+        inputs, kwargs = self.batch((tuple(inputs), kwargs), "the inputs")
+        return (self.params(model, params, inputs), inputs, kwargs,
+                self.replicate(interventions, "the interventions"))
+
     def params(self, model, params, inputs: Sequence[Any]):
         """``params`` sharded as the model's logical axes and the rules say (parameters
         without logical axes are replicated); a dimension that does not divide raises."""
@@ -110,7 +117,7 @@ class Placement:
 
     def check_same_grid(self, *description) -> None:
         """Every process must sweep the same grid: compare a digest of ``description``
-        (site, axes, shape, input shapes) across processes before any compute."""
+        (site, axes, shape, options, inputs and source) across processes before any compute."""
         if jax.process_count() == 1:
             return
         from jax.experimental import multihost_utils
@@ -133,6 +140,15 @@ def placement(mesh, rules=None) -> Placement | None:
             raise ValueError("rules= given without mesh=: pass mesh= too (e.g. {'data': -1})")
         return None
     return mesh if isinstance(mesh, Placement) else Placement(mesh, rules)
+
+
+def on_mesh(mesh, rules=None):
+    """:meth:`Placement.call` for ``mesh`` (``None``: the operands as they are)."""
+    place = placement(mesh, rules)
+    if place is None:
+        return lambda model, params, inputs, kwargs, interventions: (
+            params, tuple(inputs), kwargs, interventions)
+    return place.call
 
 
 def _flat(tree) -> list:

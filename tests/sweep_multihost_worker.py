@@ -42,13 +42,15 @@ def main(out: str, process_id: int, port: int) -> None:
                                num_processes=HOSTS, process_id=process_id)
     from mechinterp import patching
 
-    model, params, cache, corrupt, metric = problem()
+    model, params, cache, corrupt, metric = problem()  # reuse off: one compilation less
     grid = patching.get_act_patch_resid_pre(model, params, corrupt, cache, metric,
-                                            progress=False, mesh={"data": -1})
+                                            progress=False, mesh={"data": -1},
+                                            reuse=False)
     other = (patching.get_act_patch_resid_pre if process_id == 0
              else patching.get_act_patch_attn_out)
     try:
-        other(model, params, corrupt, cache, metric, progress=False, mesh={"data": -1})
+        other(model, params, corrupt, cache, metric, progress=False, mesh={"data": -1},
+              reuse=False)
         refusal = ""
     except ValueError as error:
         refusal = str(error)

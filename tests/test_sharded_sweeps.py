@@ -77,18 +77,20 @@ def test_placement_splits_cells_and_shards_params_by_the_rules(models):
     wq = placed["layers"]["attn"]["wq"]  # (layer, embed, heads, head_dim)
     assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
     assert {s.data.shape for s in wq.addressable_shards} == {(2, 8, 2, 4)}
+    # an array on the same devices in another layout (a capture's cache) is resharded
+    moved = place.put(chunk, place.replicated, "a cache")
+    assert moved.sharding.is_fully_replicated and np.asarray(moved).shape == (8, 2)
 
 
 def test_capture_and_ablation_over_a_mesh(models):
-    model, params, _ = models["decoder"]
-    tokens = np.concatenate([CLEAN] * 4)
-    want_out, want = capture(model, params, tokens, sites=["attn.z"])
-    got_out, got = capture(model, params, tokens, sites=["attn.z"], mesh=TWO_D)
-    # tensor-parallel sums add in another order: 1e-5 relative (the grids above: 1e-6)
-    np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(got["attn.z"]), np.asarray(want["attn.z"]),
-                               rtol=1e-5, atol=1e-6)
-    assert len(got_out.sharding.device_set) == 8
+    model, params, want = models["decoder"]
+    # batch 2 split over data (2 ways), weights over tensor; the fixture's one-device cache
+    _, got = capture(model, params, CLEAN, sites=list(want), mesh={"data": 2, "tensor": 2,
+                                                                    "expert": 2})
+    for site in want:  # tensor-parallel sums add in another order: 1e-5 relative
+        np.testing.assert_allclose(np.asarray(got[site]), np.asarray(want[site]), rtol=1e-5,
+                                   atol=1e-6, err_msg=site)
+    assert len(got["resid_pre"].sharding.device_set) == 8
 
     sets = [[component("attn.z", layer=layer, head=head)] for layer in range(2)
             for head in range(4)] + [[component("mlp.hidden", layer=1, d_mlp=3)]]

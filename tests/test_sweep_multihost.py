@@ -22,7 +22,7 @@ def test_two_processes_sweep_like_one(tmp_path):
 
     model, params, cache, corrupt, metric = problem()
     want = patching.get_act_patch_resid_pre(model, params, corrupt, cache, metric,
-                                            progress=False)
+                                            progress=False, reuse=False)
     try:
         logs = [w.communicate(timeout=600)[0] for w in workers]
     finally:
