@@ -11,6 +11,7 @@ devices' cells. Notes: ``docs/sharded_sweeps.md``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
@@ -98,7 +99,12 @@ class Placement:
     def params(self, model, params, inputs: Sequence[Any]):
         """``params`` sharded as the model's logical axes and the rules say (parameters
         without logical axes are replicated); a dimension that does not divide raises."""
-        logical = logical_param_specs(model, [x for x in inputs if hasattr(x, "shape")])
+        from mechinterp.site_io import _hashable  # site_io imports this module
+
+        specs = tuple(jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in inputs
+                      if hasattr(x, "shape"))
+        logical = (_logical_specs(model, specs) if _hashable(model)
+                   else logical_param_specs(model, specs))
         specs = jax.tree_util.tree_map_with_path(
             lambda path, spec: logical_to_spec(spec, self.rules,
                                                where=f"parameter {path_str(path)!r}"),
@@ -151,6 +157,11 @@ def on_mesh(mesh, rules=None):
     return place.call
 
 
+@functools.lru_cache(maxsize=32)
+def _logical_specs(model, specs):
+    return logical_param_specs(model, specs)
+
+
 def _flat(tree) -> list:
     return [(path_str(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(
         tree, is_leaf=lambda x: isinstance(x, PartitionSpec))]
@@ -168,5 +179,5 @@ def grid_digest(inputs, kwargs) -> tuple:
         visible = not isinstance(x, jax.Array) or x.is_fully_addressable
         value = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16] if (
             visible and np.size(x) <= 2**22) else None
-        out.append((np.shape(x), str(np.result_type(x)), value))
+        out.append((np.shape(x), str(getattr(x, "dtype", type(x).__name__)), value))
     return tuple(out)
