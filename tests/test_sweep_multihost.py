@@ -2,35 +2,23 @@
 one process on one device; processes asking for different grids are refused before compute
 (see tests/sweep_multihost_worker.py)."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+from mechinterp import patching
 from sweep_multihost_worker import problem
-from test_multihost import _free_port
+from test_multihost import _free_port, _start, _wait
 
 WORKER = Path(__file__).with_name("sweep_multihost_worker.py")
 
 
 def test_two_processes_sweep_like_one(tmp_path):
     port, out = _free_port(), tmp_path / "multi.npz"
-    workers = [subprocess.Popen([sys.executable, str(WORKER), str(out), str(i), str(port)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for i in range(2)]
-    from mechinterp import patching  # the reference, here on one device, meanwhile
-
+    workers = [_start(out, i, port, worker=WORKER) for i in range(2)]
     model, params, cache, corrupt, metric = problem()
     want = patching.get_act_patch_resid_pre(model, params, corrupt, cache, metric,
                                             progress=False, reuse=False)
-    try:
-        logs = [w.communicate(timeout=600)[0] for w in workers]
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-    for w, log in zip(workers, logs):
-        assert w.returncode == 0, log[-3000:]
+    _wait(workers)
     multi = np.load(out)
     assert (int(multi["processes"]), int(multi["devices"]), int(multi["cell_devices"])) == (
         2, 4, 4)
