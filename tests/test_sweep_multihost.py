@@ -5,6 +5,7 @@ one process on one device; processes asking for different grids are refused befo
 from pathlib import Path
 
 import numpy as np
+import pytest
 from mechinterp import patching
 from sweep_multihost_worker import problem
 from test_multihost import _free_port, _start, _wait
@@ -12,6 +13,7 @@ from test_multihost import _free_port, _start, _wait
 WORKER = Path(__file__).with_name("sweep_multihost_worker.py")
 
 
+@pytest.mark.slow  # two fresh JAX processes (~19 s of CPU time in all, warm compile cache)
 def test_two_processes_sweep_like_one(tmp_path):
     port, out = _free_port(), tmp_path / "multi.npz"
     workers = [_start(out, i, port, worker=WORKER) for i in range(2)]
