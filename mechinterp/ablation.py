@@ -25,6 +25,7 @@ from mechinterp.metrics import Accuracy
 from mechinterp.site_io import _CallSignature
 from mechinterp.sweep import (SweepResult, cell_maker, check_sweep_inputs, default_chunk_size,
                               evaluate_metric, map_in_chunks, metric_argument)
+from mechinterp.sweep_mesh import placement
 
 METHODS = ("zero", "mean", "resample")
 
@@ -119,11 +120,14 @@ def ablate(model, params, *inputs, components: Iterable[Component], method: str 
 def sweep_component_sets(model, params, inputs, component_sets: Sequence[Iterable[Component]],
                          metric, method: str = "zero", values: Mapping | None = None,
                          chunk_size: int | None = None, progress: bool = True,
-                         model_kwargs: Mapping | None = None) -> SweepResult:
+                         model_kwargs: Mapping | None = None, mesh=None,
+                         rules=None) -> SweepResult:
     """``metric`` with each set of components ablated, all sets as one vmapped computation.
 
     Every set gets a mask on every site any set touches (zeros where it touches nothing),
-    so the sets stack into one batch of masks; the ablation values are shared.
+    so the sets stack into one batch of masks; the ablation values are shared. ``mesh``
+    and ``rules``: sets split over the mesh as a sweep's cells are
+    (:mod:`mechinterp.sweep_mesh`).
     """
     model_kwargs = dict(model_kwargs or {})
     inputs = _as_inputs(inputs)
@@ -138,14 +142,22 @@ def sweep_component_sets(model, params, inputs, component_sets: Sequence[Iterabl
     stacked = {name: np.stack([np.broadcast_to(masks.get(name, np.zeros(())), full[name])
                                for masks in per_set]) for name in names}
     replacement = _replacement_values(method, values, names, sites)
+    place = placement(mesh, rules)
+    if place is not None:
+        params = place.params(model, params, inputs)
+        replacement = place.replicate(replacement, "the ablation values")
 
     signature, arrays = _CallSignature.of(inputs, model_kwargs)
     metric_arg, static_metric = metric_argument(metric)
     if chunk_size is None:
-        chunk_size = default_chunk_size(model, inputs, model_kwargs)
+        chunk_size = default_chunk_size(model, inputs, model_kwargs) * (place.ways if place
+                                                                        else 1)
+    if place is not None:
+        arrays = place.replicate(arrays, "the inputs")
+        metric_arg = place.replicate(metric_arg, "the metric")
     result = map_in_chunks(_make_set_cell(model, tuple(names), signature, static_metric),
                            stacked, (params, replacement, arrays, metric_arg), chunk_size,
-                           desc="ablate sets", progress=progress)
+                           desc="ablate sets", progress=progress, placement=place)
     return SweepResult(result, ("set",), {"set": [", ".join(map(str, s)) for s in component_sets]})
 
 

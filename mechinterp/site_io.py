@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mechinterp import validate
+from mechinterp.sweep_mesh import on_mesh
 from mechinterp.activation_cache import ActivationCache
 from mechinterp.interventions import Intervention
 from mechinterp.sites import INTERMEDIATES, INTERVENTIONS, SiteSpec
@@ -457,7 +458,7 @@ def _run(model, params, inputs, kwargs, interventions, names):
 
 
 def capture(model: nn.Module, params, *inputs, sites=None, interventions=None,
-            check_finite: bool = False, **kwargs):
+            check_finite: bool = False, mesh=None, rules=None, **kwargs):
     """Run the model and return ``(outputs, cache)``: the cache is an
     :class:`~mechinterp.activation_cache.ActivationCache`, a ``{site name: activation}`` dict.
 
@@ -467,9 +468,12 @@ def capture(model: nn.Module, params, *inputs, sites=None, interventions=None,
     materialized. ``check_finite=True`` raises
     :class:`~mechinterp.validate.NonFiniteError` naming the first site (in forward order
     of the returned dict) or the outputs holding NaN or inf (costs a host copy of each).
-    Token ids are checked against the family's vocabulary (:mod:`mechinterp.validate`).
+    Token ids are checked against the family's vocabulary (:mod:`mechinterp.validate`);
+    ``mesh``/``rules``: run over a mesh (:meth:`mechinterp.sweep_mesh.Placement.call`).
     """
     validate.check_model_inputs(model, inputs, kwargs)
+    params, inputs, kwargs, interventions = on_mesh(mesh, rules)(
+        model, params, inputs, kwargs, interventions)
     if sites is None:
         signature, _ = _CallSignature.of(inputs, kwargs)
         names = tuple(sorted(_sites_for(model, signature)))

@@ -35,6 +35,7 @@ from mechinterp.family import Resumable, SelectsOutputs, has, require
 from mechinterp.jaxpr_flops import matmul_flops
 from mechinterp.interventions import Intervention
 from mechinterp.metrics import Metric
+from mechinterp.sweep_mesh import grid_digest, placement
 from mechinterp.sweep_run import (OUTPUT_SHAPES, Runner, balanced, map_in_chunks,  # noqa: F401
                                   once_per_shapes, shape_key)
 
@@ -61,7 +62,9 @@ class SweepResult:
     forward with full logits per cell (how TransformerLens evaluates a grid), ``groups``,
     the computations run, ``chunks``, their calls, ``compiles`` and ``compile_s`` (0 when
     every compilation was cached: trace, lower and compile), ``run_s``, and ``peak_bytes``, the most an executable holds
-    (arguments, outputs, temporaries: XLA's memory analysis).
+    (arguments, outputs, temporaries: XLA's memory analysis), per device; ``devices``, how
+    many ways the cells were split, and ``device_flops``, XLA's FLOP count of what one
+    device ran (its share of the cells, all operations).
     """
 
     values: np.ndarray
@@ -296,6 +299,8 @@ def sweep(
     labels: Mapping[str, list] | None = None,
     reuse: bool | None = None,
     position_blocks: int | None = None,
+    mesh=None,
+    rules=None,
 ) -> SweepResult:
     """Evaluate ``metric`` with one intervention per cell of a grid over ``site_name``.
 
@@ -309,8 +314,11 @@ def sweep(
     wherever that is exact, ``True`` demands it, ``False`` runs every cell from the input.
     ``position_blocks``: windows of positions for reuse (default: one per
     :data:`FLOPS_PER_POSITION_BLOCK` naive FLOPs, at most :data:`DEFAULT_POSITION_BLOCKS`).
-    Errors (unknown site or axis, a source of the wrong shape, a metric that does not
-    return a scalar) are raised before any compile.
+    ``mesh`` (a :class:`jax.sharding.Mesh` or axis sizes such as ``{"data": -1}``) and
+    ``rules`` (default ``DEFAULT_RULES``): cells split over the mesh axes of ``'batch'``,
+    params sharded by their logical axes (:mod:`mechinterp.sweep_mesh`); the same values as
+    without a mesh. Errors (unknown site or axis, a source of the wrong shape, a metric
+    that does not return a scalar, a bad mesh) are raised before any compile.
     """
     model_kwargs = dict(model_kwargs or {})
     inputs = tuple(inputs)
@@ -334,16 +342,25 @@ def sweep(
         )
     validate.check_positive_int(position_blocks, "position_blocks", allow_none=True)
     grid_shape = tuple(info.shape[info.axes.index(axis)] for axis in grid_axes)
+    place = placement(mesh, rules)
+    put = (lambda x, what: x) if place is None else place.replicate
+    if place is not None:
+        place.check_same_grid(site_name, grid_axes, grid_shape, reuse, position_blocks,
+                              chunk_size, memory_budget,
+                              grid_digest((*inputs, source), model_kwargs))
+        params = place.params(model, params, inputs)
+        source = put(source, "the source")
     selects = _selects_logits(model, metric)
     metric_arg, static_metric = metric_argument(metric)
+    metric_arg = put(metric_arg, "the metric")
 
     batch, seq_len = (tuple(np.shape(inputs[0])) + (1,))[:2]
     positions = np.asarray(metric.positions(batch, seq_len)) if selects else None
     signature, arrays = _CallSignature.of(inputs, model_kwargs)
     fn = _make_cell(model, site_name, info, grid_axes, make_intervention,
                   signature, static_metric)
-    shared = (params, source, arrays, metric_arg,
-              None if positions is None else jnp.asarray(positions))
+    shared = (params, source, put(arrays, "the inputs"), metric_arg,
+              None if positions is None else put(jnp.asarray(positions), "positions"))
     probe = once_per_shapes(OUTPUT_SHAPES, jax.eval_shape, fn,
                             (jnp.zeros(len(grid_axes), jnp.int32), *shared))
     if probe.shape != ():
@@ -357,6 +374,8 @@ def sweep(
     )
     naive = len(cells) * _forward_flops(model, params, inputs, model_kwargs)
     state = _resume_state(model, params, inputs, model_kwargs, info, reuse)
+    if state is not None:
+        state = put(state, "the resume state")
     if state is None:
         per_cell = _bytes_per_cell(model, inputs, model_kwargs)
         runs = [(np.arange(len(cells)), fn, shared, None, 0)]
@@ -373,17 +392,18 @@ def sweep(
             cell = _make_resumed_cell(model, site_name, info, grid_axes,
                             make_intervention, first_pos, static_metric)
             runs.append((rows, cell, (params, state, source, metric_arg, None if positions
-                                      is None else jnp.asarray(positions - first_pos)), layer,
+                                      is None else put(jnp.asarray(positions - first_pos),
+                                                       "positions")), layer,
                          batch * (seq_len - first_pos)))
 
     values = np.zeros(len(cells), np.float32)
     budget = None if chunk_size else memory_budget
-    chunk_size = chunk_size or max(1, memory_budget // per_cell)
+    chunk_size = chunk_size or max(1, memory_budget // per_cell) * (place.ways if place else 1)
     n_layers = info.shape[0] if info.axes and info.axes[0] == LAYER_AXIS else 1
     n_chunks = sum(-(-len(rows) // balanced(len(rows), chunk_size)) for rows, *_ in runs)
     with tqdm(total=n_chunks, desc=f"patch {site_name}", disable=not progress,
               leave=False) as bar:
-        runner = Runner(bar)
+        runner = Runner(bar, place)
         for rows, cell, cell_shared, layer, tokens in runs:
             first_of = None if state is None else (
                 (lambda chunk: 0) if layer is None else (lambda chunk: chunk[:, layer].min()))
@@ -396,8 +416,8 @@ def sweep(
                 layer_flops=lambda first: (n_layers - first) / n_layers)
     cost = dict(flops=int(runner.flops), naive_flops=int(naive), groups=len(runs),
                 chunks=runner.calls, compiles=runner.compiles, compile_s=runner.compile_s,
-                run_s=runner.run_s,
-                peak_bytes=int(runner.peak_bytes))
+                run_s=runner.run_s, peak_bytes=int(runner.peak_bytes),
+                device_flops=runner.device_flops, devices=place.ways if place else 1)
     return SweepResult(values.reshape(grid_shape), grid_axes, dict(labels or {}), cost)
 
 

@@ -30,12 +30,14 @@ _EXECUTABLES: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDicti
 OUTPUT_SHAPES: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
 
 
-def jit_vmap(fn, n_unbatched: int):
-    """``jit(vmap(fn))`` over the first argument, cached for as long as ``fn`` lives."""
+def jit_vmap(fn, n_unbatched: int, out_shardings=None):
+    """``jit(vmap(fn))`` over the first argument, cached for as long as ``fn`` lives;
+    ``out_shardings``: where the values go (a sharded sweep gathers them replicated)."""
     per_fn = _VMAPPED.setdefault(fn, {})
-    if n_unbatched not in per_fn:
-        per_fn[n_unbatched] = jax.jit(jax.vmap(fn, in_axes=(0,) + (None,) * n_unbatched))
-    return per_fn[n_unbatched]
+    if (n_unbatched, out_shardings) not in per_fn:
+        per_fn[n_unbatched, out_shardings] = jax.jit(
+            jax.vmap(fn, in_axes=(0,) + (None,) * n_unbatched), out_shardings=out_shardings)
+    return per_fn[n_unbatched, out_shardings]
 
 
 def shape_key(tree):
@@ -44,10 +46,17 @@ def shape_key(tree):
                            bool(getattr(x, "weak_type", False))) for x in leaves)
 
 
+def _sharding_key(tree):
+    """The layout of every sharded leaf (one-device and host leaves: ``None``)."""
+    return tuple(x.sharding if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1
+                 else None for x in jax.tree.leaves(tree))
+
+
 def once_per_shapes(store, trace, fn, args):
-    """``trace(fn, *args)``, computed once per ``fn`` and shapes of ``args``."""
+    """``trace(fn, *args)``, computed once per ``fn`` and shapes (and shardings) of
+    ``args``."""
     per_fn = store.setdefault(fn, {})
-    key = shape_key(args)
+    key = shape_key(args), _sharding_key(args)
     if key not in per_fn:
         per_fn[key] = trace(fn, *args)
     return per_fn[key]
@@ -59,6 +68,7 @@ class _Compiled(NamedTuple):
     temp: int
     held: int
     flops: tuple[int, int]  # matmul FLOPs with every cond's costliest / cheapest branch
+    device_flops: float  # XLA's count for one device's program (the partitioned one)
 
 
 def _compile(run, *args):
@@ -70,8 +80,9 @@ def _compile(run, *args):
     memory = executable.memory_analysis()
     held = (memory.argument_size_in_bytes + memory.output_size_in_bytes
             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    device_flops = float((executable.cost_analysis() or {}).get("flops", 0.0))
     return _Compiled(executable, time.perf_counter() - start, memory.temp_size_in_bytes,
-                     held, flops)
+                     held, flops, device_flops)
 
 
 def balanced(n: int, chunk_size: int) -> int:
@@ -82,11 +93,14 @@ def balanced(n: int, chunk_size: int) -> int:
 class Runner:
     """Runs cell functions in chunks and adds up what it cost: ``compiles`` and
     ``compile_s`` (first compilations only), ``calls`` and ``run_s``, ``peak_bytes`` (the
-    largest executable's arguments, outputs and temporaries) and matmul ``flops``."""
+    largest executable's arguments, outputs and temporaries, per device) and matmul
+    ``flops`` (all devices), ``device_flops`` (XLA's count of one device's share).
+    ``placement`` (:class:`mechinterp.sweep_mesh.Placement`): chunks split over its mesh."""
 
-    def __init__(self, bar):
+    def __init__(self, bar, placement=None):
         self.bar, self.compile_s, self.run_s, self.peak_bytes, self.flops = bar, 0.0, 0.0, 0, 0
         self.calls = self.compiles = 0
+        self.device_flops, self.placement = 0.0, placement
 
     def executable(self, run, args, budget=None):
         """The compiled ``run`` for ``args``; ``budget``: fail (``None``) when its
@@ -97,7 +111,8 @@ class Runner:
         if compiled.seconds is not None:
             self.compile_s += compiled.seconds
             self.compiles += 1
-            _EXECUTABLES[run][shape_key(args)] = compiled._replace(seconds=None)
+            _EXECUTABLES[run][shape_key(args), _sharding_key(args)] = compiled._replace(
+                seconds=None)
         self.peak_bytes = max(self.peak_bytes, compiled.held)
         return compiled, compiled.temp
 
@@ -110,44 +125,58 @@ class Runner:
         ``layer_flops(first)``: the fraction of the cond-skippable FLOPs a chunk runs.
         Returns the values (numpy)."""
         n = len(jax.tree.leaves(items)[0])
-        firsts = () if first_of is None else (np.int32(0),)
-        run = jit_vmap(fn, len(firsts) + len(shared))
+        place = self.placement
+        ways = 1 if place is None else place.ways
+        cells = (lambda chunk: chunk) if place is None else place.cells
+        firsts = () if first_of is None else (self._scalar(0),)
+        run = jit_vmap(fn, len(firsts) + len(shared),
+                       None if place is None else place.replicated)
         while True:
-            size = balanced(n, chunk_size)
-            probe = (jax.tree.map(lambda leaf: np.repeat(leaf[:1], size, 0), items),
+            size = -(-balanced(n, chunk_size) // ways) * ways  # each device: equal shares
+            probe = (cells(jax.tree.map(lambda leaf: np.repeat(leaf[:1], size, 0), items)),
                      *firsts, *shared)
-            compiled, temp = self.executable(run, probe, None if size == 1 else budget)
+            compiled, temp = self.executable(run, probe, None if size == ways else budget)
             if compiled is not None:
                 break
-            chunk_size = max(1, min(size - 1, size * budget // temp))
+            chunk_size = max(1, min(size - ways, size * budget // temp))
         outputs = []  # device arrays: no host sync between chunks
         start = time.perf_counter()
         for begin in range(0, n, size):
             chunk = jax.tree.map(lambda leaf, b=begin: _padded(leaf[b:b + size], size), items)
-            first = () if first_of is None else (np.int32(first_of(chunk)),)
-            outputs.append(compiled.executable(chunk, *first, *shared))
+            first = () if first_of is None else (int(first_of(chunk)),)
+            outputs.append(compiled.executable(cells(chunk), *map(self._scalar, first),
+                                               *shared))
             self.calls += 1
+            self.device_flops += compiled.device_flops
             if count_flops:
                 most, least = compiled.flops
                 self.flops += most if not first else least + round(
-                    (most - least) * layer_flops(int(first[0])))
+                    (most - least) * layer_flops(first[0]))
             self.bar.update(1)
         values = np.concatenate([np.asarray(out) for out in outputs])[:n]
         self.run_s += time.perf_counter() - start
         return values
+
+    def _scalar(self, value):
+        value = np.int32(value)
+        return value if self.placement is None else self.placement.put(
+            value, self.placement.replicated, "the start layer")
 
 
 def _padded(chunk, size):
     return np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)])
 
 
-def map_in_chunks(fn, items, shared, chunk_size: int, *, desc: str, progress: bool = True):
+def map_in_chunks(fn, items, shared, chunk_size: int, *, desc: str, progress: bool = True,
+                  placement=None):
     """``np.stack([fn(item, *shared) for item in items])``, as ``jit(vmap(fn))`` over chunks.
 
     ``items`` is a pytree whose leaves share a leading axis; ``shared`` is passed unbatched
     (``in_axes=None``), so large operands are not copied per item. The last chunk is padded
     by repeating its final item, so every chunk has one shape and compiles once (per
     ``fn``: pass the same function object to reuse the compilation across calls).
+    ``placement`` (:mod:`mechinterp.sweep_mesh`): items split over its mesh, ``shared``
+    already placed.
     """
     validate.check_positive_int(chunk_size, "chunk_size")
     n = len(jax.tree.leaves(items)[0])
@@ -155,4 +184,5 @@ def map_in_chunks(fn, items, shared, chunk_size: int, *, desc: str, progress: bo
         raise ValueError(f"{desc}: nothing to run (no items)")
     n_chunks = -(-n // balanced(n, chunk_size))
     with tqdm(total=n_chunks, desc=desc, disable=not progress, leave=False) as bar:
-        return Runner(bar).chunks(fn, items, tuple(shared), chunk_size, count_flops=False)
+        return Runner(bar, placement).chunks(fn, items, tuple(shared), chunk_size,
+                                             count_flops=False)

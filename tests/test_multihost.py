@@ -18,16 +18,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(*args):
-    return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)],
+def _start(*args, worker=WORKER):
+    return subprocess.Popen([sys.executable, str(worker), *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.slow  # three fresh JAX processes (~25 s of CPU time each, mostly import+compile)
-def test_two_processes_train_like_one(tmp_path):
-    port = _free_port()
-    workers = [_start(tmp_path / "multi.npz", "multi", i, port) for i in range(2)]
-    workers.append(_start(tmp_path / "single.npz", "single"))
+def _wait(workers) -> None:
+    """Wait for every worker (killed after 600 s); each must exit 0."""
     try:
         logs = [w.communicate(timeout=600)[0] for w in workers]
     finally:
@@ -36,6 +33,14 @@ def test_two_processes_train_like_one(tmp_path):
                 w.kill()
     for w, log in zip(workers, logs):
         assert w.returncode == 0, log[-3000:]
+
+
+@pytest.mark.slow  # three fresh JAX processes (~25 s of CPU time each, mostly import+compile)
+def test_two_processes_train_like_one(tmp_path):
+    port = _free_port()
+    workers = [_start(tmp_path / "multi.npz", "multi", i, port) for i in range(2)]
+    workers.append(_start(tmp_path / "single.npz", "single"))
+    _wait(workers)
 
     multi, single = np.load(tmp_path / "multi.npz"), np.load(tmp_path / "single.npz")
     assert (int(multi["processes"]), int(multi["devices"])) == (2, 4)

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mechinterp.sharding import input_specs as _input_specs, logical_param_specs  # noqa: F401
+from mechinterp.sharding import zeros as _zeros
 from mechinterp.train.mesh import Rules, check_divisible, check_rules, logical_to_spec, path_str
 
 
@@ -40,15 +42,6 @@ class TrainState:
     rng: jax.Array
 
 
-def _input_specs(inputs: Sequence[Any]) -> tuple[jax.ShapeDtypeStruct, ...]:
-    """Shape-only versions of the model inputs, with batch size 1 (enough for init)."""
-    return tuple(jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype) for x in inputs)
-
-
-def _zeros(specs):
-    return tuple(jnp.zeros(s.shape, s.dtype) for s in specs)
-
-
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, specs, seed: int):
     def init() -> TrainState:
         params_key, dropout_key, base_key = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -59,14 +52,6 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, specs, seed: in
                           opt_state=tx.init(params), rng=base_key)
 
     return init
-
-
-def logical_param_specs(model: nn.Module, inputs: Sequence[Any]) -> Any:
-    """Logical ``PartitionSpec`` of every parameter (``P()`` where none is declared)."""
-    specs = _input_specs(inputs)
-    key = jax.random.PRNGKey(0)
-    boxed = jax.eval_shape(lambda: model.init({"params": key, "dropout": key}, *_zeros(specs)))
-    return nn.get_partition_spec(boxed["params"])
 
 
 def _mirror_specs(opt_state, params, param_specs) -> Any:
