@@ -17,6 +17,7 @@ the ``head_fraction`` most popular in training.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -160,13 +161,15 @@ def bpr_batches(train, n_items: int, batch_size: int, rng):
 
 def fit_bpr(model, graph: RecGraph, data: Interactions, *, steps: int, batch_size: int,
             learning_rate: float, weight_decay: float, seed: int, entropy_beta: float = 0.0,
-            trigger: EntropyTrigger | None = None):
+            trigger: EntropyTrigger | None = None, compiler_options: dict | None = None):
     """Adam on ``-log sigmoid(s_pos - s_neg) + weight_decay * |scored embeddings|^2`` (plus
     ``sign * entropy_beta * H_item`` for a routed model, ``sign`` from ``trigger``).
     Returns ``(params, trace)``: ``trace`` has per-step ``loss`` and, for a routed model,
-    ``entropy``, ``usage_entropy`` and the ``trigger_step``."""
+    ``entropy``, ``usage_entropy`` and the ``trigger_step``. ``compiler_options`` go to
+    ``jax.jit`` (e.g. a fast unoptimized compile for tiny smoke runs)."""
     users0, items0 = bpr_batches(data.train, data.n_items, 2, np.random.default_rng(seed))
-    params = model.init(jax.random.key(seed), graph, users0, items0)["params"]
+    init = jax.jit(model.init, compiler_options=compiler_options)
+    params = init(jax.random.key(seed), graph, users0, items0)["params"]
     tx = optax.adam(learning_rate)
     opt_state = tx.init(params)
 
@@ -181,7 +184,7 @@ def fit_bpr(model, graph: RecGraph, data: Interactions, *, steps: int, batch_siz
             loss = loss + sign * entropy_beta * stats["entropy"]
         return loss, stats
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def step(params, opt_state, users, items, sign):
         (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, users, items,
                                                                        sign)
