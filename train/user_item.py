@@ -85,20 +85,20 @@ def make_interactions(*, n_users: int, n_items: int, n_topics: int, d_latent: in
     return Interactions(n_users, n_items, train, test, visual, text, tail)
 
 
-def normalized_edges(senders, receivers, n_nodes: int) -> Edges:
-    """Both directions of each edge, weighted ``1 / sqrt(deg_s deg_r)``."""
+def normalized_edges(senders, receivers, n_nodes: int, dtype=jnp.float32) -> Edges:
+    """Both directions of each edge, weighted ``1 / sqrt(deg_s deg_r)`` (in ``dtype``)."""
     s = np.concatenate([senders, receivers])
     r = np.concatenate([receivers, senders])
     deg = np.maximum(np.bincount(s, minlength=n_nodes), 1)
     w = 1.0 / np.sqrt(deg[s] * deg[r])
     return Edges(jnp.asarray(s, jnp.int32), jnp.asarray(r, jnp.int32),
-                 jnp.asarray(w, jnp.float32))
+                 jnp.asarray(w, dtype))
 
 
-def user_item_edges(train, n_users: int, n_items: int) -> Edges:
+def user_item_edges(train, n_users: int, n_items: int, dtype=jnp.float32) -> Edges:
     """The bipartite interaction graph over users then items (item ``i`` is node
     ``n_users + i``), symmetrically normalized."""
-    return normalized_edges(train[:, 0], n_users + train[:, 1], n_users + n_items)
+    return normalized_edges(train[:, 0], n_users + train[:, 1], n_users + n_items, dtype)
 
 
 def content_edges(visual, text, knn: int) -> Edges:
@@ -123,8 +123,9 @@ def routing_entropy(probs) -> tuple[jax.Array, jax.Array]:
 
 class EntropyTrigger:
     """MAGNET's two-stage entropy weighting (form inferred): the loss carries
-    ``sign * beta * H`` with ``sign = -1`` (coverage: entropy rewarded) until the trigger
-    fires, then ``+1`` (specialization: entropy penalized). It fires at the first step
+    ``sign * beta * H_item`` with ``sign = -1`` (coverage: per-item entropy rewarded) until
+    the trigger fires, then ``+1`` (specialization: confident routing), next to a constant
+    reward ``beta * H_usage`` for balanced expert use (see :func:`fit_bpr`). It fires at the first step
     ``>= min_step`` where the routing entropy's EMA has changed by less than ``tolerance``
     in one step (coverage has settled), and at ``max_step`` at the latest."""
 
@@ -162,8 +163,9 @@ def bpr_batches(train, n_items: int, batch_size: int, rng):
 def fit_bpr(model, graph: RecGraph, data: Interactions, *, steps: int, batch_size: int,
             learning_rate: float, weight_decay: float, seed: int, entropy_beta: float = 0.0,
             trigger: EntropyTrigger | None = None, compiler_options: dict | None = None):
-    """Adam on ``-log sigmoid(s_pos - s_neg) + weight_decay * |scored embeddings|^2`` (plus
-    ``sign * entropy_beta * H_item`` for a routed model, ``sign`` from ``trigger``).
+    """Adam on ``-log sigmoid(s_pos - s_neg) + weight_decay * |scored embeddings|^2`` plus,
+    for a routed model, ``entropy_beta * (sign * H_item - H_usage)`` (``sign`` from
+    ``trigger``: per-item entropy first rewarded, then penalized; usage always balanced).
     Returns ``(params, trace)``: ``trace`` has per-step ``loss`` and, for a routed model,
     ``entropy``, ``usage_entropy`` and the ``trigger_step``. ``compiler_options`` go to
     ``jax.jit`` (e.g. a fast unoptimized compile for tiny smoke runs)."""
@@ -181,7 +183,7 @@ def fit_bpr(model, graph: RecGraph, data: Interactions, *, steps: int, batch_siz
         stats = {"bpr": loss}
         if "router_probs" in aux:
             stats["entropy"], stats["usage_entropy"] = routing_entropy(aux["router_probs"])
-            loss = loss + sign * entropy_beta * stats["entropy"]
+            loss = loss + entropy_beta * (sign * stats["entropy"] - stats["usage_entropy"])
         return loss, stats
 
     @functools.partial(jax.jit, compiler_options=compiler_options)
