@@ -8,7 +8,8 @@ parallel (dual view, fused by a sum), item modality projections (visual, text) a
 role experts: ``dominant_b/v/t`` (one modality each), ``balanced`` (their mean) and
 ``complementary`` (what content adds to behaviour, ``[h_v - h_b, h_t - h_b]``), mixed by a
 softmax router on the behavioural embedding; users also read their items' mixture in one
-more propagation hop. Scores are dot products. Every activation is a site (``SITES``).
+more propagation hop. Experts start at zero and the content view at weight 0, so an
+untrained MAGNET scores exactly as LightGCN with the same embeddings. Scores are dot products. Every activation is a site (``SITES``).
 """
 
 from __future__ import annotations
@@ -189,10 +190,11 @@ class MAGNET(_Scorer, nn.Module):
         self.stack = _stack(n, self.n_layers, "", "layers")
         self.content_stack = _stack(self.n_items, self.n_content_layers, "content.",
                                     "content_layers")
-        self.content_weight = self.param("content_weight", nn.initializers.ones, ())
+        self.content_weight = self.param("content_weight", nn.initializers.zeros, ())
         self.visual_proj = nn.Dense(self.d_model)
         self.text_proj = nn.Dense(self.d_model)
-        self.experts = [nn.Dense(self.d_model, name=f"expert_{r}") for r in ROLES]
+        self.experts = [nn.Dense(self.d_model, kernel_init=nn.initializers.zeros,
+                                 name=f"expert_{r}") for r in ROLES]
         self.router = nn.Dense(len(ROLES), kernel_init=nn.initializers.normal(0.01))
 
     def embeddings(self, graph):
