@@ -15,6 +15,15 @@ def _mean(results, table, key) -> float:
     return kit.mean_of(results["summary"][table][key])
 
 
+def _fmt(results, table, key) -> str:
+    """A raw-feature score (no seed dependence) or ``mean ± sd`` over pretraining seeds."""
+    if key.startswith("raw/"):
+        return f"{results['raw'][table][key]:.3f}"
+    stat = results["summary"][table][key]
+    return f"{kit.mean_of(stat):.3f} ± {stat['std']:.3f}" if kit.is_stat(stat) else \
+        f"{stat:.3f}"
+
+
 def _compare(results, ours: str, theirs: str, claim: str, note: str,
              strict: bool) -> kit.Claim | None:
     """Holds on a majority of tables: ``ours`` above ``theirs`` by more than MARGIN
@@ -28,8 +37,8 @@ def _compare(results, ours: str, theirs: str, claim: str, note: str,
     diffs = {t: _mean(results, t, ours) - _mean(results, t, theirs) for t in tables}
     wins = sum((d > MARGIN) if strict else (d > -MARGIN) for d in diffs.values())
     how = f"better by > {MARGIN}" if strict else f"at least as good (within {MARGIN})"
-    return kit.Claim(claim, "; ".join(f"{t} {_mean(results, t, ours):.3f} vs "
-                                      f"{_mean(results, t, theirs):.3f}" for t in tables),
+    return kit.Claim(claim, "; ".join(f"{t} {_fmt(results, t, ours)} vs "
+                                      f"{_fmt(results, t, theirs)}" for t in tables),
                      wins * 2 > len(tables),
                      f"{ours} vs {theirs}: {how} on {wins} of "
                      f"{len(tables)} tables; {note}")
@@ -71,7 +80,8 @@ def markdown(config, results: dict, timings: dict) -> list[str]:
         f"tables ({', '.join(f'{t[0]} {t[1]}x{t[2]}' for t in pre)}); `specialized` adds the "
         "downstream tables' rows without targets. Frozen readouts feed scikit-learn "
         f"learners; {config.folds}-fold CV accuracy (classification) or R^2 (diabetes). "
-        f"{n} pretraining seeds; raw-feature scores do not depend on them. Figure: tarte.png.",
+        f"{n} pretraining seeds (mean ± sd); raw-feature scores do not depend on them. "
+        "Claims compare the first-named score with the second. Figure: tarte.png.",
         "", *kit.claims_table(claims(results)), ""]
     keys = sorted({k for t in results["summary"].values() for k in t})
     raw_keys = list(next(iter(results["raw"].values())))
