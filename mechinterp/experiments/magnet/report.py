@@ -39,7 +39,8 @@ def claims(config, per_model: dict) -> list[kit.Claim]:
         out.append(kit.Claim(
             "an entropy trigger moves routing from a coverage regime (high entropy) to a "
             "specialization regime (confident routing) without expert collapse",
-            f"trigger fired at steps {fired}; final per-item routing entropy "
+            f"trigger fired at steps {fired} (allowed {config.trigger.min_step}-"
+            f"{config.trigger.max_step}); final per-item routing entropy "
             f"{kit.pm(s['final_entropy'])}, usage entropy {kit.pm(s['final_usage_entropy'])} "
             "(1 = uniform)",
             bool(kit.mean_of(s["final_entropy"]) < 0.5
