@@ -198,6 +198,11 @@ class MAGNET(_Scorer, nn.Module):
         self.router = nn.Dense(len(ROLES), kernel_init=nn.initializers.normal(0.01))
 
     def embeddings(self, graph):
+        for name in ("visual", "text"):
+            rows = getattr(graph, name).shape[0]
+            if rows != self.n_items:
+                raise ValueError(f"MAGNET has n_items={self.n_items} but graph.{name} has "
+                                 f"{rows} rows; build the RecGraph from the same data")
         x = site(self, "embed", self.nodes)
         x = layer_mean(self.stack, x, graph.user_item, self.n_layers)
         users = x[:self.n_users]

@@ -7,6 +7,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from sklearn.metrics import ndcg_score
 
 from mechinterp import Intervention, capture
@@ -146,3 +147,12 @@ def test_site_table_in_docs_matches_magnet_sites():
     documented = _documented_rows("## Graph recommenders")
     assert documented == {n: (", ".join(s.axes), s.meaning) for n, s in MAGNET.SITES.items()}
     assert set(LightGCN.SITES) < set(MAGNET.SITES)
+
+
+def test_content_of_the_wrong_size_is_refused_naming_it():
+    data = _data()
+    graph = data.graph(knn=3)
+    short = RecGraph(graph.user_item, graph.item_item, graph.visual[:-1], graph.text)
+    with pytest.raises(ValueError, match=r"n_items=30 but graph.visual has 29 rows"):
+        jax.eval_shape(MAGNET(data.n_users, data.n_items, 4).init, jax.random.key(0), short,
+                       np.array([0]), np.array([[0, 1]]))
