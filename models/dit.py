@@ -30,6 +30,7 @@ from mechinterp.sites import INTERMEDIATES, INTERVENTIONS, SiteSpec, site
 from .decoder import Decoder, MoEDecoder
 from .layers import MLP, Attention, GatedMLP
 from .moe import AUX_LOSS, MoE
+from .vit import ViT
 
 MLPS = ("gelu", "swiglu")
 _MOE = ("moe.router_logits", "moe.router_probs", "moe.topk_indices", "moe.topk_weights",
@@ -155,6 +156,11 @@ class DiT(nn.Module):
                           "gate1 (attention), shift2, scale2, gate2 (MLP)"),
         **{name: spec for name, spec in Decoder.SITES.items()
            if name not in ("embed", "final_norm", "logits")},
+        **{name: ViT.SITES[name] for name in ("attn.q", "attn.k", "attn.v")},
+        "attn_out": SiteSpec(_layer("pos d_model"), "attention output times the adaLN gate: "
+                             "what the block adds"),
+        "mlp_out": SiteSpec(_layer("pos d_model"), "MLP (or MoE) output times the adaLN "
+                            "gate: what the block adds"),
         **{name: MoEDecoder.SITES[name] for name in _MOE},
         "final_norm": SiteSpec(("batch", "pos", "d_model"),
                                "image tokens after the final modulated norm"),

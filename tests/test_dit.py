@@ -176,3 +176,11 @@ def test_euler_sampler_matches_loop_and_steps_carry_interventions(dense):
     x_t, v = flow_pair(X, noise * 0 + 1, np.array([0.0, 1.0, 0.5]))
     np.testing.assert_allclose(x_t[1], 1.0) and np.testing.assert_allclose(x_t[0], X[0])
     np.testing.assert_allclose(v, 1 - X)
+
+
+def test_site_table_in_docs_matches_declarations():
+    from test_docs import _documented_rows
+
+    documented = _documented_rows("## DiT, DiT-MoE")
+    assert documented == {name: (", ".join(spec.axes), spec.meaning)
+                          for name, spec in DiT.SITES.items()}
