@@ -41,36 +41,36 @@ def get_config(arg=None):
 
     c.model = ml_collections.ConfigDict()
     c.model.patch_size = 4
-    c.model.d_model = 64
-    c.model.n_layers = 4
+    c.model.d_model = 48
+    c.model.n_layers = 3
     c.model.n_heads = 4
     c.model.freq_dim = 64
     c.model.n_experts = 8
     c.model.top_k = 2
-    c.model.d_expert = 32
-    c.model.d_shared = 64  # dense baseline: SwiGLU with d_mlp = top_k * d_expert + d_shared
+    c.model.d_expert = 24
+    c.model.d_shared = 48  # dense baseline: SwiGLU with d_mlp = top_k * d_expert + d_shared
     c.model.balance_coef = 0.01
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 1500
+    c.train.steps = 700
     c.train.batch_size = 64
     c.train.learning_rate = 2e-3
-    c.train.warmup_steps = 100
-    c.train.repeats = 80  # passes over the images, each with fresh noise and times
+    c.train.warmup_steps = 50
+    c.train.repeats = 40  # passes over the images, each with fresh noise and times
 
     c.judge = ml_collections.ConfigDict()
     c.judge.width = 16
     c.judge.n_layers = 2
-    c.judge.steps = 400
+    c.judge.steps = 300
     c.judge.batch_size = 64
     c.judge.learning_rate = 3e-3
 
     c.analysis = ml_collections.ConfigDict()
     c.analysis.t_values = (0.1, 0.3, 0.5, 0.7, 0.9)
-    c.analysis.eval_images = 256
-    c.analysis.samples_per_class = 20
+    c.analysis.eval_images = 200
+    c.analysis.samples_per_class = 16
     c.analysis.grid_per_class = 8
-    c.analysis.sampling_steps = 20
-    c.analysis.edit_images = 64
+    c.analysis.sampling_steps = 16
+    c.analysis.edit_images = 48
     c.analysis.edit_t_values = (0.9, 0.1)  # high noise first, then low noise
     return kit.with_preset(c, PRESETS, arg)
