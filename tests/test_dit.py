@@ -4,7 +4,6 @@ follow the paper's formulas, joint attention reads the conditioning tokens (and 
 cuts them off), and the Euler sampler equals a plain loop, with per-step interventions."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
