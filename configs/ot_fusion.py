@@ -14,8 +14,8 @@ from mechinterp.experiments import kit
 
 PRESETS = {
     "default": {},
-    "smoke": {"seeds": 1, "families": ("vit", "decoder"), "vit.steps": 30,
-              "decoder.steps": 30, "finetune.steps": 5, "vit.d_model": 16, "vit.d_mlp": 16,
+    "smoke": {"seeds": 1, "families": ("vit",), "vit.steps": 10,
+              "decoder.steps": 10, "finetune.steps": 3, "vit.d_model": 16, "vit.d_mlp": 16,
               "decoder.d_model": 16, "decoder.d_mlp": 16, "decoder.num_train": 256,
               "align_examples": 64, "batch_size": 32},
 }

@@ -28,10 +28,10 @@ def get_config(arg=None):
     kit.common(c, job="mechinterp.experiments.pvd_al:run", workdir="runs/pvd_al")
     c.seeds = 3
     c.kinds = ("mlp", "grid", "hash")
-    c.teacher_steps = 1500
-    c.scratch_steps = 300       # the students' budget: this many scratch steps' time
+    c.teacher_steps = 2000
+    c.scratch_steps = 200       # the students' budget: this many scratch steps' time
     c.batch = 64                # rays per step
-    c.learning_rate = 1e-2
+    c.learning_rate = ml_collections.ConfigDict({"mlp": 3e-3, "grid": 3e-2, "hash": 1e-2})
     c.data = ml_collections.ConfigDict(
         {"n_discs": 5, "rays": 64, "n_samples": 32, "train_views": 16, "test_views": 8,
          "pool_views": 64})

@@ -78,3 +78,14 @@ def test_bad_field_inputs_name_the_problem():
         Field(kind="nerf")
     with pytest.raises(ValueError, match=r"coords \(batch, 2\)"):
         jax.eval_shape(Field().init, jax.random.key(0), jnp.zeros((3, 3)))
+
+
+def test_field_site_table_matches_declarations():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "sites.md").read_text()
+    section = text.split("## Fields", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \| ([^|]+) \| ([^|]+) \|$", section, flags=re.M)
+    assert {n: (a.strip(), m.strip()) for n, a, m in rows} == {
+        n: (", ".join(s.axes), s.meaning) for n, s in Field.SITES.items()}

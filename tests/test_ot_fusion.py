@@ -82,3 +82,20 @@ def test_sinkhorn_plan_has_uniform_marginals_and_bad_widths_are_refused():
         ot_fusion.plan(x, x[:4], "exact")
     with pytest.raises(ValueError, match="solver"):
         ot_fusion.plan(x, x, "hungarian")
+
+
+def test_ot_fusion_smoke_run_reports_every_model_before_and_after_fine_tuning(smoke_run):
+    import json
+
+    workdir = smoke_run("ot_fusion")
+    results = json.loads((workdir / "results.json").read_text())
+    report = (workdir / "report.md").read_text()
+    for family in ("vit",):
+        s = results[family]["summary"]
+        assert set(s["one_shot"]) == {"parent_a", "parent_b", "vanilla", "ot_exact",
+                                      "ot_sinkhorn"}
+        assert set(s["finetuned"]) == {"parent_b", "vanilla", "ot_exact", "ot_sinkhorn"}
+        for stage in s.values():
+            for m in stage.values():
+                assert 0 <= m["accuracy"]["mean"] <= 1 and np.isfinite(m["loss"]["mean"])
+        assert f"{family}: one-shot OT fusion beats vanilla" in report

@@ -22,53 +22,57 @@ from mechinterp.experiments.pvd_al.distill import Trainer
 from mechinterp.models.fields import Field
 
 
-def make_field(config, kind: str) -> Field:
-    return Field(kind=kind, **config.field.to_dict())
+class Trainers(dict):
+    """One :class:`Trainer` per (student, teacher or None), built once: their compiled
+    steps serve every seed."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.fields = {k: Field(kind=k, **config.field.to_dict()) for k in config.kinds}
+
+    def __missing__(self, key):
+        student, teacher = key
+        self[key] = Trainer(self.fields[student], teacher and self.fields[teacher],
+                            n_samples=self.config.data.n_samples,
+                            learning_rate=self.config.learning_rate[student])
+        return self[key]
 
 
-def run_seed(config, seed, rays, targets, eval_fn) -> dict:
-    d, kinds = config.distill, list(config.kinds)
+def run_seed(config, trainers, seed, rays, targets, eval_fn) -> dict:
+    d, kinds, batch = config.distill, list(config.kinds), config.batch
     out = {"teacher": {}, "scratch": {}, "pvd_al": {}, "ablation": {}, "steps": {}}
-    fields = {k: make_field(config, k) for k in kinds}
-    teachers = {}
+    teachers, budget = {}, {}
     for kind in kinds:
-        trainer = Trainer(fields[kind], None, n_samples=config.data.n_samples,
-                          learning_rate=config.learning_rate)
+        trainer = trainers[kind, None]
         teachers[kind], _ = trainer.fit(trainer.init(seed), rays["train"], targets["train"],
-                                        steps=config.teacher_steps, batch=config.batch,
-                                        seed=seed)
+                                        steps=config.teacher_steps, batch=batch, seed=seed)
         out["teacher"][kind] = eval_fn(trainer, teachers[kind])
-    budget = {}
-    for kind in kinds:
-        trainer = Trainer(fields[kind], None, n_samples=config.data.n_samples,
-                          learning_rate=config.learning_rate)
         params = trainer.init(seed + 100)
         budget[kind] = config.scratch_steps * trainer.seconds_per_step(
-            params, None, rays["train"], targets["train"], config.batch)
+            params, None, rays["train"], targets["train"], batch)
         params, _ = trainer.fit(params, rays["train"], targets["train"],
-                                steps=config.scratch_steps, batch=config.batch, seed=seed)
+                                steps=config.scratch_steps, batch=batch, seed=seed + 100)
         out["scratch"][kind] = eval_fn(trainer, params)
     modes = {"pvd_al": (tuple(d.stages), True), "render_only": (None, False),
              "staged_no_active": (tuple(d.stages), False)}
     for teacher in kinds:
         for student in kinds:
-            trainer = Trainer(fields[student], fields[teacher], n_samples=config.data.n_samples,
-                              learning_rate=config.learning_rate)
+            trainer = trainers[student, teacher]
             init = trainer.init(seed + 100)
             per_step = trainer.seconds_per_step(init, teachers[teacher], rays["pool"], None,
-                                                config.batch)
-            steps = max(1, round(budget[student] / per_step))
-            out["steps"][f"{teacher}->{student}"] = steps
+                                                batch)
+            pair = f"{teacher}->{student}"
+            out["steps"][pair] = steps = max(1, round(budget[student] / per_step))
             for mode, (stages, active) in modes.items():
                 if mode != "pvd_al" and student != d.ablation_student:
                     continue
-                params, _ = trainer.fit(init, rays["pool"], None, steps=steps,
-                                        batch=config.batch, seed=seed, t_params=teachers[teacher],
+                params, _ = trainer.fit(init, rays["pool"], None, steps=steps, batch=batch,
+                                        seed=seed + 100, t_params=teachers[teacher],
                                         stages=stages, active=active)
                 where = out["pvd_al"] if mode == "pvd_al" else out["ablation"].setdefault(
                     mode, {})
-                where[f"{teacher}->{student}"] = eval_fn(trainer, params)
-    out["scratch_steps"] = config.scratch_steps
+                where[pair] = eval_fn(trainer, params)
     return out
 
 
@@ -88,11 +92,12 @@ def run(config, workdir):
         def eval_fn(trainer, params):
             return sc.psnr(trainer.render(params, rays["test"]), targets["test"])
 
-        per_seed = []
+        per_seed, trainers = [], Trainers(config)
         for seed in kit.train_seeds(config):
             with r.phase("seed"):
-                per_seed.append(run_seed(config, seed, rays, targets, eval_fn))
-        results = {"per_seed": per_seed, "summary": kit.aggregate(per_seed)}
+                per_seed.append(run_seed(config, trainers, seed, rays, targets, eval_fn))
+        results = {"per_seed": per_seed, "summary": kit.aggregate(per_seed),
+                   "blank_psnr": sc.psnr(0 * targets["test"], targets["test"])}
         with r.phase("report"):
             report.figure(r, results)
             r.write_results(results)
