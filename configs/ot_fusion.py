@@ -36,5 +36,5 @@ def get_config(arg=None):
     c.decoder = ml_collections.ConfigDict(
         {"vocab": 16, "half": 8, "d_model": 32, "n_layers": 2, "n_heads": 4, "d_mlp": 64,
          "num_train": 4096, "num_test": 512, "steps": 800, "learning_rate": 3e-3})
-    c.finetune = ml_collections.ConfigDict({"steps": 60, "lr_scale": 0.3})
+    c.finetune = ml_collections.ConfigDict({"steps": 60})  # Adam at the training rate
     return kit.with_preset(c, PRESETS, arg)

@@ -15,7 +15,7 @@ from mechinterp.experiments import kit
 
 PRESETS = {
     "default": {},
-    "smoke": {"seeds": 1, "kinds": ("mlp", "hash"), "teacher_steps": 20,
+    "smoke": {"seeds": 1, "kinds": ("hash",), "teacher_steps": 20,
               "scratch_steps": 6, "batch": 16, "data.rays": 16, "data.n_samples": 12,
               "data.train_views": 4, "data.test_views": 2, "data.pool_views": 4,
               "field.width": 16, "field.d_feature": 8, "field.head_width": 8,

@@ -8,6 +8,8 @@ fused model and parent B are fine-tuned for the same few steps and evaluated aga
 
 from __future__ import annotations
 
+import copy
+
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
@@ -66,9 +68,10 @@ def run_pair(config, family: str, seed: int, setup) -> tuple[dict, dict]:
     f = config[family]
     train = Classifier(model, steps=f.steps, batch_size=config.batch_size,
                        learning_rate=f.learning_rate)
-    tune = Classifier(model, steps=config.finetune.steps, batch_size=config.batch_size,
-                      learning_rate=f.learning_rate * config.finetune.lr_scale)
-    parents = [nn.meta.unbox(train.fit(train.init(s, x), x, y, s)[0])
+    tune = copy.copy(train)  # the same compiled step: fine-tuning differs only in steps
+    tune.steps = config.finetune.steps
+    # unboxed from the start: parents and fused models share one compiled step
+    parents = [train.fit(nn.meta.unbox(train.init(s, x)), x, y, s)[0]
                for s in (seed, seed + 1000)]
     align_x = x[:config.align_examples]
     models = {"parent_a": parents[0]["params"], "parent_b": parents[1]["params"],
