@@ -40,5 +40,5 @@ def get_config(arg=None):
          "grid_resolution": 32, "grid_features": 8, "levels": 8, "table_size": 2 ** 10,
          "level_features": 2, "min_resolution": 4, "growth": 1.5})
     # stages: fractions of the distillation steps on features, then density/colour
-    c.distill = ml_collections.ConfigDict({"stages": (0.2, 0.3), "ablation_student": "hash"})
+    c.distill = ml_collections.ConfigDict({"stages": (0.1, 0.4), "ablation_student": "hash"})
     return kit.with_preset(c, PRESETS, arg)

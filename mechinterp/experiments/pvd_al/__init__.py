@@ -39,6 +39,12 @@ class Trainers(dict):
         return self[key]
 
 
+def inherit_head(student: dict, teacher: dict) -> dict:
+    """The student starts from the teacher's head (every kind shares its shape), so
+    matching the shared ``feature`` site already matches density and colour."""
+    return {**student, **{k: teacher[k] for k in ("head_hidden", "head_out")}}
+
+
 def run_seed(config, trainers, seed, rays, targets, eval_fn) -> dict:
     d, kinds, batch = config.distill, list(config.kinds), config.batch
     out = {"teacher": {}, "scratch": {}, "pvd_al": {}, "ablation": {}, "steps": {}}
@@ -59,7 +65,7 @@ def run_seed(config, trainers, seed, rays, targets, eval_fn) -> dict:
     for teacher in kinds:
         for student in kinds:
             trainer = trainers[student, teacher]
-            init = trainer.init(seed + 100)
+            init = inherit_head(trainer.init(seed + 100), teachers[teacher])
             per_step = trainer.seconds_per_step(init, teachers[teacher], rays["pool"], None,
                                                 batch)
             pair = f"{teacher}->{student}"

@@ -83,7 +83,7 @@ class Trainer:
         return np.asarray(self._render(params, *rays))
 
     def seconds_per_step(self, params, t_params, rays, target, batch: int,
-                         repeats: int = 5) -> float:
+                         repeats: int = 20) -> float:
         """Process seconds of one step (after compiling), for equal-time budgets."""
         args = self._batch(rays, target, np.arange(batch))
         opt = self.tx.init(params)
