@@ -91,7 +91,8 @@ def markdown(config, results: dict, timings: dict) -> list[str]:
         f"{config.scratch_steps} scratch steps (seconds per step measured in the run); the "
         "teacher's own training is not counted (PVD converts an existing model).",
         f"- Stages by step fraction {tuple(config.distill.stages)}: features (all kinds "
-        "share one feature width before a common head), then log-density and colour, then "
+        "share one feature width before a common head; the student starts from the teacher's "
+        "head, our reading of the unified form), then log-density and colour, then "
         "renders plus density/colour; all parameters train in every stage (the paper's "
         "block-wise schedule is simplified). Distillation draws rays from "
         f"{config.data.pool_views} views the teacher renders, scratch from "
