@@ -44,30 +44,17 @@ def pretrain(config, data, seed):
     return model, params, seconds
 
 
-def revert_sweep(loss_fn, tuned, base):
-    """Loss increase when each layer of the tuned (scanned) model gets the base weights."""
-    n = jax.tree.leaves(tuned["layers"])[0].shape[0]
-
-    def reverted(i):
-        layers = jax.tree.map(lambda t, b: jnp.where(
-            (jnp.arange(n) == i).reshape((n,) + (1,) * (t.ndim - 1)), b, t),
-            tuned["layers"], base["layers"])
-        return loss_fn({**tuned, "layers": layers})
-    return np.asarray(jax.lax.map(reverted, jnp.arange(n)) - loss_fn(tuned))
-
-
 def specialize(config, data, model, base, seed) -> dict:
     t = config.tune
     apply, loss = _apply(model), domain.lm_loss(_apply(model))
     it = lambda: domain.batches(data.domain_train, t.batch_size, seed + 1000)  # noqa: E731
-    general_fn = lambda p: loss(p, _rows(data.general_test, t.n_eval))  # noqa: E731
-    domain_fn = lambda p: loss(p, _rows(data.domain_test, t.n_eval))  # noqa: E731
+    domain_fn = lambda p: loss(p, domain.rows(data.domain_test, t.n_eval))  # noqa: E731
     n_base = sum(x.size for x in jax.tree.leaves(base))
     out = {"base": {**domain.evaluate(apply, base, data), "trainable": 0.0, "seconds": 0.0}}
 
     full, _, sec = domain.tune(loss, base, optax.adam(t.learning_rate), it(), t.steps)
     out["full"] = {**domain.evaluate(apply, full, data), "trainable": 1.0, "seconds": sec}
-    out["full"]["revert_domain"] = revert_sweep(jax.jit(domain_fn), full, base).tolist()
+    out["full"]["revert_domain"] = domain.revert_sweep(jax.jit(domain_fn), full, base).tolist()
 
     adapter = peft.lora_init(base, LORA_TARGETS, t.lora_rank, jax.random.key(seed))
     lora_loss = lambda a, b: loss(peft.lora_params(base, a, t.lora_alpha), b)  # noqa: E731
@@ -77,18 +64,18 @@ def specialize(config, data, model, base, seed) -> dict:
     out["lora"] = {**domain.evaluate(apply, merged, data), "seconds": sec,
                    "trainable": peft.lora_size(adapter) / n_base}
 
-    general_calib = _rows(data.general_train, t.n_calib)
+    general_calib = domain.rows(data.general_train, t.n_calib)
     importance = method.layer_importance(jax.jit(lambda p: loss(p, general_calib)), base)
     chosen = sorted(np.argsort(importance)[:t.n_expand].tolist())
     big, expanded, copies = method.expand(model, base, chosen)
     big_apply, big_loss = _apply(big), domain.lm_loss(_apply(big))
-    fns = {"domain": jax.jit(lambda p: big_loss(p, _rows(data.domain_test, t.n_eval))),
-           "general": jax.jit(lambda p: big_loss(p, _rows(data.general_test, t.n_eval)))}
+    fns = {"domain": jax.jit(lambda p: big_loss(p, domain.rows(data.domain_test, t.n_eval))),
+           "general": jax.jit(lambda p: big_loss(p, domain.rows(data.general_test, t.n_eval)))}
     before = method.copy_ablation(fns, expanded, copies)
     patterns = method.copy_patterns(copies)
     part = peft.trainable_part(expanded, patterns)
     grad_fn = jax.jit(jax.grad(big_loss))
-    imp_batches = [_rows(data.general_train, t.batch_size, k) for k in range(t.n_importance)]
+    imp_batches = [domain.rows(data.general_train, t.batch_size, k) for k in range(t.n_importance)]
     for name, decoupled in (("expand", False), ("adept", True)):
         tx = peft.peft_optimizer(optax.chain(
             optax.scale_by_adam(), optax.scale_by_learning_rate(t.learning_rate),
@@ -112,11 +99,6 @@ def specialize(config, data, model, base, seed) -> dict:
     out["layer_importance"] = importance.tolist()
     out["expanded_layers"] = chosen
     return out
-
-
-def _rows(ex: lm.Examples, n: int, offset: int = 0):
-    rows = (np.arange(n) + offset * n) % len(ex.tokens)
-    return {"tokens": jnp.asarray(ex.tokens[rows]), "loss_mask": jnp.asarray(ex.loss_mask[rows])}
 
 
 @kit.job

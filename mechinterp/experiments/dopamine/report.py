@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mechinterp.experiments import kit
+from mechinterp.experiments.cofitune.report import clear_gain
 
 NAMES = {"frozen": "frozen base", "bias": "bias-only", "lora": "LoRA",
          "gates": "threshold-gain gates (hard at inference)", "full": "full fine-tuning"}
@@ -23,11 +24,11 @@ def lines(config, results: dict, timings: dict) -> list[str]:
     claims = [
         kit.Claim("gates on a frozen base specialize it (rotated accuracy up)",
                   f"rotated accuracy gain over frozen: {pm(g['gates'], '+.3f')}",
-                  s(g["gates"]) > 0, "mean over seeds > 0"),
+                  clear_gain(g["gates"]), "mean - sd > 0"),
         kit.Claim("gates compete with other parameter-efficient methods",
                   f"gates - bias-only: {pm(gates_vs_bias, '+.3f')}; LoRA gain "
-                  f"{pm(g['lora'], '+.3f')}", s(gates_vs_bias) >= 0,
-                  "gates >= bias-only on the mean"),
+                  f"{pm(g['lora'], '+.3f')}", clear_gain(gates_vs_bias),
+                  "gates - bias-only: mean - sd > 0"),
         kit.Claim("hard gates at inference keep the soft-gate accuracy",
                   f"soft {pm(sm['gates']['rotated_soft'], '.3f')} vs hard "
                   f"{pm(sm['gates']['rotated'], '.3f')}",
@@ -54,6 +55,9 @@ def lines(config, results: dict, timings: dict) -> list[str]:
         "jnp (equal to the kernel's reference, tests/test_peft.py).",
         "- 'Open gates' is the fraction of (test image, neuron) pairs passing a signal, "
         "h > max(tau, 0); for the other methods the fraction of active ReLUs (h > 0).",
+        "- Ceiling: the 50/50 pretrained base already classifies rotated digits well, so "
+        "specialization has only a few points of headroom; the general (upright) column "
+        "shows the forgetting each method pays for them.",
         "- scikit-learn's 8x8 digits (1,797 images), 45-degree bilinear rotation.",
         "", f"Timings: {kit.timings_line(timings)}.",
     ]

@@ -12,6 +12,7 @@ rates).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -76,6 +77,12 @@ def batches(data: lm.Examples, batch_size: int, seed: int, share=None):
         yield {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}
 
 
+def rows(ex: lm.Examples, n: int, offset: int = 0) -> dict:
+    """A fixed batch: rows ``offset * n ... offset * n + n - 1`` (wrapping) of ``ex``."""
+    idx = (np.arange(n) + offset * n) % len(ex.tokens)
+    return {"tokens": jnp.asarray(ex.tokens[idx]), "loss_mask": jnp.asarray(ex.loss_mask[idx])}
+
+
 def lm_loss(apply):
     """``loss(params, batch)``: mean next-token cross entropy on the targets."""
     def loss(params, batch):
@@ -84,16 +91,25 @@ def lm_loss(apply):
     return loss
 
 
-def tune(loss, trainable, tx: optax.GradientTransformation, data_iter, steps: int,
-         every=None, every_n: int = 0):
-    """``(trainable, losses, seconds)`` after ``steps`` steps of ``tx`` on ``loss``."""
+@functools.cache
+def _stepper(loss, tx):
     @jax.jit
     def step(p, state, batch):
         value, grads = jax.value_and_grad(loss)(p, batch)
         updates, state = tx.update(grads, state, p)
         return optax.apply_updates(p, updates), state, value
+    return step
 
+
+def tune(loss, trainable, tx: optax.GradientTransformation, data_iter, steps: int,
+         every=None, every_n: int = 0, prepare=None):
+    """``(trainable, losses, seconds)`` after ``steps`` steps of ``tx`` on ``loss``; the
+    step is compiled once per ``(loss, tx)`` pair, so runs that differ only in optimizer
+    state values (``prepare(state) -> state``, e.g. new gradient masks) share it."""
+    step = _stepper(loss, tx)
     state, losses = tx.init(trainable), []
+    if prepare is not None:
+        state = prepare(state)
     start = time.perf_counter()
     for i in range(steps):
         if every is not None and every_n and i % every_n == 0:
@@ -102,6 +118,19 @@ def tune(loss, trainable, tx: optax.GradientTransformation, data_iter, steps: in
         losses.append(value)
     losses = np.asarray(jax.device_get(jnp.stack(losses))) if losses else np.zeros(0)
     return trainable, losses, time.perf_counter() - start
+
+
+def revert_sweep(loss_fn, tuned, base):
+    """Loss increase when each layer of the tuned (scanned) model gets the base weights
+    back: a patching sweep over layers, one compiled ``lax.map``."""
+    n = jax.tree.leaves(tuned["layers"])[0].shape[0]
+
+    def reverted(i):
+        layers = jax.tree.map(lambda t, b: jnp.where(
+            (jnp.arange(n) == i).reshape((n,) + (1,) * (t.ndim - 1)), b, t),
+            tuned["layers"], base["layers"])
+        return loss_fn({**tuned, "layers": layers})
+    return np.asarray(jax.lax.map(reverted, jnp.arange(n)) - loss_fn(tuned))
 
 
 def evaluate(apply, params, data: DomainData) -> dict:
