@@ -1,4 +1,9 @@
-"""train/peft.py and train/importance.py on a tiny decoder, against plain references."""
+"""train/peft.py and train/importance.py on tiny decoders against plain references; ADEPT's
+expansion and unit learning rates, CoFiTune's masks, and what the smoke runs of
+configs/adept.py, cofitune.py and dopamine.py report."""
+
+import json
+import math
 
 import flax.linen as nn
 import jax
@@ -7,13 +12,25 @@ import numpy as np
 import optax
 import pytest
 
+from mechinterp.experiments.adept import method
+from mechinterp.experiments.cofitune import gradient_masks
 from mechinterp.models import Decoder, DecoderConfig
 from mechinterp.models.kernels.gating import threshold_gain_reference
 from mechinterp.train import importance as imp
-from mechinterp.train import peft
+from mechinterp.train import optim, peft
 
 TARGETS = {"attn/wq$": (1, 1), "attn/wo$": (1, 2), "mlp/down$": (1, 1)}
 UNITS = {"attn/wo$": 1, "mlp/down$": 1}  # heads of wo, neurons of down (layer axis 0)
+
+
+def random_params(model, tokens, seed=0):
+    """Parameters of ``model`` without running its initializers (eager init compiles every
+    random initializer): N(0, 0.3) entries in the shapes ``eval_shape`` gives."""
+    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
+    leaves, tree = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape, x.dtype)
+                                     for k, x in zip(keys, leaves)])
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +38,7 @@ def tiny():
     model = Decoder(DecoderConfig(vocab_size=32, d_model=16, n_layers=3, n_heads=2,
                                   n_kv_heads=2, d_mlp=32, qkv_bias=True))
     tokens = jax.random.randint(jax.random.key(1), (4, 7), 0, 32)
-    params = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
+    params = random_params(model, tokens)
     apply = jax.jit(lambda p, t: model.apply({"params": p}, t))
     return model, params, tokens, apply
 
@@ -100,10 +117,10 @@ def test_layer_masking_sweep_equals_removing_the_layer(tiny):
     masks = imp.ones_masks(params, UNITS)
     assert masks["layers/attn/wo"].shape == (3, 2) and masks["layers/mlp/down"].shape == (3, 32)
     sweep = imp.masking_sweep(loss, params, imp.layer_masks(masks))
-    for layer in range(3):
-        smaller, p = model.remove_sublayers(params, [("attn", layer), ("mlp", layer)])
-        ref = _loss(jax.jit(lambda q, t: smaller.apply({"params": q}, t)), tokens)(p)
-        np.testing.assert_allclose(sweep[layer], ref - loss(params), atol=1e-5)
+    assert sweep.shape == (3,)
+    smaller, p = model.remove_sublayers(params, [("attn", 1), ("mlp", 1)])
+    ref = _loss(jax.jit(lambda q, t: smaller.apply({"params": q}, t)), tokens)(p)
+    np.testing.assert_allclose(sweep[1], ref - loss(params), atol=1e-5)
 
 
 def test_mask_gradient_is_summed_grad_times_theta(tiny):
@@ -126,3 +143,88 @@ def test_mask_gradient_is_summed_grad_times_theta(tiny):
     assert abs(float(kl)) < 1e-6
     noisy = imp.apply_masks(params, imp.dropout_masks(jax.random.key(0), masks, 0.5))
     assert float(imp.self_kl(apply(params, tokens), apply(noisy, tokens))) > 1e-4
+
+
+def test_expanded_decoder_starts_as_the_base_and_trains_only_the_copies():
+    model = Decoder(DecoderConfig(vocab_size=24, d_model=16, n_layers=3, n_heads=2,
+                                  n_kv_heads=2, d_mlp=16))
+    tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 24)
+    params = random_params(model, tokens)
+    big, expanded, copies = method.expand(model, params, [0, 2])
+    assert copies == [1, 4] and big.config.n_layers == 5 and not big.config.scan_layers
+    np.testing.assert_allclose(big.apply({"params": expanded}, tokens),
+                               model.apply({"params": params}, tokens), atol=1e-5, rtol=1e-5)
+    # the copy is the layer it copies except the zeroed output projections
+    np.testing.assert_array_equal(expanded["layers_4"]["attn"]["wq"],
+                                  params["layers"]["attn"]["wq"][2])
+    assert not np.any(expanded["layers_1"]["mlp"]["down"])
+    part = peft.trainable_part(expanded, method.copy_patterns(copies))
+    assert sorted(part) == ["layers_1", "layers_4"]
+    with pytest.raises(ValueError, match="distinct"):
+        method.expand(model, params, [3])
+    # decoupled LRs: 2 (I_max - I) / (I_max - I_min); the most important unit gets 0
+    scores = {"layers_1/heads": np.array([1.0, 3.0]), "layers_1/neurons": np.linspace(1, 2, 16),
+              "layers_4/heads": np.array([2.0, 2.0]), "layers_4/neurons": np.ones(16)}
+    mult = method.unit_multipliers(scores, expanded)
+    np.testing.assert_allclose(mult["^layers_1/attn/wq$"].ravel(), [2.0, 0.0])
+    np.testing.assert_allclose(mult["^layers_1/attn/wo$"].ravel(), [2.0, 0.0])
+    np.testing.assert_allclose(mult["^layers_1/mlp/down$"].ravel(), 2 * (3 - np.linspace(1, 2, 16)) / 2)
+    tx = peft.peft_optimizer(optax.chain(optax.sgd(1.0), optim.scale_by_multipliers(
+        method.initial_multipliers(expanded, copies))), method.copy_patterns(copies))
+    state = optim.set_multipliers(tx.init(expanded), mult)  # shapes fit the state
+    grads = jax.tree.map(jnp.ones_like, expanded)
+    updates, _ = tx.update(grads, state, expanded)
+    np.testing.assert_allclose(updates["layers_1"]["attn"]["wq"][:, 1], 0.0)
+    np.testing.assert_allclose(updates["layers_1"]["attn"]["wq"][:, 0], -2.0)
+    assert not np.any(updates["layers_0"]["attn"]["wq"])
+
+
+def test_cofitune_masks_fit_one_state_and_soft_mask_units():
+    model = Decoder(DecoderConfig(vocab_size=24, d_model=16, n_layers=4, n_heads=2,
+                                  n_kv_heads=2, d_mlp=8))
+    params = random_params(model, jnp.zeros((1, 4), jnp.int32))
+    tx = optim.make_optimizer("adamw", 1e-3, gradient_masks=gradient_masks(params, (0, 1),
+                                                                           "both"))
+    state = tx.init(params)
+    soft = {"heads": np.full((4, 2), 0.25), "neurons": np.tile(np.linspace(0, 1, 8), (4, 1))}
+    for module in ("attn", "mlp", "both"):
+        masks = gradient_masks(params, (2, 4), module, soft)
+        optim.set_gradient_masks(state, masks)  # same shapes for every choice
+    m = gradient_masks(params, (2, 4), "mlp", soft)
+    assert not m["^layers/attn/wq$"].any() and not m["^embedding$"].any()
+    np.testing.assert_allclose(m["^layers/mlp/down$"][:2], 0.0)
+    np.testing.assert_allclose(m["^layers/mlp/down$"][3, :, 0], 1 - np.linspace(0, 1, 8))
+    np.testing.assert_allclose(gradient_masks(params, (2, 4), "attn", soft)
+                               ["^layers/attn/wo$"][2], 0.75)
+
+
+def _results(smoke_run, name):
+    return json.loads((smoke_run(name) / "results.json").read_text())
+
+
+def test_adept_smoke_copies_are_identity_before_tuning(smoke_run):
+    seed = _results(smoke_run, "adept")["per_seed"][0]
+    assert seed["adept"]["ablation_before"]["domain"] == [0.0]
+    assert seed["adept"]["ablation_before"]["general"] == [0.0]
+    for m in ("full", "lora", "expand", "adept"):
+        assert 0 < seed[m]["trainable"] <= 1 and math.isfinite(seed[m]["domain"]["loss"])
+    assert seed["full"]["trainable"] == 1.0 and seed["lora"]["trainable"] < 1
+    assert len(seed["full"]["revert_domain"]) == 2
+
+
+def test_cofitune_smoke_picks_from_its_grid(smoke_run):
+    seed = _results(smoke_run, "cofitune")["per_seed"][0]
+    assert {"layers": seed["best"]["layers"], "module": seed["best"]["module"]} in [
+        {"layers": g["layers"], "module": g["module"]} for g in seed["grid"]]
+    for m in ("full", "coarse", "cofitune"):
+        assert 0 <= seed[m]["domain"]["exact"] <= 1 and len(seed[m]["revert_domain"]) == 2
+    assert all(0 <= v <= 1 for v in seed["importance_mean"]["neurons"])
+
+
+def test_dopamine_smoke_counts_gates_and_parameters(smoke_run):
+    seed = _results(smoke_run, "dopamine")["per_seed"][0]
+    assert seed["gates"]["trainable_params"] == 2 * (16 + 16)  # tau and gain per neuron
+    assert seed["frozen"]["trainable_params"] == 0 and seed["full"]["trainable"] == 1.0
+    assert seed["bias"]["trainable_params"] == 16 + 16 + 10
+    for m in seed.values():
+        assert 0 <= m["rotated"] <= 1 and 0 <= m["open_gates"] <= 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from mechinterp.experiments import kit
-from mechinterp.experiments.cofitune.report import clear_gain
+from mechinterp.experiments.kit.domain import clear_gain
 
 METHODS = ("base", "full", "lora", "expand", "adept")
 NAMES = {"base": "base (pretrained)", "full": "full continual pretraining",

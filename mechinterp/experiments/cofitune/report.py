@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from mechinterp.experiments import kit
+from mechinterp.experiments.kit.domain import clear_gain
 
 NAMES = {"base": "base (pretrained)", "full": "full fine-tuning",
          "coarse": "coarse only (best layer range x module)",
@@ -21,11 +22,6 @@ def _one(seed: dict) -> dict:
     out["versatility_diff"] = out["cofitune"]["versatility"] - out["full"]["versatility"]
     out["speciality_diff"] = out["cofitune"]["speciality"] - out["full"]["speciality"]
     return out
-
-
-def clear_gain(x) -> bool:
-    """A gain larger than its spread over seeds (``mean - sd > 0``)."""
-    return x["mean"] - x["std"] > 0 if kit.is_stat(x) else x > 0
 
 
 def lines(config, results: dict, timings: dict) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mechinterp.experiments import kit
-from mechinterp.experiments.cofitune.report import clear_gain
+from mechinterp.experiments.kit.domain import clear_gain
 
 NAMES = {"frozen": "frozen base", "bias": "bias-only", "lora": "LoRA",
          "gates": "threshold-gain gates (hard at inference)", "full": "full fine-tuning"}

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from mechinterp.experiments.kit import lm
+from mechinterp.experiments.kit.seeds import is_stat
 from mechinterp.train.losses import next_token_terms
 from mechinterp.train.tasks import mixture_from_config
 
@@ -140,3 +141,8 @@ def evaluate(apply, params, data: DomainData) -> dict:
         m = lm.metrics_from_logits(apply(params, jnp.asarray(ex.tokens)), ex)["all"]
         out[side] = m
     return out
+
+
+def clear_gain(x) -> bool:
+    """A gain larger than its spread over seeds (``mean - sd > 0``)."""
+    return x["mean"] - x["std"] > 0 if is_stat(x) else x > 0
