@@ -76,11 +76,11 @@ def specialize(config, data, model, base, seed) -> dict:
     part = peft.trainable_part(expanded, patterns)
     grad_fn = jax.jit(jax.grad(big_loss))
     imp_batches = [domain.rows(data.general_train, t.batch_size, k) for k in range(t.n_importance)]
+    # one optimizer (so one compiled step) for both: the plain run keeps multipliers at 1
+    tx = peft.peft_optimizer(optax.chain(
+        optax.scale_by_adam(), optax.scale_by_learning_rate(t.learning_rate),
+        optim.scale_by_multipliers(method.initial_multipliers(expanded, copies))), patterns)
     for name, decoupled in (("expand", False), ("adept", True)):
-        tx = peft.peft_optimizer(optax.chain(
-            optax.scale_by_adam(), optax.scale_by_learning_rate(t.learning_rate),
-            optim.scale_by_multipliers(method.initial_multipliers(expanded, copies))),
-            patterns)
         unit_imp = []
 
         def every(step, params, state, unit_imp=unit_imp):
