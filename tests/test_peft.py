@@ -228,3 +228,18 @@ def test_dopamine_smoke_counts_gates_and_parameters(smoke_run):
     assert seed["bias"]["trainable_params"] == 16 + 16 + 10
     for m in seed.values():
         assert 0 <= m["rotated"] <= 1 and 0 <= m["open_gates"] <= 1
+
+
+def test_token_perplexity_matches_float64_reference():
+    from mechinterp.experiments.kit.domain_text import TEXTS, token_perplexity
+
+    table = np.random.default_rng(0).normal(size=(11, 11))  # logits = a bigram table
+    tokens = np.random.default_rng(1).integers(0, 11, 25)
+    got = token_perplexity(lambda rows: jnp.asarray(table)[rows], tokens, window=6)
+    rows = tokens[:24].reshape(4, 6)
+    logp = table - np.log(np.exp(table).sum(-1, keepdims=True))
+    ref = np.exp(-np.mean([logp[a, b] for r in rows for a, b in zip(r[:-1], r[1:])]))
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="window"):
+        token_perplexity(lambda rows: rows, tokens[:3], window=6)
+    assert set(TEXTS) == {"general", "domain"}
