@@ -123,15 +123,23 @@ def tune(loss, trainable, tx: optax.GradientTransformation, data_iter, steps: in
 
 def revert_sweep(loss_fn, tuned, base):
     """Loss increase when each layer of the tuned (scanned) model gets the base weights
-    back: a patching sweep over layers, one compiled ``lax.map``."""
-    n = jax.tree.leaves(tuned["layers"])[0].shape[0]
+    back: a patching sweep over layers, compiled once per ``loss_fn``."""
+    return np.asarray(_revert(loss_fn)(tuned, base))
 
-    def reverted(i):
-        layers = jax.tree.map(lambda t, b: jnp.where(
-            (jnp.arange(n) == i).reshape((n,) + (1,) * (t.ndim - 1)), b, t),
-            tuned["layers"], base["layers"])
-        return loss_fn({**tuned, "layers": layers})
-    return np.asarray(jax.lax.map(reverted, jnp.arange(n)) - loss_fn(tuned))
+
+@functools.cache
+def _revert(loss_fn):
+    @jax.jit
+    def sweep(tuned, base):
+        n = jax.tree.leaves(tuned["layers"])[0].shape[0]
+
+        def reverted(i):
+            layers = jax.tree.map(lambda t, b: jnp.where(
+                (jnp.arange(n) == i).reshape((n,) + (1,) * (t.ndim - 1)), b, t),
+                tuned["layers"], base["layers"])
+            return loss_fn({**tuned, "layers": layers})
+        return jax.lax.map(reverted, jnp.arange(n)) - loss_fn(tuned)
+    return sweep
 
 
 def evaluate(apply, params, data: DomainData) -> dict:
