@@ -13,6 +13,7 @@ the learning-rate multiplier ``2 (I_max - I_u) / (I_max - I_min)``
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +132,12 @@ def copy_ablation(loss_fns: dict, params, copies) -> dict[str, list[float]]:
         for j in copies:
             off = {k: (jnp.zeros_like(m) if k.startswith(f"layers_{j}/") else m)[None]
                    for k, m in masks.items()}
-            deltas.append(float(imp.masking_sweep(fn, params, off)[0]))
+            deltas.append(float(_sweep(fn)(params, off)[0]))
         out[name] = deltas
     return out
+
+
+@functools.cache
+def _sweep(loss_fn):
+    """:func:`~mechinterp.train.importance.masking_sweep` of ``loss_fn``, compiled once."""
+    return jax.jit(lambda params, stacked: imp.masking_sweep(loss_fn, params, stacked))
