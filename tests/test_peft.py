@@ -204,8 +204,9 @@ def _results(smoke_run, name):
 
 def test_adept_smoke_copies_are_identity_before_tuning(smoke_run):
     seed = _results(smoke_run, "adept")["per_seed"][0]
-    assert seed["adept"]["ablation_before"]["domain"] == [0.0]
-    assert seed["adept"]["ablation_before"]["general"] == [0.0]
+    before = seed["adept"]["ablation_before"]  # the copy is an identity: no effect
+    np.testing.assert_allclose(before["domain"] + before["general"], 0.0, atol=1e-6)
+    assert seed["adept"]["ablation_after"]["domain"][0] != 0.0
     for m in ("full", "lora", "expand", "adept"):
         assert 0 < seed[m]["trainable"] <= 1 and math.isfinite(seed[m]["domain"]["loss"])
     assert seed["full"]["trainable"] == 1.0 and seed["lora"]["trainable"] < 1
