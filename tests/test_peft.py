@@ -168,7 +168,8 @@ def test_expanded_decoder_starts_as_the_base_and_trains_only_the_copies():
     mult = method.unit_multipliers(scores, expanded)
     np.testing.assert_allclose(mult["^layers_1/attn/wq$"].ravel(), [2.0, 0.0])
     np.testing.assert_allclose(mult["^layers_1/attn/wo$"].ravel(), [2.0, 0.0])
-    np.testing.assert_allclose(mult["^layers_1/mlp/down$"].ravel(), 2 * (3 - np.linspace(1, 2, 16)) / 2)
+    np.testing.assert_allclose(mult["^layers_1/mlp/down$"].ravel(),
+                               2 * (3 - np.linspace(1, 2, 16)) / 2)
     tx = peft.peft_optimizer(optax.chain(optax.sgd(1.0), optim.scale_by_multipliers(
         method.initial_multipliers(expanded, copies))), method.copy_patterns(copies))
     state = optim.set_multipliers(tx.init(expanded), mult)  # shapes fit the state

@@ -75,19 +75,18 @@ def specialize(config, data, model, base, seed) -> dict:
     patterns = method.copy_patterns(copies)
     part = peft.trainable_part(expanded, patterns)
     grad_fn = jax.jit(jax.grad(big_loss))
-    imp_batches = [domain.rows(data.general_train, t.batch_size, k) for k in range(t.n_importance)]
+    imp_batches = [domain.rows(data.general_train, t.batch_size, k)
+                   for k in range(t.n_importance)]
     # one optimizer (so one compiled step) for both: the plain run keeps multipliers at 1
     tx = peft.peft_optimizer(optax.chain(
         optax.scale_by_adam(), optax.scale_by_learning_rate(t.learning_rate),
         optim.scale_by_multipliers(method.initial_multipliers(expanded, copies))), patterns)
+
+    def every(step, params, state):  # stage 2: unit LRs from importance on general data
+        scores = method.unit_importance(grad_fn, params, copies, imp_batches)
+        return optim.set_multipliers(state, method.unit_multipliers(scores, params))
+
     for name, decoupled in (("expand", False), ("adept", True)):
-        unit_imp = []
-
-        def every(step, params, state, unit_imp=unit_imp):
-            scores = method.unit_importance(grad_fn, params, copies, imp_batches)
-            unit_imp.append({k: v.tolist() for k, v in scores.items()})
-            return optim.set_multipliers(state, method.unit_multipliers(scores, params))
-
         tuned, _, sec = domain.tune(big_loss, expanded, tx, it(), t.steps,
                                     every if decoupled else None, t.importance_every)
         out[name] = {**domain.evaluate(big_apply, tuned, data), "seconds": sec,

@@ -61,6 +61,7 @@ def lines(config, results: dict, timings: dict) -> list[str]:
     ]
     ab = sm["ablation"]
     per = results["per_seed"][0]
+    after = per["adept"]["ablation_after"]
     out = [
         "# ADEPT at small scale", "",
         f"Seeds {results['seeds']}; decoder {config.model.to_dict()}; general tasks "
@@ -78,7 +79,7 @@ def lines(config, results: dict, timings: dict) -> list[str]:
         f"{pm(ab['domain_after'], '+.3f')} on the domain and "
         f"{pm(ab['general_after'], '+.3f')} on general data.",
         f"- Per copy, seed {results['seeds'][0]} (domain, general Δloss): "
-        f"{list(zip(np.round(per['adept']['ablation_after']['domain'], 3).tolist(), np.round(per['adept']['ablation_after']['general'], 3).tolist()))}.",
+        f"{list(zip(*(np.round(after[k], 3).tolist() for k in ('domain', 'general'))))}.",
         f"- Full CPT, each layer reverted to the base weights (domain Δloss, seed "
         f"{results['seeds'][0]}): {np.round(per['full']['revert_domain'], 3).tolist()}.",
         "", "## What is simplified", "",

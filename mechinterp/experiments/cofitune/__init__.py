@@ -122,7 +122,8 @@ def run_seed(config, data, val, seed: int) -> dict:
             grid.append({"layers": [lo, min(hi, n_layers)], "module": module,
                          "val_domain": v["domain"]["exact"], "val_general": v["general"]["exact"]})
     best = max(grid, key=lambda g: g["val_domain"] + g["val_general"])
-    general_rows = [domain.rows(data.general_train, t.batch_size, k) for k in range(t.n_importance)]
+    general_rows = [domain.rows(data.general_train, t.batch_size, k)
+                    for k in range(t.n_importance)]
     soft = unit_importance(apply, base, general_rows, t.dropout, jax.random.key(seed))
     runs = {"full": gradient_masks(base, (0, n_layers), "both"),
             "coarse": gradient_masks(base, tuple(best["layers"]), best["module"]),
