@@ -20,6 +20,7 @@ import optax
 from mechinterp.experiments import kit
 from mechinterp.experiments.adept import method, report
 from mechinterp.experiments.kit import domain, lm
+from mechinterp.experiments.kit.classifier import FAST_COMPILE
 from mechinterp.train import optim, peft
 
 # LoRA targets of the scanned decoder: (batch_dims, in_dims) of each kernel.
@@ -32,7 +33,8 @@ def _apply(model):
 
 def pretrain(config, data, seed):
     model = lm.decoder(config.model.to_dict(), "llama", data.vocab_size)
-    params = model.init(jax.random.key(seed), jnp.asarray(data.general_train.tokens[:2]))
+    params = jax.jit(model.init, compiler_options=FAST_COMPILE)(  # eager init compiles per op
+        jax.random.key(seed), jnp.asarray(data.general_train.tokens[:2]))
     params = jax.tree.map(jnp.asarray, nn.meta.unbox(params["params"]))
     p = config.pretrain
     tx = optax.adamw(optim.lr_schedule("cosine", p.learning_rate, warmup_steps=p.warmup_steps,

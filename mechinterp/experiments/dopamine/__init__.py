@@ -23,6 +23,7 @@ from sklearn.datasets import load_digits
 
 from mechinterp.experiments import kit
 from mechinterp.experiments.kit import domain
+from mechinterp.experiments.kit.classifier import FAST_COMPILE
 from mechinterp.train import peft
 from mechinterp.train.digits import MAX_PIXEL, rotate_image, split_indices
 
@@ -81,7 +82,8 @@ def run_seed(config, data, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     half = rng.random(len(train)) < 0.5  # the 50/50 upright / rotated pretraining mix
     x_mix = np.where(half[:, None], rot[train], up[train])
-    params = model.init(jax.random.key(seed), x_mix[:1])["params"]
+    params = jax.jit(model.init, compiler_options=FAST_COMPILE)(jax.random.key(seed),
+                                                              x_mix[:1])["params"]
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
     loss = lambda p, b: _ce(apply(p, b["x"]), b["y"])  # noqa: E731
     base, _, _ = domain.tune(loss, params, optax.adam(t.learning_rate),
