@@ -65,8 +65,8 @@ def get_config(arg=None):
     c.data.num_generic_train = 4096
     c.data.num_test = 256  # per evaluation set
 
-    c.teacher = _stage(_model(96, 3, 4, 256), _train(2000, 64, 3e-3, 50))
-    c.base = _stage(_model(48, 2, 4, 128), _train(1500, 64, 1e-2, 50))
-    c.student = _stage(None, _train(1500, 64, 3e-3, 50))  # fine-tunes base: base's model
+    c.teacher = _stage(_model(64, 3, 4, 192), _train(1000, 64, 5e-3, 50))
+    c.base = _stage(_model(48, 2, 4, 128), _train(800, 64, 1e-2, 50))
+    c.student = _stage(None, _train(800, 64, 5e-3, 50))  # fine-tunes base: base's model
     c.alpha = 0.5  # weight of the per-token KL in the CoT+KL student's loss
     return kit.with_preset(c, PRESETS, arg)
