@@ -58,3 +58,16 @@ def test_rejects_bad_sizes():
     with pytest.raises(ValueError, match="d_in=4"):
         PyramidDense(3, 2, n_tasks=1).init(jax.random.key(0), jnp.ones((1, 4)),
                                            jnp.zeros(1, int))
+
+
+def test_smoke_run_merges_exactly_and_counts_parameters(smoke_run):
+    import json
+    results = json.loads((smoke_run("expert_pyramid") / "results.json").read_text())
+    row = results["per_seed"][0]
+    for method in ("base", "full", "lora", "pyramid"):
+        assert 0.0 <= row[method]["tasks_acc"] <= 1.0
+    assert row["pyramid"]["merged_tasks_acc"] == row["pyramid"]["tasks_acc"]
+    # matched budgets: the single LoRA has the pyramid's total rank, fewer than full's
+    assert row["lora"]["trainable"] < row["full"]["trainable"]
+    gates = np.asarray(row["pyramid"]["router_gates"])  # layer x task x expert
+    assert gates.shape == (2, 4, 3) and np.allclose(gates.sum(-1), 1.0, atol=2e-3)
