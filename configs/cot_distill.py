@@ -54,19 +54,19 @@ def get_config(arg=None):
     c.seeds = 3  # base + three specialized students per training seed
 
     c.data = ml_collections.ConfigDict()
-    c.data.n_terms = 4  # operands: n_terms - 1 steps
+    c.data.n_terms = 3  # operands: n_terms - 1 steps
     c.data.max_value = 9
     c.data.n_entities = 16  # generic tasks: fact recall over a knowledge table ...
     c.data.n_relations = 2
     c.data.n_symbols = 12  # ... and in-context chains
     c.data.chain_length = 3
-    c.data.seq_len = 24
+    c.data.seq_len = 20
     c.data.num_train = 4096  # arithmetic examples (each format)
     c.data.num_generic_train = 4096
     c.data.num_test = 256  # per evaluation set
 
-    c.teacher = _stage(_model(64, 3, 4, 192), _train(1000, 64, 5e-3, 50))
-    c.base = _stage(_model(48, 2, 4, 128), _train(800, 64, 1e-2, 50))
-    c.student = _stage(None, _train(800, 64, 5e-3, 50))  # fine-tunes base: base's model
+    c.teacher = _stage(_model(64, 2, 4, 128), _train(600, 32, 5e-3, 30))
+    c.base = _stage(_model(32, 2, 4, 64), _train(600, 32, 1e-2, 30))
+    c.student = _stage(None, _train(600, 32, 5e-3, 30))  # fine-tunes base: base's model
     c.alpha = 0.5  # weight of the per-token KL in the CoT+KL student's loss
     return kit.with_preset(c, PRESETS, arg)
