@@ -38,7 +38,8 @@ HEADS = ("ode", "direct")
 class ForecasterConfig:
     """Backbone sizes. ``n_experts=0``: dense SwiGLU of width ``d_ff``; otherwise ``top_k``
     of ``n_experts`` SwiGLU experts of width ``d_expert`` (equal active parameters when
-    ``top_k * d_expert == d_ff``), a shared expert of width ``d_shared`` (0: none)."""
+    ``top_k * d_expert == d_ff``), a shared expert of width ``d_shared`` (0: none);
+    ``norm_topk``: the selected probabilities renormalised (softmax over the selected)."""
 
     d_model: int = 32
     n_layers: int = 2
@@ -50,6 +51,7 @@ class ForecasterConfig:
     d_shared: int = 0
     shared_gated: bool = False
     router: str = "softmax"
+    norm_topk: bool = False
     aux_loss_coef: float = 0.0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
@@ -100,7 +102,8 @@ class ForecastBlock(nn.Module):
         h = site(self, "ffn_in", RMSNorm(c.norm_eps, name="ffn_norm")(x))
         if c.n_experts:
             m = site(self, "moe_out", MoE(
-                c.n_experts, c.top_k, c.d_expert, router=c.router, d_shared=c.d_shared,
+                c.n_experts, c.top_k, c.d_expert, router=c.router, norm_topk_prob=c.norm_topk,
+                d_shared=c.d_shared,
                 shared_expert_gated=c.shared_gated, aux_loss_coef=c.aux_loss_coef,
                 centroids=self.centroids, name="moe")(h))
         else:
