@@ -15,10 +15,14 @@ from mechinterp.experiments import kit
 
 PRESETS = {
     "default": {},
-    "smoke": {"seeds": 1, "train.steps": 4, "train.batch_size": 8, "data.n_synthetic": 8,
+    "smoke": {"seeds": 1, "train.fast_compile": True,
+              "train.steps": 4, "train.batch_size": 8, "data.n_synthetic": 8,
               "data.n_test": 4, "data.n_test_real": 2, "data.real_repeat": 1,
               "data.real_series": ("nile",), "model.d_model": 8, "model.n_heads": 2,
-              "model.d_expert": 8, "model.ode_hidden": 8, "model.ode_steps": 2},
+              "model.d_expert": 8, "model.ode_hidden": 8, "model.ode_steps": 2,
+              # two of the three variants: each compiles its own training step
+              "variants": {"CT-RoPE + ODE": ("continuous", "ode"),
+                           "CT-RoPE + direct": ("continuous", "direct")}},
 }
 
 
@@ -58,4 +62,5 @@ def get_config(arg=None):
     c.train.steps = 1000
     c.train.batch_size = 64
     c.train.learning_rate = 3e-3
+    c.train.fast_compile = False   # True: XLA's unoptimised compile (smoke runs)
     return kit.with_preset(c, PRESETS, arg)

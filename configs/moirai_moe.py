@@ -15,7 +15,8 @@ from mechinterp.experiments import kit
 
 PRESETS = {
     "default": {},
-    "smoke": {"seeds": 1, "train.steps": 6, "train.batch_size": 16, "data.n_synthetic": 8,
+    "smoke": {"seeds": 1, "train.fast_compile": True,
+              "train.steps": 6, "train.batch_size": 16, "data.n_synthetic": 8,
               "data.n_test": 6, "data.n_test_real": 2, "data.real_repeat": 1,
               "data.real_series": ("nile", "sunspots"),
               "model.d_model": 8, "model.n_heads": 2, "model.d_ff": 8, "model.n_experts": 4,
@@ -48,6 +49,7 @@ def get_config(arg=None):
     c.train.steps = 1500
     c.train.batch_size = 64
     c.train.learning_rate = 3e-3
+    c.train.fast_compile = False   # True: XLA's unoptimised compile (smoke runs)
 
     c.analysis = ml_collections.ConfigDict()
     c.analysis.kmeans_windows = 512

@@ -30,10 +30,12 @@ def point_loss(pred, target, kind: str, delta: float = 1.0):
 
 
 class Regressor:
-    """See the module docstring; ``warmup``: linear warm-up steps of a cosine schedule."""
+    """See the module docstring; ``warmup``: linear warm-up steps of a cosine schedule;
+    ``fast_compile``: XLA's unoptimised CPU compile (for runs of a few steps)."""
 
     def __init__(self, model, *, inputs: Sequence[str], target: str, steps: int,
-                 batch_size: int, learning_rate: float, loss: str = "mse", warmup: int = 50):
+                 batch_size: int, learning_rate: float, loss: str = "mse", warmup: int = 50,
+                 fast_compile: bool = False):
         if loss not in LOSSES:
             raise ValueError(f"loss={loss!r} is not supported; supported: {LOSSES}")
         self.model, self.inputs, self.target = model, tuple(inputs), target
@@ -55,8 +57,10 @@ class Regressor:
             updates, opt_state = self.tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, fit
 
-        self._step = jax.jit(step)
-        self._predict = jax.jit(lambda p, *xs: model.apply({"params": p}, *xs))
+        options = FAST_COMPILE if fast_compile else None
+        self._step = jax.jit(step, compiler_options=options)
+        self._predict = jax.jit(lambda p, *xs: model.apply({"params": p}, *xs),
+                                compiler_options=options)
         self._init = jax.jit(model.init, compiler_options=FAST_COMPILE)
 
     def init(self, seed: int, data: dict):

@@ -104,7 +104,8 @@ def train_variant(config, data, variant, seed) -> dict:
     model = make_model(config, variant)
     t = config.train
     reg = Regressor(model, inputs=INPUTS, target="targets", steps=t.steps,
-                    batch_size=t.batch_size, learning_rate=t.learning_rate, loss="huber")
+                    batch_size=t.batch_size, learning_rate=t.learning_rate, loss="huber",
+                    fast_compile=t.fast_compile)
     params, losses = reg.fit(reg.init(seed, data["train"]), data["train"], seed)
     out = {}
     for split in ("test", "beyond"):

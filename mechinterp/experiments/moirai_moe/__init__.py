@@ -109,7 +109,8 @@ def errors_by_source(pred, arrays, slices) -> dict:
 def train(config, model, data, seed):
     t = config.train
     reg = Regressor(model, inputs=("inputs",), target="next", steps=t.steps,
-                    batch_size=t.batch_size, learning_rate=t.learning_rate, loss="mse")
+                    batch_size=t.batch_size, learning_rate=t.learning_rate, loss="mse",
+                    fast_compile=t.fast_compile)
     params, losses = reg.fit(reg.init(seed, data["train"]), data["train"], seed)
     arrays, slices = stacked(data["test"])
     errors = errors_by_source(reg.predict(params, arrays, batch=len(arrays["next"])), arrays,

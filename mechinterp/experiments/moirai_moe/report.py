@@ -38,8 +38,9 @@ def claims(results: dict) -> list[kit.Claim]:
         within = _per_seed(per_seed, lambda s, k=key: s["specialization"][k]["within"])
         out.append(kit.Claim(
             f"experts specialise at the token level: usage differs by {what}",
-            f"TV distance of expert usage between groups {kit.pm(kit.aggregate(list(between)), '.3f')}"
-            f", between halves of one source (control) {kit.pm(kit.aggregate(list(within)), '.3f')}",
+            f"TV distance of expert usage between groups "
+            f"{kit.pm(kit.aggregate(list(between)), '.3f')}, between halves of one source "
+            f"(control) {kit.pm(kit.aggregate(list(within)), '.3f')}",
             bool(np.all(between > within)),
             f"between > control in {int(np.sum(between > within))} of {n} seeds"))
     spec = _per_seed(per_seed, lambda s: np.mean([s["ablation"][r]["specificity"]
