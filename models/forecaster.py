@@ -21,6 +21,7 @@ import diffrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mechinterp.family import LayerStructure, SublayerSites
 from mechinterp.sites import SiteSpec, site
@@ -124,7 +125,7 @@ class _Backbone(nn.Module):
         rope = rope_angles(positions, inv_freq, x.dtype)
         mask = causal_mask(observed)
         for i in range(c.n_layers):
-            cent = None if self.centroids is None else self.centroids[i]
+            cent = None if self.centroids is None else np.asarray(self.centroids[i])
             x = ForecastBlock(c, cent, name=f"layers_{i}")(x, rope, mask)
         return site(self, "final_norm", RMSNorm(c.norm_eps, name="norm")(x))
 

@@ -183,3 +183,16 @@ def test_mira_smoke_run_reports_each_variant(smoke_run):
         for layers in run["usage"].values():
             np.testing.assert_allclose(np.sum(layers, axis=-1), 1.0, atol=1e-6)
     assert "continuous-time RoPE" in (workdir / "report.md").read_text()
+
+
+@pytest.mark.parametrize("cls", [MoiraiForecaster, MiraForecaster])
+def test_site_tables_in_docs_match_declarations(cls):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "sites.md").read_text()
+    section = text.split(f"`mechinterp.models.forecaster.{cls.__name__}`", 1)[1].split(
+        "\n## ", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \| ([^|]+) \| ([^|]+) \|$", section, flags=re.M)
+    assert {n: (a.strip(), m.strip()) for n, a, m in rows} == {
+        n: (", ".join(s.axes), s.meaning) for n, s in cls.SITES.items()}
