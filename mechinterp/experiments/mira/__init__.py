@@ -100,12 +100,16 @@ def usage_by_regime(model, params, stacked) -> dict:
     return out
 
 
-def train_variant(config, data, variant, seed) -> dict:
-    model = make_model(config, variant)
+def regressor(config, variant) -> Regressor:
+    """One compiled trainer per variant, shared by its seeds."""
     t = config.train
-    reg = Regressor(model, inputs=INPUTS, target="targets", steps=t.steps,
-                    batch_size=t.batch_size, learning_rate=t.learning_rate, loss="huber",
-                    fast_compile=t.fast_compile)
+    return Regressor(make_model(config, variant), inputs=INPUTS, target="targets",
+                     steps=t.steps, batch_size=t.batch_size, learning_rate=t.learning_rate,
+                     loss="huber", fast_compile=t.fast_compile)
+
+
+def train_variant(reg, data, seed) -> dict:
+    model = reg.model
     params, losses = reg.fit(reg.init(seed, data["train"]), data["train"], seed)
     out = {}
     for split in ("test", "beyond"):
@@ -126,10 +130,10 @@ def run(config, workdir):
             data = make_data(config)
         per_variant = {}
         for variant in config.variants:
-            runs = []
+            runs, reg = [], regressor(config, variant)
             for seed in kit.train_seeds(config):
                 with r.phase(f"train/{variant}"):
-                    runs.append(train_variant(config, data, variant, seed))
+                    runs.append(train_variant(reg, data, seed))
             per_variant[variant] = {"per_seed": runs, "summary": kit.aggregate(
                 [{k: v for k, v in x.items() if k != "usage"} for x in runs])}
         results = {"variants": per_variant, "sources": list(data["test"][1]),

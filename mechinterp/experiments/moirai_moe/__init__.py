@@ -106,11 +106,14 @@ def errors_by_source(pred, arrays, slices) -> dict:
     return {s: mae_last(pred[sl], {"next": arrays["next"][sl]}) for s, sl in slices.items()}
 
 
-def train(config, model, data, seed):
+def regressor(config, model) -> Regressor:
     t = config.train
-    reg = Regressor(model, inputs=("inputs",), target="next", steps=t.steps,
-                    batch_size=t.batch_size, learning_rate=t.learning_rate, loss="mse",
-                    fast_compile=t.fast_compile)
+    return Regressor(model, inputs=("inputs",), target="next", steps=t.steps,
+                     batch_size=t.batch_size, learning_rate=t.learning_rate, loss="mse",
+                     fast_compile=t.fast_compile)
+
+
+def train(reg, data, seed):
     params, losses = reg.fit(reg.init(seed, data["train"]), data["train"], seed)
     arrays, slices = stacked(data["test"])
     errors = errors_by_source(reg.predict(params, arrays, batch=len(arrays["next"])), arrays,
@@ -181,11 +184,13 @@ def real_baselines(data) -> dict:
     return out
 
 
-def analyse_seed(config, data, seed, r) -> dict:
+def analyse_seed(config, data, seed, r, dense_reg) -> dict:
+    """One seed: the dense model (``dense_reg``, compiled once for all seeds), its
+    centroids, the MoE model (compiled per seed: its centroids are constants)."""
     k_experts = config.model.n_experts
+    dense = dense_reg.model
     with r.phase("train/dense"):
-        dense = MoiraiForecaster(model_config(config, False), patch=config.data.patch)
-        _, dparams, dlosses, derr = train(config, dense, data, seed)
+        _, dparams, dlosses, derr = train(dense_reg, data, seed)
     with r.phase("centroids"):
         sample = data["train"]["inputs"][np.random.default_rng(seed).permutation(
             len(data["train"]["inputs"]))[:config.analysis.kmeans_windows]]
@@ -193,7 +198,7 @@ def analyse_seed(config, data, seed, r) -> dict:
     with r.phase("train/moe"):
         moe = MoiraiForecaster(model_config(config, True), patch=config.data.patch,
                                centroids=cents)
-        reg, mparams, mlosses, merr = train(config, moe, data, seed)
+        reg, mparams, mlosses, merr = train(regressor(config, moe), data, seed)
     with r.phase("experts"):
         usage = usage_by_source(moe, mparams, data["test"])
         real = tuple(data["seasons"])
@@ -216,7 +221,10 @@ def run(config, workdir):
             data = make_data(config)
         with r.phase("baselines"):
             base = real_baselines(data)
-        per_seed = [analyse_seed(config, data, seed, r) for seed in kit.train_seeds(config)]
+        dense = regressor(config, MoiraiForecaster(model_config(config, False),
+                                                   patch=config.data.patch))
+        per_seed = [analyse_seed(config, data, seed, r, dense)
+                    for seed in kit.train_seeds(config)]
         results = {"per_seed": per_seed, "summary": kit.aggregate(
             [{k: v for k, v in s.items() if k != "usage"} for s in per_seed]),
             "baselines": base, "sources": list(data["test"]),
