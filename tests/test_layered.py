@@ -137,3 +137,24 @@ def test_regions_adherence_and_coherence():
     assert metrics.recomposition_error(s["background"], s["foregrounds"], s["inputs"]) < 1e-10
     off = metrics.layer_coherence(s["background"], s["foregrounds"][0], s["background"])
     assert off["inside"] > 1e-3 and off["outside"] < 0.05 ** 2
+
+
+def test_palette_scenes_have_distinct_colours_and_transparent_absent_layers():
+    palette = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+    counts = set()
+    for seed in range(12):
+        s = ls.scene(8, np.random.default_rng(seed), n_foregrounds=2, min_foregrounds=0,
+                     palette=palette, plain=True, reflection=False)
+        present = s["labels"] >= 0
+        counts.add(int(present.sum()))
+        assert (s["colours"] >= 0).tolist() == present.tolist()
+        assert len(set(s["colours"][present])) == present.sum()
+        assert (s["foregrounds"][~present] == 0).all()
+        for k in np.flatnonzero(present):  # the object's pixels carry its palette colour
+            on = s["masks"][k] > 0.99
+            np.testing.assert_allclose(s["foregrounds"][k][on][:, :3],
+                                       np.broadcast_to(palette[s["colours"][k]], (on.sum(), 3)))
+        assert np.ptp(s["background"]) == 0
+    assert counts == {0, 1, 2}
+    with pytest.raises(ValueError, match="palette of 1 colours"):
+        ls.build_scenes(data_dir="unused", n_foregrounds=2, palette=palette[:1])

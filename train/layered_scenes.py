@@ -102,16 +102,17 @@ def background(size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def foreground(size: int, rng: np.random.Generator, *, shape: int, shadow: bool,
-               reflection: bool) -> tuple[np.ndarray, np.ndarray]:
+               reflection: bool, colour=None) -> tuple[np.ndarray, np.ndarray]:
     """``(layer, object_alpha)``: one RGBA foreground (size, size, 4), the object over its
     soft shadow (down-right, blurred, black at 0.5 opacity) and its reflection (the object
-    mirrored below itself, fading), and the object's own coverage (size, size)."""
+    mirrored below itself, fading), and the object's own coverage (size, size). ``colour``
+    (RGB) defaults to a random saturated one."""
     r = rng.uniform(0.25, 0.4)
     cy, cx = rng.uniform(-0.45, 0.25), rng.uniform(-0.5, 0.5)
     name = OBJECT_SHAPES[shape]
     obj_a = shape_alpha(name, size, cy, cx, r)
-    layer = np.concatenate([np.broadcast_to(_colour(rng), obj_a.shape + (3,)), obj_a[..., None]],
-                           -1)
+    colour = _colour(rng) if colour is None else np.asarray(colour, np.float64)
+    layer = np.concatenate([np.broadcast_to(colour, obj_a.shape + (3,)), obj_a[..., None]], -1)
     below = np.zeros(obj_a.shape + (4,))
     if reflection:
         y, _ = _grid(size)
@@ -126,18 +127,32 @@ def foreground(size: int, rng: np.random.Generator, *, shape: int, shadow: bool,
 
 
 def scene(size: int, rng: np.random.Generator, *, n_foregrounds: int = 1, shadow: bool = True,
-          reflection: bool = True) -> dict:
+          reflection: bool = True, min_foregrounds: int | None = None, palette=(),
+          plain: bool = False) -> dict:
     """One scene as float32 arrays: ``inputs`` (the composite), ``background``,
     ``foregrounds`` (K, size, size, 4) bottom to top, ``masks`` (K, size, size: each object's
-    own coverage) and ``labels`` (K: shape ids in :data:`OBJECT_SHAPES`)."""
-    bg = background(size, rng)
-    labels = rng.integers(len(OBJECT_SHAPES), size=n_foregrounds)
-    fgs, masks = zip(*[foreground(size, rng, shape=int(s), shadow=shadow, reflection=reflection)
-                       for s in labels])
-    fgs = np.stack(fgs)
+    own coverage), ``labels`` (K: shape ids in :data:`OBJECT_SHAPES`) and ``colours`` (K:
+    indices into ``palette``, distinct; -1 without a palette). With ``min_foregrounds`` the
+    scene has between that many and K objects; absent ones (the last layers) are fully
+    transparent with label and colour -1. ``plain``: a uniform grey background."""
+    n = n_foregrounds if min_foregrounds is None else int(
+        rng.integers(min_foregrounds, n_foregrounds + 1))
+    bg = np.full((size, size, 3), rng.uniform(0.1, 0.3)) if plain else background(size, rng)
+    labels = np.full(n_foregrounds, -1)
+    colours = np.full(n_foregrounds, -1)
+    labels[:n] = rng.integers(len(OBJECT_SHAPES), size=n)
+    if palette:
+        colours[:n] = rng.permutation(len(palette))[:n]
+    fgs = np.zeros((n_foregrounds, size, size, 4))
+    masks = np.zeros((n_foregrounds, size, size))
+    for k in range(n):
+        fgs[k], masks[k] = foreground(size, rng, shape=int(labels[k]), shadow=shadow,
+                                      reflection=reflection,
+                                      colour=palette[colours[k]] if palette else None)
     return {"inputs": composite(bg, fgs).astype(np.float32),
             "background": bg.astype(np.float32), "foregrounds": fgs.astype(np.float32),
-            "masks": np.stack(masks).astype(np.float32), "labels": labels.astype(np.int32)}
+            "masks": masks.astype(np.float32), "labels": labels.astype(np.int32),
+            "colours": colours.astype(np.int32)}
 
 
 def illustration(size: int, rng: np.random.Generator, *, shuffle: bool = True) -> dict:
@@ -176,6 +191,9 @@ class LayeredConfig(tfds.core.BuilderConfig):
     n_foregrounds: int = 1
     shadow: bool = True
     reflection: bool = True
+    min_foregrounds: int | None = None
+    palette: tuple = ()
+    plain: bool = False
     shuffle: bool = True
 
 
@@ -194,7 +212,8 @@ class Layered(tfds.core.GeneratorBasedBuilder):
             features = {"inputs": image, "background": image,
                         "foregrounds": tfds.features.Tensor(shape=(k, s, s, 4), dtype=np.float32),
                         "masks": tfds.features.Tensor(shape=(k, s, s), dtype=np.float32),
-                        "labels": tfds.features.Tensor(shape=(k,), dtype=np.int32)}
+                        "labels": tfds.features.Tensor(shape=(k,), dtype=np.int32),
+                        "colours": tfds.features.Tensor(shape=(k,), dtype=np.int32)}
         else:
             features = {"inputs": image,
                         "layers": tfds.features.Tensor(shape=(4, s, s, 4), dtype=np.float32),
@@ -214,7 +233,8 @@ class Layered(tfds.core.GeneratorBasedBuilder):
         for k in range(n):
             if c.kind == "scenes":
                 yield k, scene(c.size, rng, n_foregrounds=c.n_foregrounds, shadow=c.shadow,
-                               reflection=c.reflection)
+                               reflection=c.reflection, min_foregrounds=c.min_foregrounds,
+                               palette=c.palette, plain=c.plain)
             else:
                 yield k, illustration(c.size, rng, shuffle=c.shuffle)
 
@@ -230,10 +250,17 @@ def _build(data_dir, **settings) -> Layered:
 
 def build_scenes(*, data_dir: str | Path, size: int = 16, n_train: int = 256, n_test: int = 64,
                  n_foregrounds: int = 1, shadow: bool = True, reflection: bool = True,
+                 min_foregrounds: int | None = None, palette=(), plain: bool = False,
                  seed: int = 0) -> Layered:
-    """Generate (once) and return the layered-scenes builder for these settings."""
+    """Generate (once) and return the layered-scenes builder for these settings (options
+    as in :func:`scene`)."""
+    palette = tuple(tuple(float(v) for v in c) for c in palette)
+    if palette and len(palette) < n_foregrounds:
+        raise ValueError(f"a palette of {len(palette)} colours cannot colour "
+                         f"{n_foregrounds} foregrounds distinctly; give at least that many")
     return _build(data_dir, kind="scenes", size=size, n_train=n_train, n_test=n_test,
-                  n_foregrounds=n_foregrounds, shadow=shadow, reflection=reflection, seed=seed)
+                  n_foregrounds=n_foregrounds, shadow=shadow, reflection=reflection,
+                  min_foregrounds=min_foregrounds, palette=palette, plain=plain, seed=seed)
 
 
 def build_illustrations(*, data_dir: str | Path, size: int = 16, n_train: int = 256,
