@@ -126,10 +126,17 @@ def test_regions_adherence_and_coherence():
     visible = metrics.visible_regions(regions)
     assert visible[1].sum() == 8 and visible[0].sum() == 8 and not visible[0, :, 2].any()
     assigned = np.full((4, 4), -1)
-    assigned[:, :2], assigned[:, 2:] = 0, 1
-    assert metrics.region_adherence(assigned, visible) == 1.0
-    assigned[:, 3] = 0  # half of region 1 taken by instance 0
-    assert metrics.region_adherence(assigned, visible) == pytest.approx(0.75)
+    assigned[:, :2], assigned[:, 2:] = 0, 1  # instance 1 shows in the overlap: right order
+    assert metrics.region_adherence(assigned, regions) == 1.0
+    assert metrics.occlusion_order_accuracy(assigned, regions) == 1.0
+    assigned[:, 2] = 0  # instance 0 in the overlap: wrong order, still inside its region
+    assert metrics.region_adherence(assigned, regions) == 1.0
+    assert metrics.occlusion_order_accuracy(assigned, regions) == 0.0
+    assigned[:2, 0] = 1  # 2 of instance 1's 6 pixels outside its region
+    assert metrics.region_adherence(assigned, regions) == pytest.approx((6 / 6 + 4 / 6) / 2)
+    assigned[:] = 0  # instance 1 missing: it counts 0, and the order is wrong
+    assert metrics.region_adherence(assigned, regions) == pytest.approx(12 / 16 / 2)
+    assert metrics.occlusion_order_accuracy(assigned[None], regions[None]) == 0.0
     s = ls.scene(16, np.random.default_rng(7))
     c = metrics.layer_coherence(s["background"], s["foregrounds"][0], s["inputs"])
     assert c["recomposition"] < 1e-10  # pixels with alpha < 0.05 (> 0.95) differ by at most

@@ -4,6 +4,7 @@ Images are (..., H, W, C) in [0, 1]; RGBA layers use straight alpha (see
 :mod:`mechinterp.train.layered_scenes`). Every function averages over leading (batch) axes.
 Key names: :func:`psnr`, :func:`alpha_iou`, :func:`recomposition_error`,
 :func:`pairwise_order_accuracy`, :func:`visible_regions`, :func:`region_adherence`,
+:func:`occlusion_order_accuracy`,
 :func:`layer_coherence`.
 """
 
@@ -68,14 +69,31 @@ def visible_regions(regions) -> np.ndarray:
 
 
 def region_adherence(assigned, regions) -> float:
-    """Mean over (image, region) with a non-empty region of the fraction of its pixels
-    whose ``assigned`` instance id (..., H, W; -1 = none) is that region's index.
-    ``regions`` (..., K, H, W) are the expected owners (e.g. :func:`visible_regions`)."""
+    """Mean over (image, instance) of the fraction of the pixels ``assigned`` (..., H, W;
+    instance ids, -1 = none) to instance ``k`` that lie in its region ``regions[..., k]``
+    (..., K, H, W); an instance with no pixel counts 0 (it is missing)."""
     a, r = np.asarray(assigned), np.asarray(regions, bool)
-    k = np.arange(r.shape[-3]).reshape((r.shape[-3], 1, 1))
-    hit = ((a[..., None, :, :] == k) & r).sum((-1, -2))
-    size = r.sum((-1, -2))
-    return float(np.mean(hit[size > 0] / size[size > 0])) if (size > 0).any() else float("nan")
+    own = a[..., None, :, :] == np.arange(r.shape[-3]).reshape((-1, 1, 1))
+    total = own.sum((-1, -2))
+    inside = (own & r).sum((-1, -2))
+    return float(np.mean(np.where(total > 0, inside / np.maximum(total, 1), 0.0)))
+
+
+def occlusion_order_accuracy(assigned, regions) -> float:
+    """Fraction of overlapping region pairs (over images) where the upper region's instance
+    shows more pixels than the lower one's in their overlap; ``regions`` (..., K, H, W) are
+    listed bottom to top, ``assigned`` as in :func:`region_adherence`. Ties (e.g. neither
+    instance visible there) count as wrong. NaN without overlapping pairs."""
+    a, r = np.asarray(assigned), np.asarray(regions, bool)
+    a, r = a.reshape(-1, *a.shape[-2:]), r.reshape(-1, *r.shape[-3:])
+    right = []
+    for img, regs in zip(a, r):
+        for i in range(len(regs)):
+            for j in range(i + 1, len(regs)):
+                overlap = regs[i] & regs[j]
+                if overlap.any():
+                    right.append((img[overlap] == j).sum() > (img[overlap] == i).sum())
+    return float(np.mean(right)) if right else float("nan")
 
 
 def layer_coherence(background, foreground, image, low: float = 0.05,
