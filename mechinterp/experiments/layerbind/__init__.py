@@ -13,16 +13,13 @@ adherence and occlusion-order accuracy are :mod:`mechinterp.experiments.layered.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mechinterp.experiments import kit
-from mechinterp.experiments.kit.classifier import FAST_COMPILE
 from mechinterp.experiments.layerbind import binding, report
-from mechinterp.experiments.layered import metrics
-from mechinterp.models.diffusion import euler_sample, flow_loss
+from mechinterp.experiments.layered import flow, metrics
+from mechinterp.models.diffusion import euler_sample
 from mechinterp.models.dit import DiT
 from mechinterp.train.layered_scenes import OBJECT_SHAPES, arrays, build_scenes
 
@@ -47,39 +44,14 @@ def make_model(config) -> DiT:
                n_classes=0, cond_vocab=NULL + 1, n_cond=K * SLOT, freq_dim=m.freq_dim)
 
 
-def make_step(config, model):
-    """One compiled flow-matching Adam step for every seed: ``(tx, step)``."""
-    tx = optax.adam(config.train.learning_rate)
-
-    @jax.jit
-    def step(params, opt_state, key, images, cond):
-        k1, k2 = jax.random.split(key)
-        noise = jax.random.normal(k1, images.shape)
-        times = jax.random.uniform(k2, (images.shape[0],))
-        value, grads = jax.value_and_grad(
-            lambda p: flow_loss(model, p, images, noise, times, cond=cond))(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
-    return tx, step
-
-
 def train(config, model, stepper, data, seed: int):
-    """Flow matching with Adam; images scaled to [-1, 1]; slots swapped at random."""
-    t, (tx, step) = config.train, stepper
-    x = 2 * data["inputs"] - 1
-    params = jax.jit(model.init, compiler_options=FAST_COMPILE)(
-        jax.random.key(seed), x[:1], jnp.ones(1), cond=np.zeros((1, K * SLOT), np.int32))
-    params = params["params"]
-    opt_state, rng, key, losses = tx.init(params), np.random.default_rng(seed), \
-        jax.random.key(seed), []
-    for i in range(t.steps):
-        idx = rng.choice(len(x), t.batch_size)
-        cond = tokens(data["colours"][idx], data["labels"][idx], rng.random(len(idx)) < 0.5)
-        params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, i),
-                                       x[idx], cond)
-        losses.append(loss)
-    return params, np.asarray(jnp.stack(losses))
+    """Flow matching on images scaled to [-1, 1], the two slots swapped at random."""
+    def conditioning(idx, rng):
+        return {"cond": tokens(data["colours"][idx], data["labels"][idx],
+                               rng.random(len(idx)) < 0.5)}
+
+    return flow.train(model, stepper, 2 * data["inputs"] - 1, conditioning,
+                      steps=config.train.steps, batch_size=config.train.batch_size, seed=seed)
 
 
 def layouts(config) -> dict:
@@ -148,7 +120,7 @@ def run(config, workdir):
                                        reflection=False, seed=config.seed), "train")
             lay = layouts(config)
         model, runs, curves = make_model(config), [], []
-        stepper = make_step(config, model)
+        stepper = flow.make_step(model, config.train.learning_rate)
         for seed in kit.train_seeds(config):
             with r.phase("train"):
                 params, curve = train(config, model, stepper, data, seed)
