@@ -31,14 +31,14 @@ def get_config(arg=None):
 
     c.model = ml_collections.ConfigDict()
     c.model.patch_size = 2
-    c.model.d_model = 64
+    c.model.d_model = 48
     c.model.n_layers = 3
-    c.model.n_heads = 4
-    c.model.d_mlp = 128
+    c.model.n_heads = 3
+    c.model.d_mlp = 96
     c.model.freq_dim = 32
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 3000
+    c.train.steps = 2000
     c.train.batch_size = 32
     c.train.learning_rate = 1e-3
 

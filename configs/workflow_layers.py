@@ -30,15 +30,15 @@ def get_config(arg=None):
 
     c.data = ml_collections.ConfigDict()
     c.data.size = 16
-    c.data.n_train = 512
+    c.data.n_train = 256
     c.data.n_test = 128
 
     c.model = ml_collections.ConfigDict()
-    c.model.width = 32
+    c.model.width = 16
     c.model.dilations = (1, 2, 4, 1)
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 600
-    c.train.batch_size = 32
+    c.train.steps = 400
+    c.train.batch_size = 16
     c.train.learning_rate = 2e-3
     return kit.with_preset(c, PRESETS, arg)
