@@ -88,4 +88,5 @@ def test_smoke_run_scores_every_fusion_step(smoke_run):
         assert 0 <= scores["adherence"] <= 1 and 0 <= scores["both_present"] <= 1
         assert 0 <= scores["order_accuracy"] <= 1
     assert (workdir / "samples.png").stat().st_size > 1000
-    assert "fusion step" in (workdir / "report.md").read_text()
+    report = (workdir / "report.md").read_text()
+    assert "| fuse2 |" in report and "occlusion-order accuracy" in report
