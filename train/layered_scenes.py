@@ -164,9 +164,9 @@ def illustration(size: int, rng: np.random.Generator, *, shuffle: bool = True) -
     r, cy, cx = rng.uniform(0.45, 0.65), rng.uniform(-0.2, 0.2), rng.uniform(-0.2, 0.2)
     body = shape_alpha(shape, size, cy, cx, r)
     inner = shape_alpha(shape, size, cy, cx, r - 4 / size)
-    dy, dx = rng.choice([-1, 1], 2) * rng.uniform(0.2, 0.35, 2) * r
-    shade = inner * (1 - shape_alpha(shape, size, cy - dy, cx - dx, r))
-    light = shape_alpha("disk", size, cy - 0.8 * dy, cx - 0.8 * dx, 0.3 * r) * inner
+    dy, dx = rng.choice([-1, 1], 2) * rng.uniform(0.4, 0.6, 2) * r
+    shade = body * (1 - shape_alpha(shape, size, cy - dy, cx - dx, r))  # crosses the line
+    light = shape_alpha("disk", size, cy + 0.4 * dy, cx + 0.4 * dx, 0.45 * r)  # and the shade
     line = np.clip(body - inner, 0, 1)
     colours = [_colour(rng), _colour(rng, (0.3, 0.7)), _colour(rng, (0.9, 1.0)) * 0.3 + 0.7,
                _colour(rng, (0.0, 0.2))]
