@@ -1,15 +1,7 @@
 import os
 import sys
 
-# The suite is compile-bound on CPU (tiny models, many programs): compile without XLA's
-# expensive optimizations (about 30 % less CPU on the compile-heavy files; matmuls still go
-# to the same library kernels). Must be set before JAX starts a backend; subprocesses the
-# tests start inherit it. MECHINTERP_TEST_FAST_COMPILE=0 turns it off.
-_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-if os.environ.setdefault("MECHINTERP_TEST_FAST_COMPILE", "1") != "0":
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
-
-import jax  # noqa: E402
+import jax
 
 # Sharding tests run on 8 fake CPU devices; this must happen before JAX starts a backend.
 jax.config.update("jax_num_cpu_devices", 8)
