@@ -49,7 +49,7 @@ class Recurrent(nn.Module):
         cells = {"lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell}
         if self.cell not in cells:
             raise ValueError(f"unknown recurrent cell {self.cell!r}; choose one of {sorted(cells)}")
-        hidden = site(self, "rnn.hidden", nn.RNN(cells[self.cell](self.width), name="rnn")(x))
+        hidden = site(self, "rnn.hidden", nn.RNN(cells[self.cell](self.width, name="cell"))(x))
         return site(self, "features", hidden[:, -1])
 
 

@@ -38,7 +38,7 @@ def test_recurrent_matches_torch(cell):
         params["iz"]["bias"] = b_ih[1] + b_hh[1]
     model = Recurrent(cell, 6)
     init = model.init(jax.random.key(0), X)["params"]
-    params = jax.tree.map(jnp.asarray, {"rnn": {"cell": params}})
+    params = jax.tree.map(jnp.asarray, {"cell": params})
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, init)
     _, cache = mechinterp.capture(model, {"params": params}, X)
     expected = ref(torch.from_numpy(X))[0].detach().numpy()
