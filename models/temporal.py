@@ -79,7 +79,7 @@ class TempCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = site(self, "embed", nn.Dense(self.width, name="embed")(x))
+        h = site(self, "embed", nn.Dense(self.width, name="proj")(x))
         stack = nn.scan(_ConvLayer, variable_axes={"params": 0, INTERMEDIATES: 0,
                                                    INTERVENTIONS: 0},
                         split_rngs={"params": True}, length=self.n_layers)
@@ -110,7 +110,7 @@ class TemporalAttention(nn.Module):
         if self.width % self.n_heads:
             raise ValueError(f"width {self.width} must be divisible by n_heads {self.n_heads}")
         batch, time = x.shape[:2]
-        e = nn.LayerNorm(name="norm")(nn.Dense(self.width, name="embed")(x))
+        e = nn.LayerNorm(name="norm")(nn.Dense(self.width, name="proj")(x))
         e = site(self, "embed", e + positional_encoding(time, self.width))
         keys = nn.DenseGeneral((self.n_heads, self.d_key), name="key")(e)  # (b, t, h, k)
         if self.lightweight:

@@ -40,7 +40,7 @@ def test_recurrent_matches_torch(cell):
     init = model.init(jax.random.key(0), X)["params"]
     params = jax.tree.map(jnp.asarray, {"cell": params})
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, init)
-    _, cache = mechinterp.capture(model, {"params": params}, X)
+    _, cache = mechinterp.capture(model, params, X)
     expected = ref(torch.from_numpy(X))[0].detach().numpy()
     np.testing.assert_allclose(cache["rnn.hidden"], expected, atol=1e-5)
 
@@ -52,7 +52,7 @@ def test_temporal_attention_matches_float64_formula(lightweight):
     model = TemporalAttention(width=8, n_heads=2, d_key=3, lightweight=lightweight)
     variables = model.init(jax.random.key(1), X)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
-    e = X @ p["embed"]["kernel"] + p["embed"]["bias"]
+    e = X @ p["proj"]["kernel"] + p["proj"]["bias"]
     e = (e - e.mean(-1, keepdims=True)) / np.sqrt(e.var(-1, keepdims=True) + 1e-6)
     e = e * p["norm"]["scale"] + p["norm"]["bias"] + positional_encoding(7, 8)
     k = np.einsum("btd,dhk->bthk", e, p["key"]["kernel"]) + p["key"]["bias"]
@@ -64,7 +64,7 @@ def test_temporal_attention_matches_float64_formula(lightweight):
     z = (np.einsum("bht,bthd->bhd", a, e.reshape(3, 7, 2, 4)) if lightweight
          else np.einsum("bht,btd->bhd", a, e))
     out = np.maximum(z.reshape(3, -1) @ p["out"]["kernel"] + p["out"]["bias"], 0)
-    features, cache = mechinterp.capture(model, variables, X)
+    features, cache = mechinterp.capture(model, variables["params"], X)
     np.testing.assert_allclose(cache["attn.pattern"], a, atol=1e-5)
     np.testing.assert_allclose(features, out, atol=1e-5)
     assert cache["attn.z"].shape == ((3, 2, 4) if lightweight else (3, 2, 8))
@@ -84,7 +84,7 @@ def test_fusion_sites_and_predictions():
     for fusion in ("decision", "ensemble", "hybrid"):
         model = make_fusion(fusion, "ltae", 4, width=8, n_heads=2)
         variables = model.init(jax.random.key(2), *VIEWS)
-        logits, cache = mechinterp.capture(model, variables, *VIEWS)
+        logits, cache = mechinterp.capture(model, variables["params"], *VIEWS)
         heads = cache["view_logits"]
         if fusion == "hybrid":
             heads = jnp.concatenate([cache["fused_logits"][None], heads])
@@ -93,7 +93,7 @@ def test_fusion_sites_and_predictions():
         stack, weights = model.apply(variables, *VIEWS, heads=True)
         assert stack.shape[0] == len(weights) == (4 if fusion == "hybrid" else
                                                    3 if fusion == "ensemble" else 1)
-        patched = mechinterp.intervene(model, variables, *VIEWS, interventions={
+        patched = mechinterp.intervene(model, variables["params"], *VIEWS, interventions={
             "features": mechinterp.Intervention(scale=0.0, add=0.0,
                                                 mask=jnp.array([1.0, 0, 0])[:, None, None])})
         assert not np.allclose(patched, logits)
