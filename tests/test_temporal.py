@@ -74,30 +74,31 @@ VIEWS = [X, X[..., :2] * 2, X[..., 3:] - 1]
 
 
 def test_fusion_sites_and_predictions():
-    """Per-view encoder sites carry a view axis; decision/ensemble/hybrid predict the mean
-    probability of their heads; an intervention on one view's features changes the
-    prediction; ensemble's objective is one loss per view (independent models)."""
+    """Per-view encoder sites carry a view axis; hybrid predicts the mean probability of its
+    heads; an intervention on one view's features changes the prediction; the training
+    heads are one per prediction (input/feature/decision), per view (ensemble: independent
+    models) or fused + per view (hybrid)."""
     sites = mechinterp.list_sites(make_fusion("hybrid", "tempcnn", 4, width=8), *VIEWS)
     assert sites["conv.hidden"].shape == (3, 3, 3, 7, 8)  # view, layer, batch, time, hidden
     assert sites["conv.hidden"].axes == ("view", "layer", "batch", "time", "hidden")
     assert sites["fused"].shape == (3, 24) and sites["view_logits"].shape == (3, 3, 4)
-    for fusion in ("decision", "ensemble", "hybrid"):
+    model = make_fusion("hybrid", "ltae", 4, width=8, n_heads=2)
+    params = model.init(jax.random.key(2), *VIEWS)["params"]
+    logits, cache = mechinterp.capture(model, params, *VIEWS)
+    heads = jnp.concatenate([cache["fused_logits"][None], cache["view_logits"]])
+    np.testing.assert_allclose(np.exp(logits), jax.nn.softmax(heads).mean(0), atol=1e-6)
+    np.testing.assert_allclose(log_mean_prob(heads), logits, atol=1e-5)
+    patched = mechinterp.intervene(model, params, *VIEWS, interventions={
+        "features": mechinterp.Intervention(scale=0.0, add=0.0,
+                                            mask=jnp.array([1.0, 0, 0])[:, None, None])})
+    assert not np.allclose(patched, logits)
+    n_heads = {"input": 1, "feature": 1, "decision": 1, "ensemble": 3, "hybrid": 4}
+    assert set(FUSIONS) == set(n_heads)
+    for fusion, n in n_heads.items():
         model = make_fusion(fusion, "ltae", 4, width=8, n_heads=2)
-        variables = model.init(jax.random.key(2), *VIEWS)
-        logits, cache = mechinterp.capture(model, variables["params"], *VIEWS)
-        heads = cache["view_logits"]
-        if fusion == "hybrid":
-            heads = jnp.concatenate([cache["fused_logits"][None], heads])
-        np.testing.assert_allclose(np.exp(logits), jax.nn.softmax(heads).mean(0), atol=1e-6)
-        np.testing.assert_allclose(log_mean_prob(heads), logits, atol=1e-5)
-        stack, weights = model.apply(variables, *VIEWS, heads=True)
-        assert stack.shape[0] == len(weights) == (4 if fusion == "hybrid" else
-                                                   3 if fusion == "ensemble" else 1)
-        patched = mechinterp.intervene(model, variables["params"], *VIEWS, interventions={
-            "features": mechinterp.Intervention(scale=0.0, add=0.0,
-                                                mask=jnp.array([1.0, 0, 0])[:, None, None])})
-        assert not np.allclose(patched, logits)
-    assert set(FUSIONS) == {"input", "feature", "decision", "ensemble", "hybrid"}
+        stack, weights = jax.eval_shape(
+            lambda m=model: m.init_with_output(jax.random.key(0), *VIEWS, heads=True)[0])
+        assert stack.shape == (n, 3, 4) and len(weights) == n
 
 
 def test_fusion_rejects_bad_views():
