@@ -23,6 +23,7 @@ from mechinterp.sites import INTERMEDIATES, INTERVENTIONS, SiteSpec, site
 
 _SEQ = ("batch", "time", "hidden")
 _FEATURES = SiteSpec(("batch", "hidden"), "the encoder's output: one vector per series")
+_EMBED = SiteSpec(_SEQ, "input projection (TAE/L-TAE: LayerNorm'd, plus positional encoding)")
 
 
 def positional_encoding(length: int, width: int, period: float = 1000.0) -> np.ndarray:
@@ -72,7 +73,7 @@ class TempCNN(nn.Module):
     kernel: int = 5
 
     SITES: ClassVar[dict[str, SiteSpec]] = {
-        "embed": SiteSpec(_SEQ, "pointwise projection of the inputs"),
+        "embed": _EMBED,
         "conv.hidden": SiteSpec(("layer",) + _SEQ, "ReLU(conv) of each layer"),
         "features": _FEATURES,
     }
@@ -98,7 +99,7 @@ class TemporalAttention(nn.Module):
     lightweight: bool = True
 
     SITES: ClassVar[dict[str, SiteSpec]] = {
-        "embed": SiteSpec(_SEQ, "LayerNorm(projected inputs) + positional encoding"),
+        "embed": _EMBED,
         "attn.pattern": SiteSpec(("batch", "head", "time"), "master query's attention"),
         "attn.z": SiteSpec(("batch", "head", "value"),
                            "each head's output: TAE the whole embedding, L-TAE its slice"),

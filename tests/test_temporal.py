@@ -2,6 +2,8 @@
 synthetic crop views (train/crop_views.py) and the crop_mvl smoke run."""
 
 import json
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ from mechinterp.models.fusion import FUSIONS, log_mean_prob, make_fusion
 from mechinterp.models.temporal import Recurrent, TemporalAttention, positional_encoding
 from mechinterp.train.crop_views import CLASSES, CropViews, label_budget, model_inputs
 
+DOC = Path(__file__).resolve().parents[1] / "docs" / "sites.md"
 X = np.random.default_rng(0).normal(size=(3, 7, 5)).astype(np.float32)
 
 
@@ -109,6 +112,24 @@ def test_fusion_rejects_bad_views():
         make_fusion("late", "gru", 3)
     with pytest.raises(ValueError, match="unknown temporal encoder 'tcn'"):
         make_fusion("input", "tcn", 3).init(jax.random.key(0), X)
+
+
+def test_site_tables_match_declarations():
+    from mechinterp.models.fusion import DecisionFusion, HybridFusion
+    from mechinterp.models.temporal import TempCNN
+
+    def rows(title):
+        section = DOC.read_text().split(title, 1)[1].split("\n## ", 1)[0]
+        found = re.findall(r"^\| `([^`]+)` \| ([^|]+) \| ([^|]+) \|$", section, flags=re.M)
+        return {name: (axes.strip(), meaning.strip()) for name, axes, meaning in found}
+
+    def declared(*classes):
+        return {k: (", ".join(s.axes), s.meaning) for c in classes for k, s in c.SITES.items()}
+
+    encoders = declared(Recurrent, TempCNN, TemporalAttention)
+    assert rows("## Temporal encoders") == encoders
+    fusion = {k: v for k, v in declared(HybridFusion, DecisionFusion).items() if k not in encoders}
+    assert rows("## Multi-view fusion") == fusion
 
 
 def test_crop_views_clouds_budgets_and_inputs():
