@@ -15,7 +15,7 @@ from mechinterp.experiments import kit
 
 PRESETS = {
     "default": {},
-    "smoke": {"seeds": 1, "encoders": ("gru", "ltae"), "fusions": ("input", "hybrid"),
+    "smoke": {"seeds": 1, "encoders": ("tempcnn", "ltae"), "fusions": ("input", "hybrid"),
               "data.budgets": (2, 8), "data.pool": 300, "data.test": 200, "data.length": 8,
               "model.width": 8, "model.n_heads": 2, "train.steps": 20},
 }
