@@ -14,8 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mechinterp.experiments.kit.classifier import FAST_COMPILE
-
 
 def fit_runs(model, views, labels, counts, seeds, *, steps: int, batch_size: int,
              learning_rate: float):
@@ -46,12 +44,11 @@ def fit_runs(model, views, labels, counts, seeds, *, steps: int, batch_size: int
                                            jax.random.split(data_key, steps))
         return params, losses
 
-    return jax.jit(jax.vmap(one), compiler_options=FAST_COMPILE)(views, labels, jnp.asarray(counts), jnp.asarray(seeds))
+    return jax.jit(jax.vmap(one))(views, labels, jnp.asarray(counts), jnp.asarray(seeds))
 
 
 def predict_runs(model, params, views) -> np.ndarray:
     """Predicted classes ``(run, field)`` of every run's model on the shared ``views``."""
-    logits = jax.jit(jax.vmap(lambda p: model.apply({"params": p}, *views)),
-                     compiler_options=FAST_COMPILE)(params)
+    logits = jax.jit(jax.vmap(lambda p: model.apply({"params": p}, *views)))(params)
     return np.asarray(logits.argmax(-1))
 
