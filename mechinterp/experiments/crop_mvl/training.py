@@ -28,9 +28,8 @@ def fit_runs(model, views, labels, counts, seeds, *, steps: int, batch_size: int
             heads, jnp.broadcast_to(yb, heads.shape[:2]))
         return jnp.sum(jnp.asarray(weights) * ce.mean(1))
 
-    def one(views, labels, count, seed):
-        init_key, data_key = jax.random.split(jax.random.key(seed))
-        params = model.init(init_key, *[v[:1] for v in views])["params"]
+    def one(params, views, labels, count, seed):
+        data_key = jax.random.split(jax.random.key(seed))[1]
 
         def step(carry, key):
             params, opt_state = carry
@@ -44,7 +43,14 @@ def fit_runs(model, views, labels, counts, seeds, *, steps: int, batch_size: int
                                            jax.random.split(data_key, steps))
         return params, losses
 
-    return jax.jit(jax.vmap(one))(views, labels, jnp.asarray(counts), jnp.asarray(seeds))
+    # init one run at a time: the recurrent cells' orthogonal init is a QR, and a batched
+    # QR under vmap deadlocked jaxlib's CPU thread pool here (seen with gdb)
+    init = jax.jit(model.init)
+    params = [init(jax.random.split(jax.random.key(s))[0], *[v[r, :1] for v in views])["params"]
+              for r, s in enumerate(seeds)]
+    params = jax.tree.map(lambda *p: jnp.stack(p), *params)
+    return jax.jit(jax.vmap(one))(params, views, labels, jnp.asarray(counts),
+                                  jnp.asarray(seeds))
 
 
 def predict_runs(model, params, views) -> np.ndarray:
