@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from mechinterp import validate
+from mechinterp import sweep_run, validate
 from mechinterp.site_io import SiteInfo, _CallSignature, _hashable, intervene, list_sites
 from mechinterp.family import Resumable, SelectsOutputs, has, require
 from mechinterp.jaxpr_flops import matmul_flops
@@ -226,11 +226,27 @@ def _windows(cells, grid_axes, seq_len, last_first_pos, position_blocks):
 # across calls so a repeated sweep reuses its compilation. Every array is an argument.
 
 
+_CELL_CACHES: list = []  # every cell_maker's cache, for clear_caches
+
+
+def clear_caches() -> None:
+    """Drop every cached cell function and compiled sweep program (and JAX's own caches).
+    Each compiled CPU program holds memory mappings until it is freed; a long session that
+    sweeps many models or shapes (a test suite, a notebook) can otherwise reach the
+    kernel's limit on mappings, where XLA's compiler crashes."""
+    for cache in _CELL_CACHES:
+        cache.cache_clear()
+    for store in (sweep_run._VMAPPED, sweep_run._EXECUTABLES, sweep_run.OUTPUT_SHAPES):
+        store.clear()
+    jax.clear_caches()
+
+
 def cell_maker(make):
     """Cache the cell functions ``make`` builds, by its (hashable) arguments, so a repeated
     sweep gets the same function object and reuses its compilation; with an unhashable
     argument every call builds (and compiles) a new one. Every array is a cell argument."""
     cached = functools.lru_cache(maxsize=512)(make)
+    _CELL_CACHES.append(cached)
 
     @functools.wraps(make)
     def get(*key):

@@ -81,3 +81,17 @@ def smollm2_lm(smollm2_gguf):
     from mechinterp.experiments.recall_reasoning import paper
 
     return paper.load_checkpoint("smollm2")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Free compiled programs after each test file: each holds memory mappings, and the whole
+    suite in one process passed the kernel's limit (vm.max_map_count, 65530), where XLA's
+    compiler segfaulted (three files in, a process already held 11k mappings)."""
+    yield
+    import gc
+
+    from mechinterp.sweep import clear_caches
+
+    clear_caches()
+    gc.collect()
