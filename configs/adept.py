@@ -13,14 +13,12 @@ forgetting, trainable fraction, time and where the domain knowledge landed
 import ml_collections
 
 from mechinterp.experiments import kit
+from mechinterp.experiments.kit import domain
 
 PRESETS = {
     "default": {},
-    "smoke": {"seeds": 1, "data.num_train": 256, "data.num_test": 64, "model.d_model": 16,
-              "model.n_layers": 2, "model.n_heads": 2, "model.d_mlp": 16,
-              "pretrain.steps": 8, "pretrain.warmup_steps": 2, "tune.steps": 4,
-              "tune.n_expand": 1, "tune.importance_every": 2, "tune.n_importance": 1,
-              "tune.n_calib": 16, "tune.n_eval": 16},
+    "smoke": {**domain.SMOKE, "tune.steps": 4, "tune.n_expand": 1, "tune.importance_every": 2,
+              "tune.n_importance": 1, "tune.n_calib": 16, "tune.n_eval": 16},
 }
 
 
@@ -30,26 +28,7 @@ def get_config(arg=None):
     # 3 seeds measured 343 s of CPU (46 min wall with the 2 cores shared, load 13-33)
     c.seeds = 3
 
-    c.data = ml_collections.ConfigDict()
-    c.data.general = {"recall": {}, "chain": {"n_symbols": 12, "length": 3}}
-    c.data.domain = {"arith": {"n_terms": 3, "max_value": 9}}
-    c.data.knowledge = {"n_entities": 24, "n_relations": 3}
-    c.data.seq_len = 20
-    c.data.num_train = 6000
-    c.data.num_test = 600
-
-    c.model = ml_collections.ConfigDict()
-    c.model.d_model = 64
-    c.model.n_layers = 4
-    c.model.n_heads = 4
-    c.model.d_mlp = 128
-
-    c.pretrain = ml_collections.ConfigDict()
-    c.pretrain.steps = 800
-    c.pretrain.batch_size = 32
-    c.pretrain.learning_rate = 1e-2
-    c.pretrain.warmup_steps = 50
-    c.pretrain.domain_share = 0.1  # fraction of pretraining rows from the domain task
+    domain.base_config(c)  # data, model, pretrain: the shared pretrained base
 
     c.tune = ml_collections.ConfigDict()
     c.tune.steps = 300

@@ -12,14 +12,13 @@ gradients by head / neuron importance, and full fine-tuning
 import ml_collections
 
 from mechinterp.experiments import kit
+from mechinterp.experiments.kit import domain
 
 PRESETS = {
     "default": {},
-    "smoke": {"seeds": 1, "data.num_train": 256, "data.num_test": 64, "model.d_model": 16,
-              "model.n_layers": 2, "model.n_heads": 2, "model.d_mlp": 16,
-              "pretrain.steps": 8, "pretrain.warmup_steps": 2, "tune.steps": 4,
-              "tune.n_importance": 1, "tune.n_eval": 16, "coarse.n_val": 16,
-              "coarse.layer_ranges": ((0, 1), (0, 2)), "coarse.modules": ("mlp",)},
+    "smoke": {**domain.SMOKE, "tune.steps": 4, "tune.n_importance": 1, "tune.n_eval": 16,
+              "coarse.n_val": 16, "coarse.layer_ranges": ((0, 1), (0, 2)),
+              "coarse.modules": ("mlp",)},
 }
 
 
@@ -29,26 +28,7 @@ def get_config(arg=None):
     # 3 seeds measured 482 s of CPU (49 min wall with the 2 cores shared, load 13-33)
     c.seeds = 3
 
-    c.data = ml_collections.ConfigDict()
-    c.data.general = {"recall": {}, "chain": {"n_symbols": 12, "length": 3}}
-    c.data.domain = {"arith": {"n_terms": 3, "max_value": 9}}
-    c.data.knowledge = {"n_entities": 24, "n_relations": 3}
-    c.data.seq_len = 20
-    c.data.num_train = 6000
-    c.data.num_test = 600
-
-    c.model = ml_collections.ConfigDict()
-    c.model.d_model = 64
-    c.model.n_layers = 4
-    c.model.n_heads = 4
-    c.model.d_mlp = 128
-
-    c.pretrain = ml_collections.ConfigDict()
-    c.pretrain.steps = 800
-    c.pretrain.batch_size = 32
-    c.pretrain.learning_rate = 1e-2
-    c.pretrain.warmup_steps = 50
-    c.pretrain.domain_share = 0.1
+    domain.base_config(c)  # data, model, pretrain: the shared pretrained base
 
     c.coarse = ml_collections.ConfigDict()
     c.coarse.layer_ranges = ((0, 2), (2, 4), (0, 4))  # [start, stop) layer ranges

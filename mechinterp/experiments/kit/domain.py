@@ -17,6 +17,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -24,6 +25,39 @@ from mechinterp.experiments.kit import lm
 from mechinterp.experiments.kit.seeds import is_stat
 from mechinterp.train.losses import next_token_terms
 from mechinterp.train.tasks import mixture_from_config
+
+
+# the smoke-preset keys of base_config's blocks (configs add their own on top)
+SMOKE = {"seeds": 1, "data.num_train": 256, "data.num_test": 64, "model.d_model": 16,
+         "model.n_layers": 2, "model.n_heads": 2, "model.d_mlp": 16,
+         "pretrain.steps": 8, "pretrain.warmup_steps": 2}
+
+
+def base_config(c: ml_collections.ConfigDict) -> None:
+    """Set ``c.data``, ``c.model`` and ``c.pretrain`` in place: the general tasks (recall,
+    chain), the domain task (3-term arith), a 4-layer decoder and its pretraining with 10 %
+    domain rows. One base for the experiments that specialize the same pretrained decoder
+    (configs/adept.py, configs/cofitune.py), so their results stay comparable."""
+    c.data = ml_collections.ConfigDict()
+    c.data.general = {"recall": {}, "chain": {"n_symbols": 12, "length": 3}}
+    c.data.domain = {"arith": {"n_terms": 3, "max_value": 9}}
+    c.data.knowledge = {"n_entities": 24, "n_relations": 3}
+    c.data.seq_len = 20
+    c.data.num_train = 6000
+    c.data.num_test = 600
+
+    c.model = ml_collections.ConfigDict()
+    c.model.d_model = 64
+    c.model.n_layers = 4
+    c.model.n_heads = 4
+    c.model.d_mlp = 128
+
+    c.pretrain = ml_collections.ConfigDict()
+    c.pretrain.steps = 800
+    c.pretrain.batch_size = 32
+    c.pretrain.learning_rate = 1e-2
+    c.pretrain.warmup_steps = 50
+    c.pretrain.domain_share = 0.1  # fraction of pretraining rows from the domain task
 
 
 @dataclasses.dataclass
