@@ -12,6 +12,7 @@ results.json.
 import ml_collections
 
 from mechinterp.experiments import kit
+from mechinterp.experiments.layered import configs as layered
 
 PRESETS = {
     "default": {},
@@ -33,12 +34,5 @@ def get_config(arg=None):
     c.data.n_train = 256
     c.data.n_test = 128
 
-    c.model = ml_collections.ConfigDict()
-    c.model.width = 16
-    c.model.dilations = (1, 2, 4, 1)
-
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 400
-    c.train.batch_size = 16
-    c.train.learning_rate = 2e-3
+    layered.conv(c)  # model, train: the dilated-convolution trunk and its training
     return kit.with_preset(c, PRESETS, arg)

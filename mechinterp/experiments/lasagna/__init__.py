@@ -104,20 +104,13 @@ def run(config, workdir):
             cond = box_tokens(train_data["masks"][:, 0], config.model.patch_size)
         model = make_model(config)
         stepper = flow.make_step(model, config.train.learning_rate)
-        runs, curves = [], []
-        for seed in kit.train_seeds(config):
-            with r.phase("train"):
-                params, curve = flow.train(
-                    model, stepper, images, lambda idx, _: {"y": y[idx], "cond": cond[idx]},
-                    steps=config.train.steps, batch_size=config.train.batch_size, seed=seed)
-            with r.phase("sample"):
-                result, samples = analyse(config, model, params, test)
-            runs.append(result)
-            curves.append(curve)
-            if len(runs) == 1:
-                first = samples
+        runs, curves, first = flow.seed_runs(
+            r, config, lambda seed: flow.train(
+                model, stepper, images, lambda idx, _: {"y": y[idx], "cond": cond[idx]},
+                steps=config.train.steps, batch_size=config.train.batch_size, seed=seed),
+            lambda params: analyse(config, model, params, test))
         with r.phase("report"):
             results = {"per_seed": runs, "summary": kit.aggregate(runs)}
-            report.figures(r, first, np.stack(curves))
-            r.write_results(results, {"loss": np.stack(curves)})
+            report.figures(r, first, curves)
+            r.write_results(results, {"loss": curves})
             r.write_report(report.markdown(config, results, r.timings))

@@ -22,7 +22,7 @@ import optax
 from mechinterp.experiments import kit
 from mechinterp.experiments.kit.classifier import FAST_COMPILE
 from mechinterp.experiments.layer_decomp import report
-from mechinterp.experiments.layered import metrics
+from mechinterp.experiments.layered import conv, metrics
 from mechinterp.train.layered_scenes import arrays, blend, build_scenes
 
 
@@ -35,9 +35,7 @@ class Decomposer(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = nn.Conv(self.width, (3, 3), name="stem")(x)
-        for k, d in enumerate(self.dilations):
-            h = h + nn.Conv(self.width, (3, 3), kernel_dilation=d, name=f"conv{k}")(nn.gelu(h))
+        h = conv.trunk(x, self.width, self.dilations)
         out = nn.sigmoid(nn.Conv(7, (1, 1), name="head")(nn.gelu(h)))
         return out[..., :3], out[..., 3:]
 

@@ -119,19 +119,13 @@ def run(config, workdir):
                                        min_foregrounds=1, palette=PALETTE, plain=True,
                                        reflection=False, seed=config.seed), "train")
             lay = layouts(config)
-        model, runs, curves = make_model(config), [], []
+        model = make_model(config)
         stepper = flow.make_step(model, config.train.learning_rate)
-        for seed in kit.train_seeds(config):
-            with r.phase("train"):
-                params, curve = train(config, model, stepper, data, seed)
-            with r.phase("sample"):
-                result, images = analyse(config, model, params, lay)
-            runs.append(result)
-            curves.append(curve)
-            if len(runs) == 1:
-                first = images
+        runs, curves, first = flow.seed_runs(
+            r, config, lambda seed: train(config, model, stepper, data, seed),
+            lambda params: analyse(config, model, params, lay))
         with r.phase("report"):
             results = {"per_seed": runs, "summary": kit.aggregate(runs)}
-            report.figures(r, config, lay, first, np.stack(curves), results)
-            r.write_results(results, {"loss": np.stack(curves)})
+            report.figures(r, config, lay, first, curves, results)
+            r.write_results(results, {"loss": curves})
             r.write_report(report.markdown(config, results, r.timings))

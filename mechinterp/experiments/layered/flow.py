@@ -1,6 +1,6 @@
 """Flow-matching training of a small DiT for the layered reproductions: one compiled Adam
-step (:func:`make_step`) reused for every seed, and :func:`train` (random batches; the
-conditioning of each batch from a callback)."""
+step (:func:`make_step`) reused for every seed, :func:`train` (random batches; the
+conditioning of each batch from a callback) and :func:`seed_runs` (train and sample per seed)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mechinterp.experiments import kit
 from mechinterp.experiments.kit.classifier import FAST_COMPILE
 from mechinterp.models.diffusion import flow_loss
 
@@ -48,3 +49,20 @@ def train(model, stepper, images, conditioning, *, steps: int, batch_size: int, 
                                        images[idx], conditioning(idx, rng))
         losses.append(loss)
     return params, np.asarray(jnp.stack(losses))
+
+
+def seed_runs(r, config, train_seed, analyse):
+    """Per training seed: ``params, curve = train_seed(seed)`` (phase "train"), then
+    ``result, samples = analyse(params)`` (phase "sample"). Returns the per-seed results,
+    the stacked loss curves (seeds, steps) and the first seed's samples (for figures)."""
+    runs, curves, first = [], [], None
+    for seed in kit.train_seeds(config):
+        with r.phase("train"):
+            params, curve = train_seed(seed)
+        with r.phase("sample"):
+            result, samples = analyse(params)
+        runs.append(result)
+        curves.append(curve)
+        if first is None:
+            first = samples
+    return runs, np.stack(curves), first

@@ -23,7 +23,7 @@ import optax
 
 from mechinterp.experiments import kit
 from mechinterp.experiments.kit.classifier import FAST_COMPILE
-from mechinterp.experiments.layered import metrics
+from mechinterp.experiments.layered import conv, metrics
 from mechinterp.experiments.workflow_layers import report
 from mechinterp.train.layered_scenes import (ILLUSTRATION_LAYERS, ILLUSTRATION_MODES,
                                              arrays, build_illustrations, composite)
@@ -41,9 +41,7 @@ class LayerNet(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = nn.Conv(self.width, (3, 3), name="stem")(x)
-        for k, d in enumerate(self.dilations):
-            h = h + nn.Conv(self.width, (3, 3), kernel_dilation=d, name=f"conv{k}")(nn.gelu(h))
+        h = conv.trunk(x, self.width, self.dilations)
         pair_logits = nn.Dense(len(PAIRS), name="order")(nn.gelu(h).mean((-2, -3)))
         if self.embeddings:
             e = self.param("layer_embed", nn.initializers.normal(1.0), (N, self.width))
