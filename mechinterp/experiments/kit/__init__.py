@@ -6,7 +6,7 @@
   report.md), ``job`` (marks a job that writes its own config.json), ``Interrupted``.
 - training: ``train_or_reuse`` (any linen module, fingerprint-guarded), ``train_config``.
 - seeds: ``train_seeds``, ``aggregate``, ``pm`` ("0.83 ± 0.04 (3 seeds)").
-- report: ``Claim``, ``claims_table``, ``table``.
+- report: ``Claim``, ``claims_table``, ``table``, ``lower_claim`` (a below b over seeds).
 - one JSON encoder (``jsonio``), one plotting set-up (``plots.figure``).
 - ``lm``: small decoders on synthetic task mixtures (families, data, metrics).
 - ``classifier``: ``Classifier``, one compiled step for many small image classifiers.
@@ -17,6 +17,7 @@ from mechinterp.experiments.kit.jsonio import Encoder, write_json
 from mechinterp.experiments.kit.plots import figure
 from mechinterp.experiments.kit.presets import UnknownPreset, common, with_preset
 from mechinterp.experiments.kit.report import Claim, claims_table, table, timings_line
+from mechinterp.experiments.kit.report import lower_claim
 from mechinterp.experiments.kit.run import (EXIT_INTERRUPTED, Interrupted, Run,
                                             RunFolderMismatch, job)
 from mechinterp.experiments.kit.seeds import aggregate, is_stat, mean_of, pm, train_seeds
@@ -31,4 +32,5 @@ __all__ = [
     "plots", "pm", "Run", "RunFolderMismatch", "table", "timings_line", "Trained",
     "train_config", "train_or_reuse", "train_seeds", "training_note", "UnknownPreset",
     "with_preset", "write_json",
+    "lower_claim",
 ]

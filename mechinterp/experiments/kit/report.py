@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import numpy as np
+
+from mechinterp.experiments.kit.seeds import aggregate, pm
+
 
 @dataclasses.dataclass
 class Claim:
@@ -15,6 +19,17 @@ class Claim:
     ours: str
     reproduced: bool | None
     note: str = ""
+
+
+def lower_claim(claim: str, what: str, a_name: str, a, b_name: str, b,
+                extra: str = "") -> Claim:
+    """``a`` below ``b`` (per-seed values, e.g. errors): ``ours`` gives each as mean ± sd
+    (then ``extra``), the verdict compares the means, the note counts the seeds with
+    ``a < b``."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return Claim(claim, f"{what}: {a_name} {pm(aggregate(list(a)), '.3f')}, {b_name} "
+                 f"{pm(aggregate(list(b)), '.3f')}{extra}", bool(a.mean() < b.mean()),
+                 f"{a_name} lower in {int(np.sum(a < b))} of {len(a)} seeds")
 
 
 def verdict(reproduced: bool | None) -> str:

@@ -17,6 +17,7 @@ from mechinterp.experiments import kit
 from mechinterp.experiments.kit.regress import Regressor
 from mechinterp.experiments.mira import report
 from mechinterp.experiments.moirai_moe import specialization
+from mechinterp.experiments.moirai_moe.report import figure as usage_figure
 from mechinterp.models.forecaster import ForecasterConfig, MiraForecaster
 from mechinterp.site_io import capture
 from mechinterp.train import irregular
@@ -140,6 +141,6 @@ def run(config, workdir):
                    "n_train": len(data["train"]["targets"])}
         with r.phase("report"):
             first = next(iter(per_variant.values()))["per_seed"][0]["usage"]
-            report.figure(r, first)
+            usage_figure(r, first, height=3)
             r.write_results(results)
             r.write_report(report.markdown(config, results, r.timings))

@@ -1,10 +1,12 @@
-"""report.md and the expert-usage figure of the MIRA reproduction."""
+"""report.md of the MIRA reproduction (the expert-usage claim and figure are Moirai-MoE's:
+:mod:`mechinterp.experiments.moirai_moe.report`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from mechinterp.experiments import kit
+from mechinterp.experiments.moirai_moe.report import usage_claim
 
 CT, INDEX, DIRECT = "CT-RoPE + ODE", "index RoPE + ODE", "CT-RoPE + direct"
 
@@ -16,10 +18,8 @@ def _errors(results, variant, split) -> np.ndarray:
 
 
 def _compare(results, a, b, split, claim, what) -> kit.Claim:
-    ea, eb = _errors(results, a, split), _errors(results, b, split)
-    return kit.Claim(claim, f"{what}: {a} {kit.pm(kit.aggregate(list(ea)), '.3f')}, {b} "
-                     f"{kit.pm(kit.aggregate(list(eb)), '.3f')}", bool(ea.mean() < eb.mean()),
-                     f"{a} lower in {int(np.sum(ea < eb))} of {len(ea)} seeds")
+    return kit.lower_claim(claim, what, a, _errors(results, a, split), b,
+                           _errors(results, b, split))
 
 
 def claims(results: dict) -> list[kit.Claim]:
@@ -40,30 +40,13 @@ def claims(results: dict) -> list[kit.Claim]:
     spec = v[first]["per_seed"]
     between = np.array([s["specialization"]["between"] for s in spec])
     within = np.array([s["specialization"]["within"] for s in spec])
-    out.append(kit.Claim(
-        "the frequency-specific MoE routes by latent frequency regime",
-        f"{first}: TV distance of expert usage between regimes "
-        f"{kit.pm(kit.aggregate(list(between)), '.3f')}, between halves of one regime "
-        f"(control) {kit.pm(kit.aggregate(list(within)), '.3f')}",
-        bool(np.all(between > within)),
-        f"between > control in {int(np.sum(between > within))} of {len(between)} seeds"))
+    out.append(usage_claim("the frequency-specific MoE routes by latent frequency regime",
+                           between, within, "regimes", "regime", prefix=f"{first}: "))
     out.append(kit.Claim(
         "10% / 7% lower error than other foundation models (OOD / in-distribution)",
         "no medical corpus or foundation-model baselines here", None,
         "needs 454B pretraining points"))
     return out
-
-
-def figure(r, usage: dict) -> None:
-    names = list(usage)
-    arr = np.array([usage[n] for n in names])              # (regime, layer, expert)
-    with r.figure("expert_usage.png", 1, arr.shape[1], figsize=(4 * arr.shape[1], 3)) as (
-            fig, axes):
-        for layer, ax in enumerate(np.atleast_1d(axes)):
-            ax.imshow(arr[:, layer], aspect="auto", cmap="viridis")
-            ax.set_yticks(range(len(names)), names)
-            ax.set_xlabel("expert")
-            ax.set_title(f"layer {layer}: share of tokens routed")
 
 
 def markdown(config, results: dict, timings: dict) -> list[str]:
