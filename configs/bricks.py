@@ -23,9 +23,7 @@ PRESETS = {
     "default": {},
     # the CI smoke test: a few training steps, tiny model and analysis
     "smoke": {
-        "seeds": 1, "data.knowledge.n_entities": 8, "data.knowledge.n_relations": 2,
-        "data.num_train": 256, "data.num_test": 64, "model.d_model": 16, "model.n_layers": 2,
-        "model.n_heads": 2, "model.d_mlp": 16, "train.steps": 8, "train.warmup_steps": 2,
+        **kit.lm.SMOKE,
         "analysis.n_calibration": 32, "analysis.n_eval": 32, "analysis.n_partitions": 3,
         "analysis.n_random": 2,
     },
@@ -39,26 +37,10 @@ def get_config(arg=None):
     # the cores shared by 4 other jobs), well inside the ~12 min budget of a default run
     c.seeds = 3
 
-    c.data = ml_collections.ConfigDict()
-    c.data.tasks = {"recall": {}, "hop": {"hops": 2, "scratchpad": False, "holdout": 0.0},
-                    "chain": {"n_symbols": 12, "length": 3},
-                    "arith": {"n_terms": 2, "max_value": 9}}
-    c.data.knowledge = {"n_entities": 24, "n_relations": 3}
-    c.data.seq_len = 20
-    c.data.num_train = 8192
-    c.data.num_test = 512
-
-    c.model = ml_collections.ConfigDict()
-    c.model.d_model = 64
-    c.model.n_layers = 3
-    c.model.n_heads = 4
-    c.model.d_mlp = 128
-
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 1000
-    c.train.batch_size = 32
-    c.train.learning_rate = 1e-2
-    c.train.warmup_steps = 50
+    # data, model, train: the shared decoder and its task mixture
+    kit.lm.base_config(c, n_layers=3, tasks={
+        "recall": {}, "hop": {"hops": 2, "scratchpad": False, "holdout": 0.0},
+        "chain": {"n_symbols": 12, "length": 3}, "arith": {"n_terms": 2, "max_value": 9}})
 
     c.analysis = ml_collections.ConfigDict()
     c.analysis.n_calibration = 256  # training prompts for frequencies and partitions

@@ -24,9 +24,7 @@ PRESETS = {
     "default": {},
     # the CI smoke test: one seed, a 2- and a 1-layer model, a few training steps
     "smoke": {
-        "seeds": 1, "data.knowledge.n_entities": 8, "data.knowledge.n_relations": 2,
-        "data.num_train": 256, "data.num_test": 64, "model.d_model": 16, "model.n_layers": 2,
-        "model.n_heads": 2, "model.d_mlp": 16, "train.steps": 8, "train.warmup_steps": 2,
+        **kit.lm.SMOKE,
         "shallow_layers": 1, "analysis.n_eval": 24,
     },
 }
@@ -41,24 +39,9 @@ def get_config(arg=None):
     c.seeds = 3
     c.shallow_layers = 3  # the deep model has model.n_layers
 
-    c.data = ml_collections.ConfigDict()
-    c.data.tasks = {"recall": {}, "chain": {"n_symbols": 12, "length": 3, "weight": 2.0}}
-    c.data.knowledge = {"n_entities": 24, "n_relations": 3}
-    c.data.seq_len = 20
-    c.data.num_train = 8192
-    c.data.num_test = 512
-
-    c.model = ml_collections.ConfigDict()
-    c.model.d_model = 64
-    c.model.n_layers = 6
-    c.model.n_heads = 4
-    c.model.d_mlp = 128
-
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 1000
-    c.train.batch_size = 32
-    c.train.learning_rate = 1e-2
-    c.train.warmup_steps = 50
+    # data, model, train: the shared decoder and its task mixture
+    kit.lm.base_config(c, n_layers=6, tasks={
+        "recall": {}, "chain": {"n_symbols": 12, "length": 3, "weight": 2.0}})
 
     c.analysis = ml_collections.ConfigDict()
     c.analysis.n_eval = 256  # test examples

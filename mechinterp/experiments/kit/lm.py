@@ -1,7 +1,7 @@
 """Small decoders on synthetic task mixtures: data, families, training, evaluation.
 
-What the language-model reproductions share: the tfds task mixture of a config
-(:func:`make_data`), decoder families (:data:`FAMILIES`, :func:`decoder`),
+What the language-model reproductions share: their config blocks (:func:`base_config`),
+the tfds task mixture of a config (:func:`make_data`), decoder families (:data:`FAMILIES`, :func:`decoder`),
 :func:`train_decoder` (one family and seed, via
 :func:`~mechinterp.experiments.kit.train.train_or_reuse`), jitted logits and
 teacher-forced metrics per task.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from mechinterp.experiments.kit.train import Trained, train_config, train_or_reuse
@@ -29,6 +30,38 @@ FAMILIES = {
     "llama": {"qkv_bias": False, "rope_theta": 10_000.0},
     "qwen": {"qkv_bias": True, "rope_theta": 1_000_000.0},
 }
+
+
+# the smoke-preset keys of base_config's blocks (configs add their own on top)
+SMOKE = {"seeds": 1, "data.knowledge.n_entities": 8, "data.knowledge.n_relations": 2,
+         "data.num_train": 256, "data.num_test": 64, "model.d_model": 16, "model.n_layers": 2,
+         "model.n_heads": 2, "model.d_mlp": 16, "train.steps": 8, "train.warmup_steps": 2}
+
+
+def base_config(c: ml_collections.ConfigDict, tasks: dict, n_layers: int) -> None:
+    """Set ``c.data`` (``tasks`` over a 24-entity knowledge base, 20 tokens, 8192 train /
+    512 test examples), ``c.model`` (d_model 64, ``n_layers``, 4 heads, d_mlp 128) and
+    ``c.train`` (1000 steps of 32, learning rate 1e-2 after 50 warmup steps) in place: the
+    decoder the analysis reproductions train (configs/bricks.py, llm_drop.py,
+    depth_efficiency.py)."""
+    c.data = ml_collections.ConfigDict()
+    c.data.tasks = tasks
+    c.data.knowledge = {"n_entities": 24, "n_relations": 3}
+    c.data.seq_len = 20
+    c.data.num_train = 8192
+    c.data.num_test = 512
+
+    c.model = ml_collections.ConfigDict()
+    c.model.d_model = 64
+    c.model.n_layers = n_layers
+    c.model.n_heads = 4
+    c.model.d_mlp = 128
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 32
+    c.train.learning_rate = 1e-2
+    c.train.warmup_steps = 50
 
 
 def families(spec: str) -> list[str]:
