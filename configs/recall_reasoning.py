@@ -76,17 +76,8 @@ def get_config(arg=None):
     c.data.num_train = 8192
     c.data.num_test = 512
 
-    c.model = ml_collections.ConfigDict()
-    c.model.d_model = 64
-    c.model.n_layers = 3
-    c.model.n_heads = 4
-    c.model.d_mlp = 128
-
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 1200
-    c.train.batch_size = 32
-    c.train.learning_rate = 1e-2
-    c.train.warmup_steps = 50
+    c.model = kit.lm.model_block(n_layers=3)  # d_model 64, 4 heads, d_mlp 128
+    c.train = kit.lm.train_block(steps=1200)  # batch 32, learning rate 1e-2, 50 warmup
 
     c.analysis = ml_collections.ConfigDict()
     c.analysis.n_items = 64  # twin pairs per task (test split)

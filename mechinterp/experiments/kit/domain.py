@@ -46,17 +46,8 @@ def base_config(c: ml_collections.ConfigDict) -> None:
     c.data.num_train = 6000
     c.data.num_test = 600
 
-    c.model = ml_collections.ConfigDict()
-    c.model.d_model = 64
-    c.model.n_layers = 4
-    c.model.n_heads = 4
-    c.model.d_mlp = 128
-
-    c.pretrain = ml_collections.ConfigDict()
-    c.pretrain.steps = 800
-    c.pretrain.batch_size = 32
-    c.pretrain.learning_rate = 1e-2
-    c.pretrain.warmup_steps = 50
+    c.model = lm.model_block(n_layers=4)
+    c.pretrain = lm.train_block(steps=800)
     c.pretrain.domain_share = 0.1  # fraction of pretraining rows from the domain task
 
 

@@ -51,17 +51,22 @@ def base_config(c: ml_collections.ConfigDict, tasks: dict, n_layers: int) -> Non
     c.data.num_train = 8192
     c.data.num_test = 512
 
-    c.model = ml_collections.ConfigDict()
-    c.model.d_model = 64
-    c.model.n_layers = n_layers
-    c.model.n_heads = 4
-    c.model.d_mlp = 128
+    c.model = model_block(n_layers)
+    c.train = train_block(steps=1000)
 
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 1000
-    c.train.batch_size = 32
-    c.train.learning_rate = 1e-2
-    c.train.warmup_steps = 50
+
+def model_block(n_layers: int) -> ml_collections.ConfigDict:
+    """The small decoder of the LM reproductions: d_model 64, ``n_layers``, 4 heads,
+    d_mlp 128."""
+    return ml_collections.ConfigDict(
+        {"d_model": 64, "n_layers": n_layers, "n_heads": 4, "d_mlp": 128})
+
+
+def train_block(steps: int, batch_size: int = 32) -> ml_collections.ConfigDict:
+    """Its training recipe: ``steps`` of ``batch_size``, learning rate 1e-2 after 50
+    warmup steps (``kit.train_config``'s short form)."""
+    return ml_collections.ConfigDict({"steps": steps, "batch_size": batch_size,
+                                      "learning_rate": 1e-2, "warmup_steps": 50})
 
 
 def families(spec: str) -> list[str]:
