@@ -18,8 +18,9 @@ PRESETS = {
     "smoke": {"seeds": 1, "train.fast_compile": True,
               "train.steps": 4, "train.batch_size": 8, "data.n_synthetic": 8,
               "data.n_test": 4, "data.n_test_real": 2, "data.real_repeat": 1,
-              "data.real_series": ("nile",), "model.d_model": 8, "model.n_heads": 2,
-              "model.d_expert": 8, "model.ode_hidden": 8, "model.ode_steps": 2,
+              "data.real_series": ("nile",), "model.d_model": 8, "model.n_layers": 1,
+              "model.n_heads": 2, "model.d_expert": 8, "model.ode_hidden": 8,
+              "model.ode_steps": 2,
               # two of the three variants: each compiles its own training step
               "variants": {"CT-RoPE + ODE": ("continuous", "ode"),
                            "CT-RoPE + direct": ("continuous", "direct")}},

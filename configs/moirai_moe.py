@@ -19,7 +19,8 @@ PRESETS = {
               "train.steps": 6, "train.batch_size": 16, "data.n_synthetic": 8,
               "data.n_test": 6, "data.n_test_real": 2, "data.real_repeat": 1,
               "data.real_series": ("nile", "sunspots"),
-              "model.d_model": 8, "model.n_heads": 2, "model.d_ff": 8, "model.n_experts": 4,
+              "model.d_model": 8, "model.n_layers": 1, "model.n_heads": 2, "model.d_ff": 8,
+              "model.n_experts": 4,
               "analysis.kmeans_windows": 16},
 }
 

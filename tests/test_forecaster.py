@@ -46,8 +46,8 @@ def _rotate(x, angles):
 
 def test_ct_rope_pattern_matches_float64_reference_and_ignores_time_shifts(mira):
     model, params, (values, times, targets) = mira
-    out, cache = capture(model, params, values, times, targets,
-                         sites=["attn.q", "attn.k", "attn.pattern"])
+    sites = ["attn.q", "attn.k", "attn.pattern"]  # one site list: one compile per model
+    out, cache = capture(model, params, values, times, targets, sites=sites)
     q, k = (np.asarray(cache[s], np.float64)[0] for s in ("attn.q", "attn.k"))  # layer 0
     d_head = q.shape[-1]
     omega = 1.0 / 10000.0 ** (np.arange(0, d_head, 2) / d_head)
@@ -61,14 +61,14 @@ def test_ct_rope_pattern_matches_float64_reference_and_ignores_time_shifts(mira)
     np.testing.assert_allclose(np.asarray(cache["attn.pattern"])[0], ref, atol=2e-5)
     # attention (and the ODE, which sees elapsed time) depends on time differences only
     shifted, moved_cache = capture(model, params, values, times + 3.25, targets + 3.25,
-                                   sites=["attn.pattern"])
+                                   sites=sites)
     np.testing.assert_allclose(np.asarray(shifted), np.asarray(out), atol=2e-4)
     np.testing.assert_allclose(np.asarray(moved_cache["attn.pattern"]),
                                np.asarray(cache["attn.pattern"]), atol=1e-5)
     moved = times.copy()
     moved[:, 1:-1] = (times[:, :-2] + times[:, 2:]) / 2   # other times, same order
     index = MiraForecaster(TINY, rope="index", time_scale=7.0, ode_hidden=8, ode_steps=4)
-    patterns = [np.asarray(capture(m, params, values, t, targets, sites=["attn.pattern"])[1]
+    patterns = [np.asarray(capture(m, params, values, t, targets, sites=sites)[1]
                            ["attn.pattern"]) for m in (index, model) for t in (times, moved)]
     np.testing.assert_allclose(patterns[0], patterns[1], atol=1e-6)  # index RoPE: no times
     assert np.abs(patterns[2] - patterns[3]).max() > 1e-3            # CT-RoPE sees them
