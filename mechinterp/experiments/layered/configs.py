@@ -16,35 +16,16 @@ DIT_SMOKE = {"seeds": 1, "data.size": 8, "model.d_model": 8, "model.n_layers": 1
 def dit(c: ml_collections.ConfigDict) -> None:
     """``c.data`` (16 px scenes, 2048 train), ``c.model`` (a 3-layer DiT on 2 px patches),
     ``c.train`` (2000 flow-matching steps) and ``c.eval`` (64 samples, 16 Euler steps)."""
-    c.data = ml_collections.ConfigDict()
-    c.data.size = 16
-    c.data.n_train = 2048
-
-    c.model = ml_collections.ConfigDict()
-    c.model.patch_size = 2
-    c.model.d_model = 48
-    c.model.n_layers = 3
-    c.model.n_heads = 3
-    c.model.d_mlp = 96
-    c.model.freq_dim = 32
-
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 2000
-    c.train.batch_size = 32
-    c.train.learning_rate = 1e-3
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.n_samples = 64
-    c.eval.n_steps = 16
+    c.data = ml_collections.ConfigDict({"size": 16, "n_train": 2048})
+    c.model = ml_collections.ConfigDict({"patch_size": 2, "d_model": 48, "n_layers": 3,
+                                         "n_heads": 3, "d_mlp": 96, "freq_dim": 32})
+    c.train = ml_collections.ConfigDict({"steps": 2000, "batch_size": 32,
+                                         "learning_rate": 1e-3})
+    c.eval = ml_collections.ConfigDict({"n_samples": 64, "n_steps": 16})
 
 
 def conv(c: ml_collections.ConfigDict) -> None:
     """``c.model`` (width 16, dilations 1, 2, 4, 1) and ``c.train`` (400 Adam steps)."""
-    c.model = ml_collections.ConfigDict()
-    c.model.width = 16
-    c.model.dilations = (1, 2, 4, 1)
-
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 400
-    c.train.batch_size = 16
-    c.train.learning_rate = 2e-3
+    c.model = ml_collections.ConfigDict({"width": 16, "dilations": (1, 2, 4, 1)})
+    c.train = ml_collections.ConfigDict({"steps": 400, "batch_size": 16,
+                                         "learning_rate": 2e-3})
