@@ -141,6 +141,6 @@ def run(config, workdir):
                    "n_train": len(data["train"]["targets"])}
         with r.phase("report"):
             first = next(iter(per_variant.values()))["per_seed"][0]["usage"]
-            usage_figure(r, first, height=3)
+            usage_figure(r, first, height=3, colorbar=False, fontsize=None)
             r.write_results(results)
             r.write_report(report.markdown(config, results, r.timings))

@@ -70,18 +70,22 @@ def claims(results: dict) -> list[kit.Claim]:
     return out
 
 
-def figure(r, usage: dict, height: float = 5) -> None:
-    """expert_usage.png: per layer, the share of each group's tokens routed to each expert."""
+def figure(r, usage: dict, height: float = 5, colorbar: bool = True,
+           fontsize: float | None = 7) -> None:
+    """expert_usage.png: per layer, the share of each group's tokens routed to each expert
+    (MIRA: 3 in high, no colour bar, default tick labels)."""
     sources = list(usage)
     arr = np.array([usage[s] for s in sources])          # (group, layer, expert)
     with r.figure("expert_usage.png", 1, arr.shape[1], figsize=(4 * arr.shape[1], height)) as (
             fig, axes):
         for layer, ax in enumerate(np.atleast_1d(axes)):
             im = ax.imshow(arr[:, layer], aspect="auto", cmap="viridis")
-            ax.set_yticks(range(len(sources)), sources, fontsize=7)
+            ax.set_yticks(range(len(sources)), sources,
+                          **({} if fontsize is None else {"fontsize": fontsize}))
             ax.set_xlabel("expert")
             ax.set_title(f"layer {layer}: share of tokens routed")
-        fig.colorbar(im, ax=axes)
+        if colorbar:
+            fig.colorbar(im, ax=axes)
 
 
 def markdown(config, results: dict, timings: dict) -> list[str]:
