@@ -94,10 +94,7 @@ class Decoder(nn.Module):
 
 
 class _Family:
-    """What the three models share: the encoder submodule and the layer structure."""
-
-    def _encoder(self):
-        return Encoder(self.width, self.n_layers, self.pool, name="encoder")
+    """What the three models share: the layer structure of the encoder."""
 
     def layer_structure(self) -> LayerStructure:  # HasLayers
         return LayerStructure(
@@ -128,7 +125,8 @@ class FSSTeacher(_Family, nn.Module):
             raise ValueError(f"support (batch, shots, H, W, C) {support.shape} and support_mask "
                              f"(batch, shots, H, W) {support_mask.shape} must match query "
                              f"{query.shape}")
-        feats = self._encoder()(jnp.concatenate([query, support.reshape(-1, *support.shape[2:])]))
+        encoder = Encoder(self.width, self.n_layers, self.pool, name="encoder")
+        feats = encoder(jnp.concatenate([query, support.reshape(-1, *support.shape[2:])]))
         fq, fs = _unit(feats[:b]), feats[b:].reshape(b, k, *feats.shape[1:])
         m = downsample_masks(support_mask, self.pool)[..., None]
         fg = (fs * m).sum((1, 2, 3)) / (m.sum((1, 2, 3)) + 1e-6)
@@ -161,7 +159,8 @@ class ClassLayer(nn.Module):
 
 class FSSStudent(_Family, nn.Module):
     """DistillFSS student: ``images (batch, H, W, 3) -> logits (batch, H, W)``; no support
-    argument (the class lives in ``class_layer``'s parameters)."""
+    argument (the class lives in ``class_layer``'s parameters). ``method="from_features"``
+    runs the head alone on encoder features (training with a frozen encoder)."""
 
     width: int = 24
     n_layers: int = 2
@@ -171,15 +170,22 @@ class FSSStudent(_Family, nn.Module):
 
     SITES: ClassVar[dict[str, SiteSpec]] = {**ENCODER_SITES, **HEAD_SITES}
 
-    @nn.compact
+    def setup(self):
+        self.encoder = Encoder(self.width, self.n_layers, self.pool)
+        self.class_layer = ClassLayer(self.n_keys)
+        self.decoder = Decoder(self.hidden)
+
     def __call__(self, images):
-        sim = ClassLayer(self.n_keys, name="class_layer")(self._encoder()(images))
-        logits = Decoder(self.hidden, name="decoder")(site(self, "similarity", sim))
-        return site(self, "logits", _upsample(logits, images.shape[1]))
+        return self.from_features(self.encoder(images))
+
+    def from_features(self, features):
+        logits = self.decoder(site(self, "similarity", self.class_layer(features)))
+        return site(self, "logits", _upsample(logits, features.shape[1] * self.pool))
 
 
 class LinearSegmenter(_Family, nn.Module):
-    """The encoder and a 1x1 convolution: ``images -> logits (batch, H, W)``."""
+    """The encoder and a 1x1 convolution: ``images -> logits (batch, H, W)``;
+    ``method="from_features"`` as in :class:`FSSStudent`."""
 
     width: int = 24
     n_layers: int = 2
@@ -187,10 +193,16 @@ class LinearSegmenter(_Family, nn.Module):
 
     SITES: ClassVar[dict[str, SiteSpec]] = {**ENCODER_SITES, "logits": HEAD_SITES["logits"]}
 
-    @nn.compact
+    def setup(self):
+        self.encoder = Encoder(self.width, self.n_layers, self.pool)
+        self.head = nn.Conv(1, (1, 1))
+
     def __call__(self, images):
-        logits = nn.Conv(1, (1, 1), name="head")(self._encoder()(images))[..., 0]
-        return site(self, "logits", _upsample(logits, images.shape[1]))
+        return self.from_features(self.encoder(images))
+
+    def from_features(self, features):
+        logits = self.head(features)[..., 0]
+        return site(self, "logits", _upsample(logits, features.shape[1] * self.pool))
 
 
 def student_from_support(teacher: FSSTeacher, params: dict, support, support_mask, *,
@@ -199,8 +211,7 @@ def student_from_support(teacher: FSSTeacher, params: dict, support, support_mas
     (shots, H, W)``: the teacher's encoder and decoder, prototypes = the shots' masked
     feature averages, keys = ``n_keys`` random fg (bg) support pixel features."""
     student = FSSStudent(teacher.width, teacher.n_layers, teacher.pool, teacher.hidden, n_keys)
-    encoder = Encoder(teacher.width, teacher.n_layers, teacher.pool)
-    feats = np.asarray(encoder.apply({"params": params["encoder"]}, support))
+    feats = np.asarray(encode(teacher, params, support))
     feats = feats.reshape(-1, feats.shape[-1])
     m = np.asarray(downsample_masks(support_mask, teacher.pool)).reshape(-1, 1)
     if not (m >= 0.5).any():
@@ -213,3 +224,10 @@ def student_from_support(teacher: FSSTeacher, params: dict, support, support_mas
     class_layer = {"prototypes": jnp.asarray(protos), "keys": jnp.asarray(keys)}
     return student, {"encoder": params["encoder"], "class_layer": class_layer,
                      "decoder": params["decoder"]}
+
+
+def encode(model, params: dict, images):
+    """The encoder features of ``images`` under ``params["encoder"]`` (any of the three
+    models: they share the encoder)."""
+    encoder = Encoder(model.width, model.n_layers, model.pool)
+    return encoder.apply({"params": params["encoder"]}, images)
