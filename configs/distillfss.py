@@ -17,10 +17,11 @@ from mechinterp.experiments import kit
 PRESETS = {
     "default": {},
     "smoke": {"seeds": 1, "domains": ("medical",), "data.per_class": 8, "data.n_test": 4,
+              "model.width": 8, "model.n_layers": 1, "model.hidden": 4, "model.n_keys": 4,
               "teacher.steps": 10, "teacher.batch_size": 4, "specialize.draws": 1,
-              "specialize.n_aug": 8, "specialize.distill_steps": 4,
+              "specialize.n_aug": 4, "specialize.distill_steps": 4,
               "specialize.finetune_steps": 3, "specialize.baseline_steps": 4,
-              "cost.queries": 4, "cost.repeats": 1},
+              "cost.queries": 4, "cost.repeats": 1, "fast_compile": True},
 }
 
 
@@ -29,11 +30,12 @@ def get_config(arg=None):
     kit.common(c, job="mechinterp.experiments.distillfss:run", workdir="runs/distillfss")
     c.seeds = 3
     c.domains = ("shapes_shift", "medical", "remote")
+    c.fast_compile = False  # XLA's unoptimized compile: faster for tiny runs
 
     c.data = ml_collections.ConfigDict()
     c.data.size = 32
     c.data.per_class = 60      # train pool per class (source: teacher episodes; targets: shots)
-    c.data.n_test = 24         # test queries per class
+    c.data.n_test = 24         # test queries per class (= n_aug: one teacher compilation)
 
     c.model = ml_collections.ConfigDict()
     c.model.width = 16
@@ -51,7 +53,7 @@ def get_config(arg=None):
     c.specialize = ml_collections.ConfigDict()
     c.specialize.shots = (1, 5)
     c.specialize.draws = 2
-    c.specialize.n_aug = 32
+    c.specialize.n_aug = 24
     c.specialize.batch_size = 8
     c.specialize.learning_rate = 3e-3
     c.specialize.distill_steps = 100

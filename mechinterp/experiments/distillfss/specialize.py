@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mechinterp.experiments.kit.classifier import FAST_COMPILE
 from mechinterp.models.fewshot_seg import (FSSTeacher, LinearSegmenter, encode,
                                            student_from_support)
 from mechinterp.train import fewshot_seg
@@ -36,7 +37,7 @@ class Stepper:
     for ``model``; ``mask`` (0/1 per top-level parameter entry) freezes parts, ``scale``
     multiplies the learning rate, so distillation and fine-tuning share the compilation."""
 
-    def __init__(self, model, learning_rate: float, method=None):
+    def __init__(self, model, learning_rate: float, method=None, compiler_options=None):
         self.tx = optax.adam(learning_rate)
         apply = functools.partial(model.apply, method=method)
 
@@ -51,8 +52,8 @@ class Stepper:
             updates = jax.tree.map(lambda u, m: u * m * scale, updates, mask)
             return optax.apply_updates(params, updates), opt_state, value
 
-        self._step = jax.jit(step)
-        self.apply = jax.jit(apply)
+        self._step = jax.jit(step, compiler_options=compiler_options)
+        self.apply = jax.jit(apply, compiler_options=compiler_options)
 
     def fit(self, params, batches, *, steps: int, trainable=None, scale: float = 1.0):
         """``params`` after ``steps`` steps on ``batches(step) -> (inputs..., target)``;
@@ -67,6 +68,12 @@ class Stepper:
         return params, np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
 
 
+def compile_options(config):
+    """XLA's unoptimized CPU compile where ``config.fast_compile`` (tiny runs: compiling
+    dominates them)."""
+    return FAST_COMPILE if config.fast_compile else None
+
+
 def train_teacher(config, source, seed: int):
     """The teacher trained on episodes of the source domain's classes; ``(model, params,
     losses)``."""
@@ -77,7 +84,7 @@ def train_teacher(config, source, seed: int):
     first = fewshot_seg.episodes(images, masks, batch=1, shots=t.shots, rng=rng)
     params = teacher.init(jax.random.key(seed), first["query"], first["support"],
                           first["support_mask"])["params"]
-    stepper = Stepper(teacher, t.learning_rate)
+    stepper = Stepper(teacher, t.learning_rate, compiler_options=compile_options(config))
 
     def batches(_):
         e = fewshot_seg.episodes(images, masks, batch=t.batch_size, shots=t.shots, rng=rng)
@@ -94,13 +101,16 @@ class Specializer:
 
     def __init__(self, config, teacher, params):
         self.config, self.teacher, self.params = config, teacher, params
-        self.teacher_apply = jax.jit(teacher.apply)
+        options = compile_options(config)
+        self.teacher_apply = jax.jit(teacher.apply, compiler_options=options)
+        self.encode = jax.jit(functools.partial(encode, teacher), compiler_options=options)
         self._steppers = {}
 
     def _stepper(self, kind, model):
         if kind not in self._steppers:
             self._steppers[kind] = Stepper(model, self.config.specialize.learning_rate,
-                                           method="from_features")
+                                           method="from_features",
+                                           compiler_options=compile_options(self.config))
         return self._steppers[kind]
 
     def teacher_logits(self, queries, shots, shot_masks):
@@ -117,8 +127,7 @@ class Specializer:
         aug_x, aug_m = fewshot_seg.augment(shots, shot_masks, s.n_aug, rng)
         soft = np.asarray(jax.nn.sigmoid(self.teacher_logits(aug_x, shots, shot_masks)))
         hard = aug_m.astype(np.float32)
-        feats, qfeats = encode(self.teacher, self.params, aug_x), encode(self.teacher,
-                                                                          self.params, queries)
+        feats, qfeats = self.encode(self.params, aug_x), self.encode(self.params, queries)
         steps = max(s.distill_steps, s.finetune_steps, s.baseline_steps)
         order = np.concatenate([rng.permutation(s.n_aug)
                                 for _ in range(steps * s.batch_size // s.n_aug + 1)])
@@ -159,8 +168,8 @@ def test_time_cost(config, specializer, student, student_params, queries, shots_
     query) and wall seconds (best of ``cost.repeats`` on ``len(queries)`` queries)."""
     def measure(fn, *args):
         one = [a[:1] for a in args]
-        flops = float((jax.jit(fn).lower(*one).compile().cost_analysis() or {}).get("flops", 0))
-        run = jax.jit(fn)
+        run = jax.jit(fn, compiler_options=compile_options(config))
+        flops = float((run.lower(*one).compile().cost_analysis() or {}).get("flops", 0))
         jax.block_until_ready(run(*args))
         best = np.inf
         for _ in range(config.cost.repeats):
@@ -173,7 +182,7 @@ def test_time_cost(config, specializer, student, student_params, queries, shots_
     n = len(queries)
     for k, (shots, masks) in shots_by_k.items():
         out[f"teacher_{k}shot"] = measure(
-            lambda q, s, m: specializer.teacher_apply({"params": specializer.params}, q, s, m),
+            lambda q, s, m: specializer.teacher.apply({"params": specializer.params}, q, s, m),
             queries, np.broadcast_to(shots, (n,) + shots.shape),
             np.broadcast_to(masks, (n,) + masks.shape))
     return out
