@@ -1,19 +1,17 @@
 """Binary few-shot segmentation episodes over synthetic domains with disjoint class sets.
 
-Every image holds one object of its class (the mask) and one distractor of another class of
-the same domain, so a model must be told (by supports, or by a per-class layer) which one
-to segment. Domains (:data:`DOMAINS`, class names in order):
+Every image holds one object of its class (the mask) and a distractor of another class of
+its domain: a model must be told (supports, or a per-class layer) which one to segment.
 
-- ``source``: disk / square / triangle in a saturated colour on a textured background
-  (stripes, checks or blotches: :func:`mechinterp.train.images.render_shape_scene`'s).
+- ``source``: disk / square / triangle, saturated colours, textured background (stripes,
+  checks or blotches of :mod:`mechinterp.train.images`).
 - ``shapes_shift``: cross / ring / bar, dark on a bright checked background, heavy noise.
 - ``medical``: grey "scan" of smoothed tissue noise with a bright round lesion, a dark
   elongated (rotated) lesion or a speckled lesion.
 - ``remote``: a 4 x 4 grid of tiles of water (smooth blue), field (green stripes at an
   angle) or urban (grey blocks); the mask is every tile of the class (2 to 6 of them).
 
-Each (domain, class, split) draws from its own seeded generator; a pool is
-``(images (classes, n, size, size, 3) in [0, 1], masks (classes, n, size, size) bool)``.
+Each (domain, class, split) has its own seeded generator (:func:`make_pool`).
 """
 
 from __future__ import annotations
