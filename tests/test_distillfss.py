@@ -105,4 +105,4 @@ def test_smoke_run_scores_every_predictor_and_the_student_is_cheaper(smoke_run):
     flops = {k: v["flops"]["mean"] for k, v in results["summary"]["cost"].items()}
     assert flops["teacher_5shot"] > flops["teacher_1shot"] > flops["student"] > 0
     report = (smoke_run("distillfss") / "report.md").read_text()
-    assert "| predictor | XLA FLOPs | seconds (CPU) |" in report
+    assert "| predictor | XLA MFLOPs | milliseconds (CPU) |" in report

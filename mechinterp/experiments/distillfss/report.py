@@ -74,8 +74,9 @@ def markdown(config, summary, timings) -> list[str]:
                                        for name in NAMES)] for s in shots]
     lines += kit.table(["domain", "shots", *NAMES], rows)
     lines += ["", "## Test-time cost per query", ""]
-    lines += kit.table(["predictor", "XLA FLOPs", "seconds (CPU)"],
-                       [[k, kit.pm(v["flops"]), kit.pm(v["seconds"])]
+    lines += kit.table(["predictor", "XLA MFLOPs", "milliseconds (CPU)"],
+                       [[k, _pm(np.asarray(v["flops"]["values"]) / 1e6),
+                         _pm(np.asarray(v["seconds"]["values"]) * 1e3)]
                         for k, v in summary["cost"].items()])
     lines += ["", "## What is synthetic, simplified or inferred", "",
               "- All data are synthetic (`mechinterp.train.fewshot_seg`): the source domain "
