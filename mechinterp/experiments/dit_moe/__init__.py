@@ -37,7 +37,8 @@ def make_model(config, kind: str, n_classes: int, channels: int) -> DiT:
     m = config.model
     shared = dict(image_size=config.data.size, channels=channels, patch_size=m.patch_size,
                   d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
-                  n_classes=n_classes, freq_dim=m.freq_dim)
+                  n_classes=n_classes, freq_dim=m.freq_dim,
+                  null_class=config.train.label_dropout > 0)
     if kind == "moe":
         return DiT(**shared, n_experts=m.n_experts, top_k=m.top_k, d_expert=m.d_expert,
                    d_shared=m.d_shared, balance_coef=m.balance_coef)
@@ -95,8 +96,10 @@ def sample(model, params, config, n_classes: int, channels: int, seed: int, site
     labels = np.repeat(np.arange(n_classes), a.samples_per_class).astype(np.int32)
     shape = (len(labels), config.data.size, config.data.size, channels)
     noise = np.random.default_rng([seed, 1]).normal(size=shape).astype(np.float32)
+    guided = {"guidance": a.guidance, "null_kwargs": {"y": np.full_like(labels, n_classes)}
+              } if a.guidance != 1 else {}
     images, cache = jax.jit(lambda p, z, y: euler_sample(
-        model, p, z, a.sampling_steps, sites=sites, y=y))(params, noise, labels)
+        model, p, z, a.sampling_steps, sites=sites, y=y, **guided))(params, noise, labels)
     return np.clip((np.asarray(images) + 1) / 2, 0, 1), labels, cache
 
 
@@ -153,8 +156,10 @@ def run(config, workdir):
                         model, source, kit.train_config(config.train, seed=seed,
                                                         progress=config.progress),
                         r.workdir / "models" / kind / f"seed{seed}",
-                        data_spec=config.data.to_dict(), retrain=config.retrain,
-                        objective=flow_objective())
+                        data_spec={**config.data.to_dict(),
+                                   "label_dropout": config.train.label_dropout},
+                        retrain=config.retrain, objective=flow_objective(
+                            config.train.label_dropout, n_classes))
                 with r.phase(f"{kind}/analysis"):
                     result, arrays = analyse(config, kind, trained, judge, data,
                                              real_features, n_classes, channels, seed)
