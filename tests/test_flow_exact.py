@@ -123,6 +123,9 @@ def test_classifier_free_guidance_and_label_dropout(z):
         euler_sample(Exact("mixture"), {}, z, n, y=y, guidance=w)
     with pytest.raises(ValueError, match="null_kwargs"):
         euler_sample(Exact("mixture"), {}, z, n, y=y, guidance=w, null_kwargs={"cond": y})
+    shapes = jax.eval_shape(DiT(n_classes=10, null_class=True).init, jax.random.key(0),
+                            jnp.zeros((1, 8, 8, 1)), jnp.ones(1), jnp.zeros(1, jnp.int32))
+    assert shapes["params"]["class_embed"]["embedding"].shape == (11, 32)  # + the null row
     batch = {"label": np.zeros(5000, np.int32), "noise_seed": np.arange(5000, dtype=np.uint32)}
     dropped = np.asarray(dropped_labels(batch, 0.1, 10))
     assert set(np.unique(dropped)) == {0, 10}

@@ -90,14 +90,17 @@ def expert_edits(model, params, images, labels, t_values, seed: int) -> dict:
     return {"ablate": ablate, "force": force}
 
 
-def sample(model, params, config, n_classes: int, channels: int, seed: int, sites=()):
-    """Class-conditional samples from fixed noise: ``(samples in [0, 1], labels, cache)``."""
+def sample(model, params, config, n_classes: int, channels: int, seed: int, sites=(),
+           guidance=None):
+    """Class-conditional samples from fixed noise: ``(samples in [0, 1], labels, cache)``,
+    with classifier-free guidance ``guidance`` (default ``analysis.guidance``; 1: none)."""
     a = config.analysis
+    guidance = a.guidance if guidance is None else guidance
     labels = np.repeat(np.arange(n_classes), a.samples_per_class).astype(np.int32)
     shape = (len(labels), config.data.size, config.data.size, channels)
     noise = np.random.default_rng([seed, 1]).normal(size=shape).astype(np.float32)
-    guided = {"guidance": a.guidance, "null_kwargs": {"y": np.full_like(labels, n_classes)}
-              } if a.guidance != 1 else {}
+    guided = {"guidance": guidance, "null_kwargs": {"y": np.full_like(labels, n_classes)}
+              } if guidance != 1 else {}
     images, cache = jax.jit(lambda p, z, y: euler_sample(
         model, p, z, a.sampling_steps, sites=sites, y=y, **guided))(params, noise, labels)
     return np.clip((np.asarray(images) + 1) / 2, 0, 1), labels, cache
@@ -122,6 +125,11 @@ def analyse(config, kind, trained, judge, data, real_features, n_classes, channe
     samples, labels, cache = sample(model, params, config, n_classes, channels, config.seed,
                                     sites)
     out["quality"] = sample_quality(judge, samples, labels, real_features, n_classes)
+    if a.guidance != 1:   # the same noise without guidance, for comparison
+        plain, _, _ = sample(model, params, config, n_classes, channels, config.seed,
+                             guidance=1.0)
+        out["quality_unguided"] = sample_quality(judge, plain, labels, real_features,
+                                                 n_classes)
     out["active_mlp_params"] = model.active_mlp_params()
     out["info"] = trained.info
     out["train_loss"] = final_train_loss(Path(trained.info["folder"]) / "metrics.jsonl")
