@@ -78,13 +78,15 @@ def euler_sample(model, params, noise, n_steps: int, *, interventions=None, site
     size ``n_steps`` (:func:`at_steps` builds one); ``sites``: names to read at every step.
     ``model_kwargs`` (class ids, conditioning tokens, masks) are the same at every step.
     ``null_kwargs``: the ``model_kwargs`` to replace in the unconditional pass of guidance
-    ``guidance`` (e.g. ``{"y": null class ids}``); interventions act on both passes, sites
-    are read from the conditional one. ``guidance=1`` (or no ``null_kwargs``): no guidance.
+    ``guidance`` (e.g. ``{"y": null class ids}``; a traced scale needs them); interventions
+    act on both passes, sites are read from the conditional one. No ``null_kwargs``: no
+    guidance (one pass); ``guidance=1`` with them gives the unguided samples.
     """
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     unknown = set(null_kwargs or {}) - set(model_kwargs)
-    if unknown or (guidance != 1.0 and not null_kwargs):
+    if unknown or (not null_kwargs and not (isinstance(guidance, (int, float))
+                                            and guidance == 1.0)):
         raise ValueError(
             f"classifier-free guidance {guidance} needs null_kwargs naming model keyword "
             f"arguments of this call ({sorted(model_kwargs)}), e.g. null_kwargs={{'y': null "
@@ -105,7 +107,7 @@ def euler_sample(model, params, noise, n_steps: int, *, interventions=None, site
             read = read_sites(state, infos, names)
         else:
             v, read = model.apply(variables, x, t, **model_kwargs), {}
-        if guidance != 1.0:
+        if null_kwargs:
             v_u = model.apply(variables, x, t, **unconditional)
             v = v_u + guidance * (v - v_u)
         return x - v.astype(jnp.float32) / n_steps, read

@@ -119,6 +119,9 @@ def test_classifier_free_guidance_and_label_dropout(z):
     np.testing.assert_allclose(out, reference_euler(guided, z, n), atol=1e-4)
     plain, _ = euler_sample(Exact("mixture"), {}, z, n, y=y)
     np.testing.assert_allclose(plain, np.broadcast_to(POINTS[y], z.shape), atol=1e-5)
+    unguided, _ = jax.jit(lambda w: euler_sample(Exact("mixture"), {}, z, n, y=y, guidance=w,
+                                                 null_kwargs={"y": null}))(1.0)  # traced w
+    np.testing.assert_allclose(unguided, plain, atol=1e-5)
     with pytest.raises(ValueError, match="null_kwargs"):
         euler_sample(Exact("mixture"), {}, z, n, y=y, guidance=w)
     with pytest.raises(ValueError, match="null_kwargs"):
