@@ -71,8 +71,8 @@ def get_config(arg=None):
     c.analysis.eval_images = 200
     c.analysis.samples_per_class = 16
     c.analysis.grid_per_class = 8
-    c.analysis.sampling_steps = 16
-    c.analysis.guidance = 2.0  # classifier-free guidance scale w (1: none)
+    c.analysis.sampling_steps = 32
+    c.analysis.guidance = 3.0  # classifier-free guidance scale w (1: none)
     c.analysis.edit_images = 48
     c.analysis.edit_t_values = (0.9, 0.1)  # high noise first, then low noise
     return kit.with_preset(c, PRESETS, arg)

@@ -88,7 +88,7 @@ def test_smoke_run_compares_models_and_reads_routing(smoke_run):
     results = json.loads((workdir / "results.json").read_text())
     report = (workdir / "report.md").read_text()
     assert "| paper's claim | ours | reproduced? |" in report and "not FID" in report
-    assert "classifier-free guidance scale 2.0" in report and "accuracy, no guidance" in report
+    assert "classifier-free guidance scale 3.0" in report and "accuracy, no guidance" in report
     for kind in ("moe", "dense"):
         run = results["per_seed"][kind][0]
         assert np.isfinite(run["loss"]) and 0 < run["loss"] < 10
