@@ -3,6 +3,7 @@ active parameters, and where experts specialize (time step, class, position).
 
     mechinterp run configs/dit_moe.py                 # default: 3 seeds
     mechinterp run configs/dit_moe.py preset=smoke    # seconds; the CI smoke test
+    mechinterp run configs/dit_moe.py preset=long     # 2x steps: recognisable samples
 
 Trains a class-conditional rectified-flow DiT-MoE and a dense DiT per seed on sklearn
 digits at their native 8x8 (``data.kind=shapes``: coloured shapes on textured
@@ -18,6 +19,7 @@ from mechinterp.experiments import kit
 
 PRESETS = {
     "default": {},
+    "long": {"train.steps": 2400, "train.repeats": 120},  # recognisable samples; unmeasured
     "smoke": {"seeds": 1, "data.size": 8, "model.patch_size": 4, "model.d_model": 16,
               "model.n_layers": 1, "model.n_heads": 2, "model.n_experts": 4, "model.d_expert": 8,
               "model.d_shared": 8, "model.freq_dim": 16, "train.steps": 30,
