@@ -6,7 +6,9 @@ Rectified flow (Liu et al., 2023; Lipman et al., 2023, eq. 23 with sigma_min = 0
 :class:`~mechinterp.models.dit.DiT`, called ``model(x_t, t, **kwargs)``) regresses the
 velocity ``v = eps - x_0``: ``L = E_{t, eps} ||v_theta(x_t, t) - v||^2``. Sampling
 integrates ``dx/dt = v`` from noise at ``t = 1`` to ``t = 0`` with ``n_steps`` Euler steps
-at ``t_k = 1 - k / n_steps``: ``x_{k+1} = x_k - v_theta(x_k, t_k) / n_steps``.
+at ``t_k = 1 - k / n_steps``: ``x_{k+1} = x_k - v_theta(x_k, t_k) / n_steps``. With
+classifier-free guidance (Ho & Salimans, 2022) the step uses ``v_u + w (v_c - v_u)``: ``v_c``
+conditional, ``v_u`` with the conditioning replaced by a null (e.g. a null class).
 
 Key names: :func:`flow_pair`, :func:`flow_loss`, :func:`euler_sample` (interventions and
 site reads per step: each site read gets a leading ``step`` axis) and :func:`at_steps`
@@ -68,16 +70,28 @@ def _step_slice(interventions: Mapping[str, Intervention], k, n_steps: int):
 
 
 def euler_sample(model, params, noise, n_steps: int, *, interventions=None, sites=(),
-                 **model_kwargs):
+                 guidance: float = 1.0, null_kwargs: Mapping | None = None, **model_kwargs):
     """Sample from ``noise`` (batch, ...) at ``t = 1`` with ``n_steps`` Euler steps; return
     ``(images, cache)`` where ``cache[name]`` stacks site ``name`` over steps (step, ...).
 
     ``interventions``: ``{site: Intervention}`` whose fields have a leading step axis of
     size ``n_steps`` (:func:`at_steps` builds one); ``sites``: names to read at every step.
     ``model_kwargs`` (class ids, conditioning tokens, masks) are the same at every step.
+    ``null_kwargs``: the ``model_kwargs`` to replace in the unconditional pass of guidance
+    ``guidance`` (e.g. ``{"y": null class ids}``; a traced scale needs them); interventions
+    act on both passes, sites are read from the conditional one. No ``null_kwargs``: no
+    guidance (one pass); ``guidance=1`` with them gives the unguided samples.
     """
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    unknown = set(null_kwargs or {}) - set(model_kwargs)
+    if unknown or (not null_kwargs and not (isinstance(guidance, (int, float))
+                                            and guidance == 1.0)):
+        raise ValueError(
+            f"classifier-free guidance {guidance} needs null_kwargs naming model keyword "
+            f"arguments of this call ({sorted(model_kwargs)}), e.g. null_kwargs={{'y': null "
+            f"ids}}; got {sorted(null_kwargs or {})}")
+    unconditional = {**model_kwargs, **(null_kwargs or {})}
     interventions = dict(interventions or {})
     names = (sites,) if isinstance(sites, str) else tuple(sites)
     noise = jnp.asarray(noise, jnp.float32)
@@ -93,6 +107,9 @@ def euler_sample(model, params, noise, n_steps: int, *, interventions=None, site
             read = read_sites(state, infos, names)
         else:
             v, read = model.apply(variables, x, t, **model_kwargs), {}
+        if null_kwargs:
+            v_u = model.apply(variables, x, t, **unconditional)
+            v = v_u + guidance * (v - v_u)
         return x - v.astype(jnp.float32) / n_steps, read
 
     return jax.lax.scan(step, noise, jnp.arange(n_steps))

@@ -123,7 +123,9 @@ def _layer(axes: str) -> tuple[str, ...]:
 
 class DiT(nn.Module):
     """The DiT of the module docstring. ``mlp``: ``"gelu"`` (DiT) or ``"swiglu"`` (a dense
-    baseline at DiT-MoE's active parameters: ``d_mlp = top_k d_expert + d_shared``)."""
+    baseline at DiT-MoE's active parameters: ``d_mlp = top_k d_expert + d_shared``).
+    ``null_class``: one more class id, ``n_classes``, meaning "no class" (classifier-free
+    guidance: labels dropped to it in training, see :func:`mechinterp.train.flow.flow_objective`)."""
 
     image_size: int = 8
     channels: int = 1
@@ -134,6 +136,7 @@ class DiT(nn.Module):
     d_mlp: int = 128
     mlp: str = "gelu"
     n_classes: int = 10
+    null_class: bool = False
     cond_vocab: int = 0
     n_cond: int = 0
     n_experts: int = 0
@@ -225,8 +228,8 @@ class DiT(nn.Module):
         temb = nn.Dense(d, name="t_mlp_out")(nn.silu(nn.Dense(d, name="t_mlp_in")(temb)))
         c = site(self, "t_embed", temb)
         if self.n_classes:
-            c = c + nn.Embed(self.n_classes, d, embedding_init=nn.initializers.normal(0.02),
-                             name="class_embed")(y)
+            c = c + nn.Embed(self.n_classes + self.null_class, d,
+                             embedding_init=nn.initializers.normal(0.02), name="class_embed")(y)
         c = site(self, "cond_embed", c)
         if self.n_cond:
             tokens = nn.Embed(self.cond_vocab, d, embedding_init=nn.initializers.normal(0.02),

@@ -88,10 +88,13 @@ def test_smoke_run_compares_models_and_reads_routing(smoke_run):
     results = json.loads((workdir / "results.json").read_text())
     report = (workdir / "report.md").read_text()
     assert "| paper's claim | ours | reproduced? |" in report and "not FID" in report
+    assert "classifier-free guidance scale 3.0" in report and "accuracy, no guidance" in report
     for kind in ("moe", "dense"):
         run = results["per_seed"][kind][0]
         assert np.isfinite(run["loss"]) and 0 < run["loss"] < 10
-        assert 0 <= run["quality"]["accuracy"] <= 1 and run["quality"]["frechet"] >= 0
+        for quality in (run["quality"], run["quality_unguided"]):
+            assert 0 <= quality["accuracy"] <= 1 and quality["frechet"] >= 0
+        assert run["quality"] != run["quality_unguided"]   # guidance changed the samples
         assert (workdir / f"samples_{kind}.png").stat().st_size > 1000
     moe = results["per_seed"]["moe"][0]
     assert moe["active_mlp_params"] - results["per_seed"]["dense"][0]["active_mlp_params"] \

@@ -49,10 +49,12 @@ def noise_and_time(batch) -> tuple[jax.Array, jax.Array]:
     return jax.vmap(draw)(jnp.asarray(batch["noise_seed"], jnp.uint32))
 
 
-def _inputs(batch):
-    eps, t = noise_and_time(batch)
-    x_t, _ = flow_pair(jnp.asarray(batch["image"], jnp.float32), eps, t)
-    return x_t, t, batch["label"]
+def dropped_labels(batch, label_dropout: float, null_label: int) -> jax.Array:
+    """``batch['label']`` with each replaced by ``null_label`` with probability
+    ``label_dropout``, the draw fixed by ``batch['noise_seed']``."""
+    seeds = jnp.asarray(batch["noise_seed"], jnp.uint32)
+    u = jax.vmap(lambda s: jax.random.uniform(jax.random.fold_in(jax.random.key(s), 2)))(seeds)
+    return jnp.where(u < label_dropout, null_label, jnp.asarray(batch["label"], jnp.int32))
 
 
 def _terms(outputs, batch):
@@ -63,7 +65,20 @@ def _terms(outputs, batch):
     return {"loss": per_example.sum(), "weight": jnp.float32(per_example.shape[0])}
 
 
-def flow_objective() -> Objective:
-    """The rectified-flow objective; the model is called ``model(x_t, t, label)``."""
-    return Objective(name="flow_matching", inputs=_inputs,
+def flow_objective(label_dropout: float = 0.0, null_label: int | None = None) -> Objective:
+    """The rectified-flow objective; the model is called ``model(x_t, t, label)``, the
+    label dropped to ``null_label`` with probability ``label_dropout`` (module docstring)."""
+    if not 0 <= label_dropout < 1 or (label_dropout > 0 and null_label is None):
+        raise ValueError(f"label_dropout must be in [0, 1) and, when > 0, come with a "
+                         f"null_label (the model's null class id, e.g. n_classes); got "
+                         f"label_dropout={label_dropout}, null_label={null_label}")
+
+    def inputs(batch):
+        eps, t = noise_and_time(batch)
+        x_t, _ = flow_pair(jnp.asarray(batch["image"], jnp.float32), eps, t)
+        labels = (dropped_labels(batch, label_dropout, null_label) if label_dropout
+                  else batch["label"])
+        return x_t, t, labels
+
+    return Objective(name="flow_matching", inputs=inputs,
                      weight=lambda batch: jnp.float32(batch["label"].shape[0]), terms=_terms)

@@ -37,7 +37,8 @@ def make_model(config, kind: str, n_classes: int, channels: int) -> DiT:
     m = config.model
     shared = dict(image_size=config.data.size, channels=channels, patch_size=m.patch_size,
                   d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
-                  n_classes=n_classes, freq_dim=m.freq_dim)
+                  n_classes=n_classes, freq_dim=m.freq_dim,
+                  null_class=config.train.label_dropout > 0)
     if kind == "moe":
         return DiT(**shared, n_experts=m.n_experts, top_k=m.top_k, d_expert=m.d_expert,
                    d_shared=m.d_shared, balance_coef=m.balance_coef)
@@ -90,14 +91,26 @@ def expert_edits(model, params, images, labels, t_values, seed: int) -> dict:
 
 
 def sample(model, params, config, n_classes: int, channels: int, seed: int, sites=()):
-    """Class-conditional samples from fixed noise: ``(samples in [0, 1], labels, cache)``."""
+    """Class-conditional samples from fixed noise: ``({guidance: samples in [0, 1]},
+    labels, cache of the guided run)``, for ``analysis.guidance`` and, where it is not 1,
+    for 1 (no guidance) from the same noise, both from one compiled sampler."""
     a = config.analysis
+    if a.guidance != 1 and not model.null_class:
+        raise ValueError(f"analysis.guidance={a.guidance} needs a null class: set "
+                         f"train.label_dropout > 0 (or analysis.guidance=1)")
     labels = np.repeat(np.arange(n_classes), a.samples_per_class).astype(np.int32)
     shape = (len(labels), config.data.size, config.data.size, channels)
     noise = np.random.default_rng([seed, 1]).normal(size=shape).astype(np.float32)
-    images, cache = jax.jit(lambda p, z, y: euler_sample(
-        model, p, z, a.sampling_steps, sites=sites, y=y))(params, noise, labels)
-    return np.clip((np.asarray(images) + 1) / 2, 0, 1), labels, cache
+    null = {"null_kwargs": {"y": np.full_like(labels, n_classes)}} if model.null_class else {}
+    run = jax.jit(lambda p, z, y, w: euler_sample(
+        model, p, z, a.sampling_steps, sites=sites, y=y, **({"guidance": w, **null}
+                                                             if null else {})))
+    out, cache = {}, None
+    for w in dict.fromkeys((float(a.guidance), 1.0)):
+        images, read = run(params, noise, labels, jnp.float32(w))
+        out[w] = np.clip((np.asarray(images) + 1) / 2, 0, 1)
+        cache = read if cache is None else cache
+    return out, labels, cache
 
 
 def final_train_loss(path: Path) -> float:
@@ -116,9 +129,13 @@ def analyse(config, kind, trained, judge, data, real_features, n_classes, channe
     out = {"loss_by_t": loss_at(model, params, x_test, y_test, a.t_values, config.seed)}
     out["loss"] = float(out["loss_by_t"].mean())
     sites = ("moe.weights",) if kind == "moe" else ()
-    samples, labels, cache = sample(model, params, config, n_classes, channels, config.seed,
-                                    sites)
+    by_scale, labels, cache = sample(model, params, config, n_classes, channels,
+                                     config.seed, sites)
+    samples = by_scale[float(a.guidance)]
     out["quality"] = sample_quality(judge, samples, labels, real_features, n_classes)
+    if a.guidance != 1:   # the same noise without guidance, for comparison
+        out["quality_unguided"] = sample_quality(judge, by_scale[1.0], labels,
+                                                 real_features, n_classes)
     out["active_mlp_params"] = model.active_mlp_params()
     out["info"] = trained.info
     out["train_loss"] = final_train_loss(Path(trained.info["folder"]) / "metrics.jsonl")
@@ -153,8 +170,10 @@ def run(config, workdir):
                         model, source, kit.train_config(config.train, seed=seed,
                                                         progress=config.progress),
                         r.workdir / "models" / kind / f"seed{seed}",
-                        data_spec=config.data.to_dict(), retrain=config.retrain,
-                        objective=flow_objective())
+                        data_spec={**config.data.to_dict(),
+                                   "label_dropout": config.train.label_dropout},
+                        retrain=config.retrain, objective=flow_objective(
+                            config.train.label_dropout, n_classes))
                 with r.phase(f"{kind}/analysis"):
                     result, arrays = analyse(config, kind, trained, judge, data,
                                              real_features, n_classes, channels, seed)
