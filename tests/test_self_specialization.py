@@ -58,6 +58,8 @@ def test_filter_drops_duplicates_malformed_and_near_copies_of_seeds():
     kept, dropped = filtering.filter_pairs(pairs, [q for q, _ in data.SEEDS], max_rouge=0.7)
     assert kept == [ok]
     assert dropped == {"duplicate": 1, "format": 5, "length": 2, "similar": 1, "empty": 1}
+    assert filtering.filter_pairs([ok], [], max_rouge=0.7)[1] == dict.fromkeys(
+        filtering.REASONS, 0)  # every reason listed: seeds aggregate key by key
     assert sum(dropped.values()) + len(kept) == len(pairs)
 
 
@@ -90,14 +92,14 @@ def test_sampling_goes_through_the_kv_cache_and_matches_a_no_cache_loop(tiny, mo
     prompts = ["Q: What does `os.getcwd` do?\nQ:", pipeline.chat("Hi")]
     texts = pipeline.sample_texts(tiny, prompts, 3, temperature=0.0, top_k=None, seed=0)
     assert len(calls) == 1  # one batched KV-cache prefill + scanned decode
-    forward = jax.jit(lambda t: tiny.model.apply({"params": tiny.params}, t))
+    forward = jax.jit(lambda p, t: tiny.model.apply({"params": p}, t))
     width = max(tiny.to_tokens(p).shape[1] for p in prompts) + 3
     for prompt, text in zip(prompts, texts):
         ids = list(np.asarray(tiny.to_tokens(prompt))[0])
         for _ in range(3):  # reference: the whole forward again at every step, no cache
             row = np.zeros((1, width), np.int32)  # right padding: causal, never attended
             row[0, :len(ids)] = ids
-            ids.append(int(np.argmax(forward(row)[0, len(ids) - 1])))
+            ids.append(int(np.argmax(forward(tiny.params, row)[0, len(ids) - 1])))
         assert text == tiny.to_string(ids[-3:])
     sampled = pipeline.sample_texts(tiny, prompts, 2, temperature=0.9, top_k=5, seed=1)
     assert len(calls) == 2 and len(sampled) == 2

@@ -12,12 +12,12 @@ would make two questions about different functions 0.6-0.8 similar.
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Sequence
 
 from mechinterp.experiments.self_specialization.data import STOP, words
 
 MARKERS = ("<|im_start|>", "<|im_end|>", "Q:", "A:", "Reference:")
+REASONS = ("empty", "format", "length", "duplicate", "similar")
 
 
 def rouge_l(candidate: str, reference: str, content_only: bool = False) -> float:
@@ -62,10 +62,11 @@ def answer_problem(text: str, min_words: int, max_words: int) -> str | None:
 
 def filter_pairs(pairs: Sequence[tuple[str, str]], seeds: Sequence[str], *, max_rouge: float,
                  instruction_words=(3, 30), answer_words=(3, 40)):
-    """``(kept pairs, {reason: count})``; reasons: empty, format, length (instruction or
+    """``(kept pairs, {reason: count})`` (every reason listed, 0 included, so seeds
+    aggregate); reasons: empty, format, length (instruction or
     answer), duplicate, similar (ROUGE-L with a seed or kept instruction >= max_rouge). An
     answer ``None`` is not checked (instructions filtered before they are answered)."""
-    kept, dropped, seen = [], collections.Counter(), set()
+    kept, dropped, seen = [], dict.fromkeys(REASONS, 0), set()
     pool = list(seeds)
     for instruction, answer in pairs:
         reason = instruction_problem(instruction, *instruction_words)
@@ -83,4 +84,4 @@ def filter_pairs(pairs: Sequence[tuple[str, str]], seeds: Sequence[str], *, max_
         seen.add(key)
         pool.append(instruction)
         kept.append((instruction.strip(), answer if answer is None else answer.strip()))
-    return kept, dict(dropped)
+    return kept, dropped
