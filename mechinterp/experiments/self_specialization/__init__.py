@@ -81,6 +81,23 @@ def layer_ablation(scorer, base, adapter, alpha, rows, n_groups: int) -> dict:
     return {"groups": groups, "delta_nll": deltas, "full_nll": full}
 
 
+def self_data(lm, config, passages, seed: int, variant: str):
+    """Training pairs of ``variant`` (seeds, plus the kept generated pairs unless
+    ``seeds_only``), the filter counts, and the first kept pairs with their passages."""
+    seed_pairs = list(data.SEEDS)
+    if variant == "seeds_only":
+        return seed_pairs, {}, None
+    g = config.generate
+    pairs, found, stage = pipeline.self_generate(lm, g, passages, np.random.default_rng(seed),
+                                                 seed, retrieval=variant == "selfspec")
+    kept, dropped = filtering.filter_pairs(pairs, [q for q, _ in seed_pairs],
+                                           max_rouge=g.max_rouge)
+    info = {"generated": g.n_candidates, "kept": len(kept), "dropped": {
+        **stage["instructions"], **{f"answer_{k}": v for k, v in dropped.items()}}}
+    shown = {"seed": seed, "kept": [(q, a, found.get(q, "-")) for q, a in kept[:8]]}
+    return seed_pairs + kept, info, shown
+
+
 @kit.job
 def run(config, workdir):
     with kit.Run(config, workdir) as r:
@@ -92,7 +109,6 @@ def run(config, workdir):
             t, e = config.tune, config.eval
             eval_rows = pipeline.encode_pairs(lm, data.eval_pairs(e.n_eval, config.seed),
                                               t.seq_len)
-            seed_pairs = list(data.SEEDS)
             scorer = Scorer(lm.model, e.chunk)
             apply = lambda p, x: lm.model.apply({"params": p}, x)  # noqa: E731
             nll = domain.lm_loss(apply)
@@ -105,33 +121,24 @@ def run(config, workdir):
             one = {"base": base_scores}
             for variant in config.variants:
                 with r.phase(f"seed{seed}/{variant}"):
-                    pool, info = seed_pairs, {}
-                    if variant != "seeds_only":
-                        pairs, found, stage = pipeline.self_generate(
-                            lm, config.generate, passages, np.random.default_rng(seed), seed,
-                            retrieval=variant == "selfspec")
-                        kept, dropped = filtering.filter_pairs(
-                            pairs, [q for q, _ in seed_pairs], max_rouge=config.generate.max_rouge)
-                        pool = seed_pairs + kept
-                        info = {"generated": config.generate.n_candidates, "kept": len(kept),
-                                "dropped": {**stage["instructions"], **{
-                                    f"answer_{k}": v for k, v in dropped.items()}}}
-                        extra.setdefault(variant, []).append(
-                            {"seed": seed, "kept": [(q, a, found.get(q, "-")) for q, a in kept[:8]]})
+                    pool, info, shown = self_data(lm, config, passages, seed, variant)
+                    if shown:
+                        extra.setdefault(variant, []).append(shown)
                     rows = pipeline.encode_pairs(lm, pool, t.seq_len)
-                    adapter = peft.lora_init(lm.params, LORA_TARGETS, t.rank, jax.random.key(seed))
+                    adapter = peft.lora_init(lm.params, LORA_TARGETS, t.rank,
+                                             jax.random.key(seed))
                     it = _with_base(domain.batches(rows, t.batch_size, seed + 1000), lm.params)
                     adapter, losses, sec = domain.tune(loss, adapter, tx, it, t.steps)
                     merged = peft.merge(lm.params, adapter, t.alpha)
                     one[variant] = {**evaluate(lm, merged, scorer, eval_rows, e),
                                     "train_pairs": len(pool), "seconds": sec,
                                     "final_loss": float(losses[-1]), **info}
-                    if index == 0 and variant == "selfspec" and config.analysis.n_groups:
-                        sub = dataclasses.replace(eval_rows, tokens=eval_rows.tokens[
-                            :config.analysis.n_rows], loss_mask=eval_rows.loss_mask[
-                            :config.analysis.n_rows])
+                    a = config.analysis
+                    if index == 0 and variant == "selfspec" and a.n_groups:
+                        sub = dataclasses.replace(eval_rows, tokens=eval_rows.tokens[:a.n_rows],
+                                                  loss_mask=eval_rows.loss_mask[:a.n_rows])
                         extra["ablation"] = layer_ablation(scorer, lm.params, adapter, t.alpha,
-                                                           sub, config.analysis.n_groups)
+                                                           sub, a.n_groups)
             one["trainable_fraction"] = peft.lora_size(adapter) / sum(
                 x.size for x in jax.tree.leaves(lm.params))
             per_seed.append(one)
