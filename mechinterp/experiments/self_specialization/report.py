@@ -65,7 +65,9 @@ def lines(config, results: dict, timings: dict) -> list[str]:
         "built offline), scored by teacher-forced perplexity / token accuracy, not by "
         "the paper's downstream task metrics.",
         "- Retrieval is lexical overlap over one-sentence docstring passages (the paper "
-        "uses a BM25/dense retriever over PubMed); answers keep the first sentence only.",
+        "uses a BM25/dense retriever over PubMed); answers keep the first sentence only. "
+        "The model mostly asks about builtins that are not in the corpus, so many answer "
+        "prompts get no passage or an unrelated one (see the kept pairs above).",
         "- Self-specialized LoRA trains on the seeds plus the kept pairs; the baseline on "
         "the seeds alone, with the same steps. No model-perplexity filter.",
         "", f"Timings: {kit.timings_line(timings)}.",
