@@ -154,3 +154,23 @@ def test_mean_iou_matches_sklearn_and_hcl_matches_numpy():
     ref = ((np.mean((fs - ft) ** 2) + 0.5 * np.mean((pool[0] - pool[1]) ** 2)
             + 0.25 * np.mean((fs.mean((1, 2)) - ft.mean((1, 2))) ** 2)) / 1.75)
     assert float(hcl([jnp.asarray(fs)], [jnp.asarray(ft)])) == pytest.approx(ref, rel=1e-5)
+
+
+def test_glmixer_zero_weights_is_identity_and_distiller_reaches_teacher_channels():
+    from mechinterp.experiments.transkd.distill import Distiller, GLMixer
+
+    e = jax.random.normal(jax.random.key(0), (2, 2, 2, 4))
+    mixer = GLMixer(n_heads=2)
+    variables = mixer.init(jax.random.key(1), e)
+    zeroed = {**variables["params"], "w_global": jnp.float32(0), "w_local": jnp.float32(0)}
+    np.testing.assert_allclose(mixer.apply({"params": zeroed}, e), e)
+    assert np.abs(np.asarray(mixer.apply(variables, e) - e)).max() > 1e-3
+    teacher = SegConfig(dims=(10, 14), depths=(1, 1), heads=(2, 2), sr_ratios=(2, 1),
+                        strides=(4, 2), image_size=16)
+    images = jnp.zeros((2, 16, 16, 3))
+    feats = [jnp.ones((2, 4, 4, 8)), jnp.ones((2, 2, 2, 12))]
+    for embeds in ("glmixer", "ea"):
+        distiller = Distiller(TINY, teacher, "csf", embeds)
+        f, out = distiller.apply(distiller.init(jax.random.key(2), images, feats, feats),
+                                 images, feats, feats)
+        assert [a.shape for a in f] == [a.shape for a in out] == [(2, 4, 4, 10), (2, 2, 2, 14)]
