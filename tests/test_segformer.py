@@ -163,14 +163,36 @@ def test_glmixer_zero_weights_is_identity_and_distiller_reaches_teacher_channels
     mixer = GLMixer(n_heads=2)
     variables = mixer.init(jax.random.key(1), e)
     zeroed = {**variables["params"], "w_global": jnp.float32(0), "w_local": jnp.float32(0)}
-    np.testing.assert_allclose(mixer.apply({"params": zeroed}, e), e)
-    assert np.abs(np.asarray(mixer.apply(variables, e) - e)).max() > 1e-3
+    apply = jax.jit(mixer.apply)
+    np.testing.assert_allclose(apply({"params": zeroed}, e), e)
+    assert np.abs(np.asarray(apply(variables, e) - e)).max() > 1e-3
     teacher = SegConfig(dims=(10, 14), depths=(1, 1), heads=(2, 2), sr_ratios=(2, 1),
                         strides=(4, 2), image_size=16)
     images = jnp.zeros((2, 16, 16, 3))
     feats = [jnp.ones((2, 4, 4, 8)), jnp.ones((2, 2, 2, 12))]
-    for embeds in ("glmixer", "ea"):
+    for embeds in ("glmixer", "ea"):  # shapes only: jax.eval_shape compiles nothing
         distiller = Distiller(TINY, teacher, "csf", embeds)
-        f, out = distiller.apply(distiller.init(jax.random.key(2), images, feats, feats),
-                                 images, feats, feats)
+        f, out = jax.eval_shape(lambda: distiller.apply(
+            distiller.init(jax.random.key(2), images, feats, feats), images, feats, feats))
         assert [a.shape for a in f] == [a.shape for a in out] == [(2, 4, 4, 10), (2, 2, 2, 14)]
+
+
+def test_transkd_smoke_reports_miou_flops_and_claims(smoke_run):
+    import json
+
+    workdir = smoke_run("transkd")
+    results = json.loads((workdir / "results.json").read_text())
+    models = results["models"]
+    assert list(models) == ["teacher", "plain", "ea"]
+    for m in models.values():
+        assert len(m["per_seed"]) == 2 and np.isfinite(m["final_loss"]).all()
+        assert all(0 <= s["miou"] <= 1 for s in m["per_seed"])
+        assert m["summary"]["miou"]["n"] == 2
+    cost = results["cost"]
+    assert 0 < cost["student"]["gflops"] < cost["teacher"]["gflops"]
+    assert cost["flops_reduction"] == pytest.approx(
+        1 - cost["student"]["gflops"] / cost["teacher"]["gflops"])
+    claims = {c["claim"]: c["reproduced"] for c in results["claims"]}
+    assert len(claims) == 6 and claims["EA helps"] is None  # Base not in the smoke preset
+    report = (workdir / "report.md").read_text()
+    assert "| TransKD-EA (Base + EA) | csf / ea |" in report

@@ -1,20 +1,16 @@
 """TransKD's distillation modules and losses (Liu et al., 2023), on the student's sites.
 
-The student's stage feature maps (``s{i}.features``) and patch embeddings
-(``s{i}.patch_embed``) are read from its ``intermediates``; :class:`Distiller` maps them to
-the teacher's channels, and the loss compares them with the teacher's same sites:
-
-- ``linear``: a 1x1 projection per stage (plain feature-map KD, FitNets-style);
-- ``csf``, Cross Selective Fusion: deepest stage first, each stage's projected map is fused
-  with the previous (deeper, nearest-upsampled) fused map by channel attention,
-  ``f = a * x + (1 - a) * up(y)``, ``a = softmax_2(W_k relu(W gap(x + up(y))))``, then a
-  3x3 conv to the teacher's channels;
-- ``pea``, Patch Embedding Alignment: a linear map of each stage's embedding;
-- ``glmixer``: PEA after a Global-Local Context Mixer on the embedding,
-  ``e + w_g attn(e) + w_l conv(e) * sigmoid(conv'(e))``;
-- ``ea``, Embedding Assistant: PEA plus an extra overlapping patch embedding with the
-  teacher's channels of the stage's input, ``w_p pea(e) + w_a embed(input)``.
-Feature maps use ReviewKD's hierarchical context loss (:func:`hcl`), embeddings MSE.
+:class:`Distiller` maps the student's stage maps (``s{i}.features``) and patch embeddings
+(``s{i}.patch_embed``) to the teacher's channels, compared with the teacher's same sites:
+``linear``, a 1x1 projection per stage (plain feature-map KD); ``csf``, Cross Selective
+Fusion: deepest stage first, each projected map is fused with the deeper fused map
+(nearest-upsampled) by channel attention, ``f = a x + (1 - a) up(y)`` with
+``a = softmax_2(W_k relu(W gap(x + up(y))))``, then a 3x3 conv; ``pea``, Patch Embedding
+Alignment, a linear map of each embedding; ``glmixer``, PEA after the Global-Local Context
+Mixer ``e + w_g attn(e) + w_l conv(e) sigmoid(conv'(e))``; ``ea``, Embedding Assistant,
+PEA plus an extra overlapping patch embedding (teacher's channels) of the stage's input,
+``w_p pea(e) + w_a embed(input)``. Feature maps use ReviewKD's hierarchical context loss
+(:func:`hcl`), embeddings MSE.
 """
 
 from __future__ import annotations
