@@ -18,11 +18,10 @@ from __future__ import annotations
 import colorsys
 import dataclasses
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
-from mechinterp.train.data import _config_name, prepare
+from mechinterp.train.data import SeededSplits, _config_name, prepare
 from mechinterp.train.images import _background
 from mechinterp.train.shapes import SHAPES, _shape_mask, _texture
 
@@ -85,12 +84,8 @@ class SegShapesConfig(tfds.core.BuilderConfig):
     seed: int = 0
 
 
-class SegShapes(tfds.core.GeneratorBasedBuilder):
+class SegShapes(SeededSplits):
     """The scenes of the module docstring (one config directory per setting)."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First version."}
-    code_path = None  # nothing to download, no checksums file (see data.SyntheticTasks)
 
     def _info(self) -> tfds.core.DatasetInfo:
         c = self.builder_config
@@ -101,19 +96,11 @@ class SegShapes(tfds.core.GeneratorBasedBuilder):
                 "mask": tfds.features.Tensor(shape=(c.size, c.size), dtype=np.int32)}),
             metadata=tfds.core.MetadataDict(classes=["background", *c.shapes]))
 
-    def _split_generators(self, dl_manager):
-        del dl_manager
+    def example(self, rng: np.random.Generator) -> dict:
         c = self.builder_config
-        return {"train": self._generate_examples("train", c.n_train),
-                "test": self._generate_examples("test", c.n_test)}
-
-    def _generate_examples(self, split: str, n: int):
-        c = self.builder_config
-        rng = np.random.default_rng([c.seed, split == "test"])
-        for k in range(n):
-            image, mask = render_scene(c.size, rng, shapes=c.shapes, n_objects=c.n_objects,
-                                       domain=c.domain)
-            yield f"{k}", {"inputs": image, "mask": mask}
+        image, mask = render_scene(c.size, rng, shapes=c.shapes, n_objects=c.n_objects,
+                                   domain=c.domain)
+        return {"inputs": image, "mask": mask}
 
 
 def build_seg_shapes(*, data_dir: str | Path, size: int = 32, n_train: int = 512,
