@@ -37,10 +37,10 @@ def test_reduction_ratio_one_is_plain_attention_float64():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 9, 6))
     attn = SRAttention(n_heads=2, sr_ratio=1, side=3, prefix="")
+    shapes = jax.eval_shape(attn.init, jax.random.key(0), jnp.asarray(x, jnp.float32))
     params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32),
-                          nn.meta.unbox(attn.init(jax.random.key(0),
-                                                  jnp.asarray(x, jnp.float32))["params"]))
-    out = attn.apply({"params": params}, jnp.asarray(x, jnp.float32))
+                          nn.meta.unbox(shapes["params"]))
+    out = jax.jit(attn.apply)({"params": params}, jnp.asarray(x, jnp.float32))
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     q, k, v = (np.einsum("bte,ehd->bthd", x, p[w]) + p[b]
                for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
@@ -51,8 +51,8 @@ def test_reduction_ratio_one_is_plain_attention_float64():
                          p["wo"]) + p["bo"]
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
     reduced = SRAttention(n_heads=2, sr_ratio=3, side=3, prefix="")
-    r_params = reduced.init(jax.random.key(1), jnp.asarray(x, jnp.float32))
-    assert reduced.apply(r_params, jnp.asarray(x, jnp.float32)).shape == x.shape
+    assert jax.eval_shape(lambda v: reduced.apply(reduced.init(jax.random.key(1), v), v),
+                          jnp.asarray(x, jnp.float32)).shape == x.shape
 
 
 def _bilinear(x, side):
@@ -161,7 +161,7 @@ def test_glmixer_zero_weights_is_identity_and_distiller_reaches_teacher_channels
 
     e = jax.random.normal(jax.random.key(0), (2, 2, 2, 4))
     mixer = GLMixer(n_heads=2)
-    variables = mixer.init(jax.random.key(1), e)
+    variables = random_variables(mixer, e)
     zeroed = {**variables["params"], "w_global": jnp.float32(0), "w_local": jnp.float32(0)}
     apply = jax.jit(mixer.apply)
     np.testing.assert_allclose(apply({"params": zeroed}, e), e)
