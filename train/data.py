@@ -79,6 +79,30 @@ def _config_name(*settings) -> str:
     return f"m{digest[:16]}"
 
 
+class SeededSplits(tfds.core.GeneratorBasedBuilder):
+    """Base of a generated image set: splits ``train`` / ``test`` of ``config.n_train`` /
+    ``config.n_test`` examples, each split drawn by ``example(rng)`` from one generator
+    seeded with ``(config.seed, split == "test")``. Subclasses give ``_info``, ``example``."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First version."}
+    code_path = None  # nothing to download, no checksums file (see SyntheticTasks)
+
+    def example(self, rng: np.random.Generator) -> dict:
+        raise NotImplementedError
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        c = self.builder_config
+        return {"train": self._generate_examples("train", c.n_train),
+                "test": self._generate_examples("test", c.n_test)}
+
+    def _generate_examples(self, split: str, n: int):
+        rng = np.random.default_rng([self.builder_config.seed, split == "test"])
+        for k in range(n):
+            yield f"{k}", self.example(rng)
+
+
 def prepare(builder_class: type[tfds.core.GeneratorBasedBuilder],
             config: tfds.core.BuilderConfig, data_dir: str | Path):
     """``builder_class(config)`` in ``data_dir`` as ``array_record``, generated once (later

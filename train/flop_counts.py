@@ -57,3 +57,11 @@ def mfu(flops: float, seconds: float, n_devices: int, peak_per_device: float | N
     if not peak_per_device or seconds <= 0:
         return None
     return flops / seconds / (n_devices * peak_per_device)
+
+
+def xla_flops(fn, *args, **kwargs) -> float:
+    """FLOPs of ``fn(*args, **kwargs)`` by XLA's cost analysis of the compiled program
+    (arrays or ``jax.ShapeDtypeStruct``; nothing runs). Counts every op XLA does
+    (convolutions and elementwise work too), but a loop body only once: unroll loops."""
+    compiled = jax.jit(fn).lower(*args, **kwargs).compile()
+    return float((compiled.cost_analysis() or {}).get("flops", 0.0))
