@@ -3,7 +3,6 @@ active parameters, and where experts specialize (time step, class, position).
 
     mechinterp run configs/dit_moe.py                 # default: 3 seeds
     mechinterp run configs/dit_moe.py preset=smoke    # seconds; the CI smoke test
-    mechinterp run configs/dit_moe.py preset=long     # 2x steps: recognisable samples
 
 Trains a class-conditional rectified-flow DiT-MoE and a dense DiT per seed on sklearn
 digits at their native 8x8 (``data.kind=shapes``: coloured shapes on textured
@@ -19,7 +18,6 @@ from mechinterp.experiments import kit
 
 PRESETS = {
     "default": {},
-    "long": {"train.steps": 2400, "train.repeats": 120},  # recognisable samples; unmeasured
     "smoke": {"seeds": 1, "data.size": 8, "model.patch_size": 4, "model.d_model": 16,
               "model.n_layers": 1, "model.n_heads": 2, "model.n_experts": 4, "model.d_expert": 8,
               "model.d_shared": 8, "model.freq_dim": 16, "train.steps": 30,
@@ -54,11 +52,11 @@ def get_config(arg=None):
     c.model.balance_coef = 0.01
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 1200
+    c.train.steps = 2400
     c.train.batch_size = 64
     c.train.learning_rate = 2e-3
     c.train.warmup_steps = 50
-    c.train.repeats = 60  # passes over the images, each with fresh noise and times
+    c.train.repeats = 120  # passes over the images, each with fresh noise and times
     c.train.label_dropout = 0.1  # classifier-free guidance: labels dropped to a null class
 
     c.judge = ml_collections.ConfigDict()
