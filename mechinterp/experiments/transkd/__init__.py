@@ -8,7 +8,7 @@ with EA. Students read their feature maps and patch embeddings from their own si
 teacher's are read once from its sites for the whole training set. Scores: test mIoU
 (:mod:`mechinterp.experiments.kit.segmentation`) and forward FLOPs from XLA's cost analysis
 (:func:`mechinterp.train.flop_counts.xla_flops`). One compiled call trains every seed of a
-model (:func:`mechinterp.experiments.kit.scan_fit.fit_seeds`).
+model (:func:`mechinterp.experiments.kit.seed_fit.fit_seeds`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from mechinterp.experiments import kit
-from mechinterp.experiments.kit.scan_fit import fit_seeds, init_seeds
+from mechinterp.experiments.kit.seed_fit import fit_seeds, init_seeds
 from mechinterp.experiments.kit.segmentation import class_iou, mean_iou
 from mechinterp.experiments.transkd import report
 from mechinterp.experiments.transkd.distill import METHODS, Distiller, hcl, mse
