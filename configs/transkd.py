@@ -1,6 +1,6 @@
 """TransKD (Liu et al., 2023), small: SegFormer teacher -> student distillation variants.
 
-    mechinterp run configs/transkd.py                 # default: 3 seeds (> 20 CPU-minutes)
+    mechinterp run configs/transkd.py                 # default: 3 seeds (~11 CPU-minutes)
     mechinterp run configs/transkd.py preset=smoke    # seconds; the CI smoke test
 
 Per seed a SegFormer-style teacher is trained on synthetic shape segmentation, then a
