@@ -29,12 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from mechinterp import sweep_run, validate
+from mechinterp import sweep_cells, sweep_run, validate
 from mechinterp.site_io import SiteInfo, _CallSignature, _hashable, intervene, list_sites
 from mechinterp.family import Resumable, SelectsOutputs, has, require
 from mechinterp.jaxpr_flops import matmul_flops
 from mechinterp.interventions import Intervention
 from mechinterp.metrics import Metric
+from mechinterp.sweep_cells import POSITION_AXES
 from mechinterp.sweep_mesh import grid_digest, placement
 from mechinterp.sweep_run import (OUTPUT_SHAPES, Runner, balanced, map_in_chunks,  # noqa: F401
                                   once_per_shapes, shape_key)
@@ -49,7 +50,6 @@ FLOPS_PER_POSITION_BLOCK = 1e11
 # spanning layers) where that is fewer tokens than this; each call has a fixed cost.
 MIN_CHUNK_TOKENS = 256
 LAYER_AXIS = "layer"
-POSITION_AXES = ("pos", "query_pos")  # a patch there changes this position and later ones
 
 
 @dataclasses.dataclass
@@ -58,8 +58,11 @@ class SweepResult:
 
     ``np.asarray(result)`` gives the values; :meth:`to_pandas` a long-form DataFrame.
     ``cost`` (when the sweep engine produced it): ``flops``, the matmul FLOPs executed
-    (padding included; skipped layers left out), ``naive_flops``, those of one full
-    forward with full logits per cell (how TransformerLens evaluates a grid), ``groups``,
+    (padding included; skipped layers left out; with ``skip_unchanged``, the one
+    unintervened forward included), ``naive_flops``, those of one full
+    forward with full logits per cell (how TransformerLens evaluates a grid), ``skipped``,
+    the cells not run because their intervention changes nothing, ``baseline_s``, the time
+    of the unintervened run that found them (its compilation included), ``groups``,
     the computations run, ``chunks``, their calls, ``compiles`` and ``compile_s`` (0 when
     every compilation was cached: trace, lower and compile), ``run_s``, and ``peak_bytes``, the most an executable holds
     (arguments, outputs, temporaries: XLA's memory analysis), per device; ``devices``, how
@@ -207,20 +210,6 @@ def _resume_state(model, params, inputs, model_kwargs, info, reuse):
     return state
 
 
-def _windows(cells, grid_axes, seq_len, last_first_pos, position_blocks):
-    """``{first_pos: cell rows}``: the window of positions each cell runs, ``[first_pos:]``
-    with ``first_pos`` the start of the cell's block of positions, but never after
-    ``last_first_pos`` (the first position the metric reads, or 0 when it reads them all).
-    Rows stay in grid order, so sorted by layer when the layer axis comes first."""
-    pos_axes = [k for k, axis in enumerate(grid_axes) if axis in POSITION_AXES]
-    first = np.zeros(len(cells), np.int64)
-    if pos_axes and last_first_pos > 0:
-        starts = np.unique([seq_len * b // position_blocks for b in range(position_blocks)])
-        first = starts[np.searchsorted(starts, cells[:, pos_axes[0]], side="right") - 1]
-        first = np.minimum(first, last_first_pos)
-    return {int(p): np.flatnonzero(first == p) for p in np.unique(first)}
-
-
 # ---------------------------------------------------------------------------------------
 # The cell function: one per (site, grid, call signature or window, metric type), cached
 # across calls so a repeated sweep reuses its compilation. Every array is an argument.
@@ -315,6 +304,7 @@ def sweep(
     labels: Mapping[str, list] | None = None,
     reuse: bool | None = None,
     position_blocks: int | None = None,
+    skip_unchanged: bool = True,
     mesh=None,
     rules=None,
 ) -> SweepResult:
@@ -330,6 +320,9 @@ def sweep(
     wherever that is exact, ``True`` demands it, ``False`` runs every cell from the input.
     ``position_blocks``: windows of positions for reuse (default: one per
     :data:`FLOPS_PER_POSITION_BLOCK` naive FLOPs, at most :data:`DEFAULT_POSITION_BLOCKS`).
+    ``skip_unchanged`` (:mod:`mechinterp.sweep_cells`): one unintervened run finds the
+    cells whose intervention changes no element of the site (bit for bit): they get that
+    run's metric without running; resumed cells start at the first position they change.
     ``mesh`` (a :class:`jax.sharding.Mesh` or axis sizes such as ``{"data": -1}``) and
     ``rules`` (default ``DEFAULT_RULES``): cells split over the mesh axes of ``'batch'``,
     params sharded by their logical axes (:mod:`mechinterp.sweep_mesh`); the same values as
@@ -388,13 +381,24 @@ def sweep(
     cells = np.array(list(itertools.product(*map(range, grid_shape))), np.int32).reshape(
         -1, len(grid_axes)
     )
-    naive = len(cells) * _forward_flops(model, params, inputs, model_kwargs)
+    one_forward = _forward_flops(model, params, inputs, model_kwargs)
+    naive = len(cells) * one_forward
+    values = np.zeros(len(cells), np.float32)
+    pos_axis = sweep_cells.position_axis(info)
+    earliest = (cells[:, grid_axes.index(pos_axis)] if pos_axis in grid_axes
+                else np.zeros(len(cells), np.int64))
+    baseline_s = 0.0
+    if skip_unchanged:
+        earliest, values[:], baseline_s = sweep_cells.unintervened(
+            model, params, inputs, model_kwargs, info, grid_axes, cells, source,
+            make_intervention, metric)
+    todo = np.flatnonzero(earliest >= 0)
     state = _resume_state(model, params, inputs, model_kwargs, info, reuse)
     if state is not None:
         state = put(state, "the resume state")
     if state is None:
         per_cell = _bytes_per_cell(model, inputs, model_kwargs)
-        runs = [(np.arange(len(cells)), fn, shared, None, 0)]
+        runs = [(todo, fn, shared, None, 0)] if len(todo) else []
     else:
         per_cell = _bytes_per_resumed_cell(model, inputs, model_kwargs, selects)
         if position_blocks is None:
@@ -402,9 +406,10 @@ def sweep(
                                           DEFAULT_POSITION_BLOCKS))
         layer = grid_axes.index(LAYER_AXIS) if LAYER_AXIS in grid_axes else None
         runs = []
-        for first_pos, rows in _windows(cells, grid_axes, seq_len,
-                                        int(positions.min()) if selects else 0,
-                                        position_blocks).items():
+        for first_pos, rows in sweep_cells.windows(
+                earliest[todo], seq_len, int(positions.min()) if selects else 0,
+                position_blocks).items():
+            rows = todo[rows]
             cell = _make_resumed_cell(model, site_name, info, grid_axes,
                             make_intervention, first_pos, static_metric)
             runs.append((rows, cell, (params, state, source, metric_arg, None if positions
@@ -412,7 +417,6 @@ def sweep(
                                                        "positions")), layer,
                          batch * (seq_len - first_pos)))
 
-    values = np.zeros(len(cells), np.float32)
     budget = None if chunk_size else memory_budget
     chunk_size = chunk_size or max(1, memory_budget // per_cell) * (place.ways if place else 1)
     n_layers = info.shape[0] if info.axes and info.axes[0] == LAYER_AXIS else 1
@@ -430,7 +434,9 @@ def sweep(
             values[rows] = runner.chunks(
                 cell, cells[rows], cell_shared, size, first_of=first_of, budget=budget,
                 layer_flops=lambda first: (n_layers - first) / n_layers)
-    cost = dict(flops=int(runner.flops), naive_flops=int(naive), groups=len(runs),
+    cost = dict(flops=int(runner.flops) + (one_forward if skip_unchanged else 0),
+                naive_flops=int(naive), skipped=len(cells) - len(todo),
+                baseline_s=baseline_s, groups=len(runs),
                 chunks=runner.calls, compiles=runner.compiles, compile_s=runner.compile_s,
                 run_s=runner.run_s, peak_bytes=int(runner.peak_bytes),
                 device_flops=runner.device_flops, devices=place.ways if place else 1)

@@ -101,7 +101,8 @@ GRIDS = ["get_act_patch_resid_pre", "get_act_patch_attn_head_out_all_pos",
 @pytest.mark.parametrize("name", GRIDS)
 def test_reuse_gives_the_same_grid_with_less_work(setup, name):
     model, params, _, corrupted, mask, cache, metric = setup
-    kwargs = dict(progress=False, model_kwargs={"attention_mask": mask})
+    kwargs = dict(progress=False, model_kwargs={"attention_mask": mask},
+                  skip_unchanged=False)  # every cell runs: reuse alone is measured
     plain = getattr(patching, name)(model, params, corrupted, cache, metric, reuse=False,
                                     **kwargs)
     reused = getattr(patching, name)(model, params, corrupted, cache, metric, chunk_size=4,
@@ -149,7 +150,7 @@ def test_compilations_do_not_grow_with_layers_or_positions():
         with CompileCounter() as compiles:
             result = patching.get_act_patch_resid_pre(model, params, tokens, cache, metric,
                                                       progress=False, position_blocks=2,
-                                                      chunk_size=4)
+                                                      chunk_size=4, skip_unchanged=False)
         assert result.cost["groups"] == result.cost["compiles"] == 2
         assert result.cost["compile_s"] > 0 and result.cost["peak_bytes"] > 0
         counts.append(compiles.count)
@@ -186,7 +187,8 @@ def test_executed_flops_are_one_selected_logit_forward_per_cell(setup):
     model, params, _, corrupted, _, cache, metric = setup
     cells = N_LAYERS * SEQ
     result = patching.get_act_patch_resid_pre(model, params, corrupted, cache, metric,
-                                              progress=False, reuse=False, chunk_size=cells)
+                                              progress=False, reuse=False, chunk_size=cells,
+                                              skip_unchanged=False)
     positions, columns = metric.positions(BATCH, SEQ), metric.columns(BATCH)
     one = matmul_flops(lambda p, t: model.apply({"params": p}, t, logit_positions=positions,
                                                 logit_columns=columns), params, corrupted)
