@@ -20,14 +20,16 @@ by-position grid has 3780) runs on TransformerLens as an evenly spaced sample of
 through its own ``generic_activation_patch`` (``index_df``); one cell is one hooked forward,
 so its time is scaled to the grid (rows "TransformerLens (sampled)") and our values are
 compared on the sampled cells. Ours run with default arguments (reuse on
-where exact); ``--no-reuse`` adds ``reuse=False`` rows, ``--position-blocks N`` rows with N
-windows. Printed per grid: TransformerLens's median time (``--tl-runs``; it compiles
+where exact; cells whose patch changes nothing are not run, ``skip_unchanged``);
+``--every-cell`` adds ``skip_unchanged=False`` rows, ``--no-reuse`` ``reuse=False`` rows,
+``--position-blocks N`` rows with N windows. Printed per grid: TransformerLens's median time (``--tl-runs``; it compiles
 nothing), our first call (trace + compile + run; ``cost["compile_s"]``) and the median of
 ``--runs`` later calls, the ratios, FLOPs (TransformerLens: analytic matmul FLOPs of one
 full forward per cell, cross-checked by torch's ``FlopCounterMode``; ours: executed, counted
 from the jaxprs; minimal: each cell's layers from its own and positions from its own, the
-unembedding at the answer only), achieved GFLOP/s and the float32 2048^3 matmul peak
-measured in the same run, peak bytes of our largest executable, and max |ours - TL| (must
+unembedding at the answer only; "min chg": the same for the cells that change something),
+achieved GFLOP/s and the float32 2048^3 matmul peak measured in the same run, the bound
+(TransformerLens's time over "min chg" at that peak), peak bytes of our largest executable, and max |ours - TL| (must
 be <= 1e-4). On SmolLM2, attribution patching (``mechinterp.attribution``) of the head x
 position grid from one forward and one backward, its time and its correlation with the
 exact grid. Timings on a shared CPU are noisy: the load average is printed.
@@ -162,20 +164,30 @@ def grid_shape(cfg, grid):
     return tuple(cfg[k] for k in axes)
 
 
-def minimal_flops(cfg, grid):
+def minimal_flops(cfg, grid, differs=None):
     """Matmul FLOPs of exact patching with perfect reuse: each cell runs the layers from its
     own and (by-position grids) the positions from its own, each query attending to the
-    keys before it, and unembeds two columns at the last position."""
+    keys before it, and unembeds two columns at the last position.
+
+    ``differs`` (per position: do the clean and corrupted tokens differ in some row), for
+    the cells that change something: none before the first differing position (the same
+    prefix, the same activations), none of ``resid_pre`` at layer 0 where the tokens agree
+    (the same embeddings), and all-position cells from the first differing position on."""
     b, t, d, h, kv = (cfg[k] for k in ("batch", "seq", "d_model", "n_heads", "n_kv_heads"))
     dh, n = d // h, cfg["n_layers"]
     projections = d * h * dh + 2 * d * kv * dh + h * dh * d + 3 * d * cfg["d_mlp"]
+    differs = np.ones(t, bool) if differs is None else np.asarray(differs)
+    first_change = int(np.argmax(differs))
 
     def layer(first):  # queries first..t-1
         return 2 * b * (t - first) * projections + 4 * b * h * dh * sum(
             q + 1 for q in range(first, t))
-    firsts = range(t) if "by_pos" in grid or grid == "resid_pre" else [0]
+    by_pos = "by_pos" in grid or grid == "resid_pre"
+    cells = [(l, p) for l in range(n) for p in (range(first_change, t) if by_pos
+                                                   else [first_change])
+             if not (grid == "resid_pre" and l == 0 and not differs[p])]
     heads = h if "head" in grid else 1
-    return heads * sum((n - l) * layer(p) + 2 * b * d * 2 for l in range(n) for p in firsts)
+    return heads * sum((n - l) * layer(p) + 2 * b * d * 2 for l, p in cells)
 
 
 def matmul_peak():
@@ -247,6 +259,8 @@ def run_setup(setup, args, rows, failures):
         model, params = load_hf(folder)
     print(f"\n######## {setup}: {cfg}")
     correct_t, incorrect_t = torch.tensor(correct), torch.tensor(incorrect)
+    differs = (np.asarray(clean) != np.asarray(corrupted)).any(0)
+    print(f"clean and corrupted tokens differ at positions {np.flatnonzero(differs).tolist()}")
 
     def tl_metric(logits):
         last = logits[:, -1]
@@ -268,6 +282,8 @@ def run_setup(setup, args, rows, failures):
           f"{threads}")
     _, cache = mechinterp.capture(model, params, clean_j, sites=["resid_pre", "attn.z"])
     variants = [("ours, default arguments", {})]
+    if args.every_cell:
+        variants.append(("ours, skip_unchanged=False", dict(skip_unchanged=False)))
     if args.no_reuse:
         variants.append(("ours, reuse=False", dict(reuse=False)))
     variants += [(f"ours, {b} position blocks", dict(position_blocks=b))
@@ -302,7 +318,8 @@ def run_setup(setup, args, rows, failures):
                   f"--tl-max-cells), median {tl_s:.2f} s -> {tl_s * cells / len(sampled):.2f} "
                   "s for the grid")
             tl_s *= cells / len(sampled)
-        common = dict(setup=setup, grid=grid, cells=cells, minimal=minimal_flops(cfg, grid))
+        common = dict(setup=setup, grid=grid, cells=cells, minimal=minimal_flops(cfg, grid),
+                      minimal_changed=minimal_flops(cfg, grid, differs))
         rows.append(dict(common, side="TransformerLens" + ("" if sampled is None else
                                                            " (sampled)"),
                          flops=cells * tl_forward, median=tl_s, rng=float(np.ptp(tl_grid))))
@@ -325,6 +342,7 @@ def run_setup(setup, args, rows, failures):
                   f"{c['compiles']} compiles), later median {later_s:.2f} s, "
                   f"{c['groups']} windows, {c['chunks']} chunks")
             rows.append(dict(common, side=label, groups=c["groups"], flops=c["flops"],
+                             skipped=c["skipped"],
                              median=later_s, first=first_s, compile=c["compile_s"],
                              run=again.cost["run_s"], peak=c["peak_bytes"], diff=diff,
                              ratio=tl_s / later_s, first_ratio=tl_s / first_s))
@@ -371,6 +389,8 @@ def main(argv=None):
                         "spaced, through its own generic_activation_patch) and its time is "
                         "scaled to the grid; our values are compared on those cells")
     parser.add_argument("--no-reuse", action="store_true", help="also time reuse=False")
+    parser.add_argument("--every-cell", action="store_true",
+                        help="also time skip_unchanged=False (no-op cells run too)")
     parser.add_argument("--position-blocks", type=int, action="append", default=None,
                         help="also time this many position windows (repeatable)")
     parser.add_argument("--grids", default=",".join(GRIDS),
@@ -395,17 +415,23 @@ def main(argv=None):
         run_setup(setup, args, rows, failures)
     print(f"\nload average now {os.getloadavg()[0]:.1f}; matmul peak at start {peak:.0f} "
           "GFLOP/s. FLOPs: TL = analytic forward x cells; ours = executed (jaxprs); minimal "
-          "= perfect reuse. GFLOP/s = executed FLOPs / run seconds of a later call.")
-    header = (f"{'setup':<8} {'grid':<21} {'side':<27} {'cells':>5} {'win':>3} "
-              f"{'FLOPs':>8} {'minimal':>8} {'GFLOP/s':>7} {'first s':>7} {'compile':>7} "
+          "= perfect reuse, every cell; min chg = perfect reuse, the cells that change "
+          "something; skip = cells not run. GFLOP/s = executed FLOPs / run seconds of a "
+          "later call; bound = TL seconds / (min chg at the matmul peak).")
+    header = (f"{'setup':<8} {'grid':<21} {'side':<27} {'cells':>5} {'skip':>4} {'win':>3} "
+              f"{'FLOPs':>8} {'minimal':>8} {'min chg':>8} {'bound':>6} {'GFLOP/s':>7} "
+              f"{'first s':>7} {'compile':>7} "
               f"{'median s':>8} {'x TL':>6} {'x TL 1st':>8} {'peak MiB':>8} {'max|diff|':>9}")
     print(header + "\n" + "-" * len(header))
     for r in rows:
         tl = r["side"].startswith("TransformerLens")
         dash = "-"
+        bound = r["median"] / (r["minimal_changed"] / (peak * 1e9)) if tl else None
         print(f"{r['setup']:<8} {r['grid']:<21} {r['side']:<27} {r['cells']:>5} "
+              f"{dash if tl else r['skipped']:>4} "
               f"{dash if tl else r['groups']:>3} {fmt_flops(r['flops']):>8} "
-              f"{fmt_flops(r['minimal']):>8} "
+              f"{fmt_flops(r['minimal']):>8} {fmt_flops(r['minimal_changed']):>8} "
+              f"{format(bound, '.1f') + 'x' if tl else '':>6} "
               f"{r['flops'] / (r['median'] if tl else r['run']) / 1e9:>7.1f} "
               f"{dash if tl else format(r['first'], '.2f'):>7} "
               f"{dash if tl else format(r['compile'], '.2f'):>7} {r['median']:>8.2f} "

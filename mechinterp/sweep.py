@@ -17,10 +17,8 @@ the number of layers and positions. Notes and cost: ``docs/analyses.md`` (sweeps
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
-import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -30,13 +28,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mechinterp import sweep_cells, sweep_run, validate
-from mechinterp.site_io import SiteInfo, _CallSignature, _hashable, intervene, list_sites
+from mechinterp.site_io import (SiteInfo, _CallSignature, _hashable, capture, intervene,
+                                list_sites)
 from mechinterp.family import Resumable, SelectsOutputs, has, require
 from mechinterp.jaxpr_flops import matmul_flops
 from mechinterp.interventions import Intervention
 from mechinterp.metrics import Metric
 from mechinterp.sweep_cells import POSITION_AXES
 from mechinterp.sweep_mesh import grid_digest, placement
+from mechinterp.sweep_result import SweepResult  # noqa: F401  (its public home)
 from mechinterp.sweep_run import (OUTPUT_SHAPES, Runner, balanced, map_in_chunks,  # noqa: F401
                                   once_per_shapes, shape_key)
 
@@ -52,83 +52,14 @@ MIN_CHUNK_TOKENS = 256
 LAYER_AXIS = "layer"
 
 
-@dataclasses.dataclass
-class SweepResult:
-    """Metric values over a grid, with axis names and per-axis labels.
-
-    ``np.asarray(result)`` gives the values; :meth:`to_pandas` a long-form DataFrame.
-    ``cost`` (when the sweep engine produced it): ``flops``, the matmul FLOPs executed
-    (padding included; skipped layers left out; with ``skip_unchanged``, the one
-    unintervened forward included), ``naive_flops``, those of one full
-    forward with full logits per cell (how TransformerLens evaluates a grid), ``skipped``,
-    the cells not run because their intervention changes nothing, ``baseline_s``, the time
-    of the unintervened run that found them (its compilation included), ``groups``,
-    the computations run, ``chunks``, their calls, ``compiles`` and ``compile_s`` (0 when
-    every compilation was cached: trace, lower and compile), ``run_s``, and ``peak_bytes``, the most an executable holds
-    (arguments, outputs, temporaries: XLA's memory analysis), per device; ``devices``, how
-    many ways the cells were split, and ``device_flops``, XLA's FLOP count of what one
-    device ran (its share of the cells, all operations).
-    """
-
-    values: np.ndarray
-    axes: tuple[str, ...]
-    labels: dict[str, list] = dataclasses.field(default_factory=dict)
-    cost: dict[str, float] | None = None
-
-    def __array__(self, dtype=None, copy=None):
-        return self.values if dtype is None else self.values.astype(dtype)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.values.shape
-
-    def to_numpy(self) -> np.ndarray:
-        return self.values
-
-    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
-        """Notebooks show the values as a labelled heatmap
-        (:func:`mechinterp.display.heatmap_html`)."""
-        from mechinterp.display import heatmap_html
-
-        return {"text/html": heatmap_html(self.values, self.axes, self.labels),
-                "text/plain": repr(self)}
-
-    def __treescope_repr__(self, path, subtree_renderer):
-        from mechinterp import treescope_repr
-
-        return treescope_repr.sweep_result(self, path, subtree_renderer)
-
-    def save(self, path) -> None:
-        """Write values, axes, labels and cost to one ``.npz`` file (``mechinterp plot``
-        reads it)."""
-        meta = json.dumps({"axes": list(self.axes), "labels": self.labels, "cost": self.cost})
-        np.savez(path, values=self.values, meta=np.array(meta))
-
-    @classmethod
-    def load(cls, path) -> "SweepResult":
-        with np.load(path) as data:
-            if "values" not in data or "meta" not in data:
-                raise ValueError(f"{path} is not a saved SweepResult (needs 'values' and 'meta')")
-            meta = json.loads(str(data["meta"]))
-            return cls(data["values"], tuple(meta["axes"]), meta["labels"], meta.get("cost"))
-
-    def to_pandas(self):
-        import pandas as pd  # optional: only needed for this conversion
-
-        index = pd.MultiIndex.from_product(
-            [self.labels.get(axis, range(n)) for axis, n in zip(self.axes, self.shape)],
-            names=list(self.axes),
-        )
-        return pd.Series(self.values.reshape(-1), index=index, name="metric").reset_index()
-
-
 def _selects_logits(model, metric) -> bool:
     return isinstance(metric, Metric) and has(model, SelectsOutputs)
 
 
 def evaluate_metric(model, params, inputs, kwargs, metric, interventions,
-                    logit_positions=None):
-    """Run ``model`` with ``interventions`` and reduce its logits with ``metric``.
+                    logit_positions=None, read_site=None):
+    """Run ``model`` with ``interventions`` and reduce its logits with ``metric``;
+    ``read_site``: return ``(value, that site's activation)`` instead.
 
     A :class:`~mechinterp.metrics.Metric` on a family with output selection
     (:class:`~mechinterp.family.SelectsOutputs`) gets only the logits it reads (at
@@ -139,6 +70,7 @@ def evaluate_metric(model, params, inputs, kwargs, metric, interventions,
     if isinstance(metric, Metric) and validate.is_concrete(inputs) and inputs and hasattr(
             inputs[0], "shape"):  # an eager call: check positions and answer ids
         check_sweep_inputs(model, tuple(inputs), kwargs, metric, None)
+    reduce = metric
     if _selects_logits(model, metric):
         if logit_positions is None:
             batch, seq_len = inputs[0].shape[:2]
@@ -146,9 +78,12 @@ def evaluate_metric(model, params, inputs, kwargs, metric, interventions,
         columns = (metric.columns(logit_positions.shape[0])
                    if "columns" in model.selectable_outputs else None)
         kwargs = dict(kwargs, **model.output_selection(logit_positions, columns))
-        logits = intervene(model, params, *inputs, interventions=interventions, **kwargs)
-        return metric.on_selected(logits) if columns is None else metric.on_columns(logits)
-    return metric(intervene(model, params, *inputs, interventions=interventions, **kwargs))
+        reduce = metric.on_selected if columns is None else metric.on_columns
+    if read_site is None:
+        return reduce(intervene(model, params, *inputs, interventions=interventions, **kwargs))
+    outputs, cache = capture(model, params, *inputs, sites=[read_site],
+                             interventions=interventions, **kwargs)
+    return reduce(outputs), cache[read_site]
 
 
 def grid_mask(info: SiteInfo, grid_axes: Sequence[str], index: jax.Array) -> jax.Array:
@@ -272,6 +207,23 @@ def _make_cell(model, site_name, info, grid_axes, make_intervention, signature,
     return cell
 
 
+@cell_maker
+def _make_unintervened(model, site_name, make_intervention, signature, static_metric):
+    """``(metric value, changed, untouched)`` of the run on the inputs without
+    interventions: which elements of the site the full-mask edit changes (bit for bit),
+    and whether the zero-mask edit leaves every element as it is. One compiled program."""
+    def unintervened(params, source, arrays, metric, logit_positions):
+        args, kwargs = signature.rebuild(arrays)
+        value, base = evaluate_metric(
+            model, params, args, kwargs, static_metric if metric is None else metric, {},
+            logit_positions, read_site=site_name)
+        edited, untouched = (make_intervention(source, jnp.full(base.shape, m, jnp.float32))
+                             .apply(base) for m in (1.0, 0.0))
+        return value, edited != base, jnp.all(untouched == base)
+
+    return jax.jit(unintervened)
+
+
 def metric_argument(metric) -> tuple:
     """``(argument, static)``: a metric registered as a pytree travels as a jit argument (no
     recompile per instance); any other callable is part of the cell function."""
@@ -381,17 +333,16 @@ def sweep(
     cells = np.array(list(itertools.product(*map(range, grid_shape))), np.int32).reshape(
         -1, len(grid_axes)
     )
-    one_forward = _forward_flops(model, params, inputs, model_kwargs)
-    naive = len(cells) * one_forward
+    naive = len(cells) * _forward_flops(model, params, inputs, model_kwargs)
     values = np.zeros(len(cells), np.float32)
     pos_axis = sweep_cells.position_axis(info)
     earliest = (cells[:, grid_axes.index(pos_axis)] if pos_axis in grid_axes
                 else np.zeros(len(cells), np.int64))
-    baseline_s = 0.0
+    baseline_flops, baseline_s = 0, 0.0
     if skip_unchanged:
-        earliest, values[:], baseline_s = sweep_cells.unintervened(
-            model, params, inputs, model_kwargs, info, grid_axes, cells, source,
-            make_intervention, metric)
+        earliest, values[:], baseline_flops, baseline_s = sweep_cells.unintervened(
+            _make_unintervened(model, site_name, make_intervention, signature, static_metric),
+            shared, info, grid_axes, cells)
     todo = np.flatnonzero(earliest >= 0)
     state = _resume_state(model, params, inputs, model_kwargs, info, reuse)
     if state is not None:
@@ -434,7 +385,7 @@ def sweep(
             values[rows] = runner.chunks(
                 cell, cells[rows], cell_shared, size, first_of=first_of, budget=budget,
                 layer_flops=lambda first: (n_layers - first) / n_layers)
-    cost = dict(flops=int(runner.flops) + (one_forward if skip_unchanged else 0),
+    cost = dict(flops=int(runner.flops) + baseline_flops,
                 naive_flops=int(naive), skipped=len(cells) - len(todo),
                 baseline_s=baseline_s, groups=len(runs),
                 chunks=runner.calls, compiles=runner.compiles, compile_s=runner.compile_s,

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import time
 
-import jax.numpy as jnp
 import numpy as np
 
-from mechinterp.site_io import SiteInfo, capture
+from mechinterp.site_io import SiteInfo
+from mechinterp.sweep_run import _EXECUTABLES, compile_counted, once_per_shapes
 
 POSITION_AXES = ("pos", "query_pos")  # a patch there changes this position and later ones
 
@@ -48,24 +48,22 @@ def first_changes(changed: np.ndarray, info: SiteInfo, grid_axes: tuple[str, ...
     return first
 
 
-def unintervened(model, params, inputs, model_kwargs, info, grid_axes, cells, source,
-                 make_intervention, metric):
-    """``(first, baseline, seconds)``: :func:`first_changes` of every cell against the
-    unintervened run on ``inputs``, that run's metric value, and the time it took (its
-    compilation included, on a first call)."""
+def unintervened(run, shared, info, grid_axes, cells):
+    """``(first, baseline, flops, seconds)``: :func:`first_changes` of every cell against
+    the unintervened run on the sweep's inputs, that run's metric value, its matmul FLOPs
+    and time (its compilation included, on a first call). ``run(*shared)`` (jitted) gives
+    the metric value, the elements the full-mask edit changes and whether the zero-mask
+    edit changes none."""
     start = time.perf_counter()
-    outputs, cache = capture(model, params, *inputs, sites=[info.name], **model_kwargs)
-    base = cache[info.name]
-    untouched = make_intervention(source, jnp.zeros(info.shape, jnp.float32)).apply(base)
-    if not np.array_equal(np.asarray(untouched), np.asarray(base)):
+    compiled = once_per_shapes(_EXECUTABLES, compile_counted, run, shared)
+    baseline, changed, untouched = compiled.executable(*shared)
+    if not bool(untouched):
         raise ValueError(
             f"make_intervention(source, mask) changes site {info.name!r} where the mask is 0: "
             "a sweep's intervention must act only where its mask is 1 (build it with the "
             "mask, e.g. Intervention.patch(source, mask))")
-    edited = make_intervention(source, jnp.ones(info.shape, jnp.float32)).apply(base)
-    changed = np.asarray(edited != base)
-    baseline = float(metric(outputs))
-    return first_changes(changed, info, grid_axes, cells), baseline, time.perf_counter() - start
+    first = first_changes(np.asarray(changed), info, grid_axes, cells)
+    return first, float(baseline), compiled.flops[0], time.perf_counter() - start
 
 
 def windows(earliest: np.ndarray, seq_len: int, last_first_pos: int, position_blocks: int

@@ -71,8 +71,9 @@ class _Compiled(NamedTuple):
     device_flops: float  # XLA's count for one device's program (the partitioned one)
 
 
-def _compile(run, *args):
-    """One trace serves the FLOP count and the compilation."""
+def compile_counted(run, *args):
+    """Trace, count matmul FLOPs (every cond's costliest and cheapest branch), compile and
+    measure: one trace serves the count and the compilation."""
     start = time.perf_counter()
     traced = run.trace(*args)
     flops = (jaxpr_matmul_flops(traced.jaxpr), jaxpr_matmul_flops(traced.jaxpr, "min"))
@@ -105,7 +106,7 @@ class Runner:
     def executable(self, run, args, budget=None):
         """The compiled ``run`` for ``args``; ``budget``: fail (``None``) when its
         temporaries exceed that many bytes."""
-        compiled = once_per_shapes(_EXECUTABLES, _compile, run, args)
+        compiled = once_per_shapes(_EXECUTABLES, compile_counted, run, args)
         if budget is not None and compiled.temp > budget:
             return None, compiled.temp
         if compiled.seconds is not None:
