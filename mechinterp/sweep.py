@@ -219,7 +219,8 @@ def _make_unintervened(model, site_name, make_intervention, signature, static_me
             logit_positions, read_site=site_name)
         edited, untouched = (make_intervention(source, jnp.full(base.shape, m, jnp.float32))
                              .apply(base) for m in (1.0, 0.0))
-        return value, edited != base, jnp.all(untouched == base)
+        nan = jnp.isnan(base)  # NaN stays NaN under a zero mask, though NaN != NaN
+        return value, edited != base, jnp.all((untouched == base) | (nan & jnp.isnan(untouched)))
 
     return jax.jit(unintervened)
 

@@ -100,3 +100,13 @@ def test_an_intervention_that_ignores_its_mask_is_refused(pair):
         sweep(model, params, (corrupted,), "resid_pre", ("layer",), cache["resid_pre"],
               metric, make_intervention=lambda source, mask: Intervention.patch(source),
               progress=False)
+
+
+def test_nan_activations_are_not_taken_for_an_unlocalized_intervention(pair):
+    """NaN != NaN: the zero-mask check must still see a NaN left as it was."""
+    model, params, corrupted, cache, metric = pair
+    token = int(corrupted[0, -1])
+    broken = {**params, "embedding": params["embedding"].at[token].set(jnp.nan)}
+    result = patching.get_act_patch_resid_pre(model, broken, corrupted, cache, metric,
+                                              progress=False)
+    assert result.cost["skipped"] > 0 and np.isnan(result.values).any()
