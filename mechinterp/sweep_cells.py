@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from mechinterp.site_io import SiteInfo
-from mechinterp.sweep_run import _EXECUTABLES, compile_counted, once_per_shapes
+from mechinterp import sweep_run
 
 POSITION_AXES = ("pos", "query_pos")  # a patch there changes this position and later ones
 
@@ -55,7 +55,8 @@ def unintervened(run, shared, info, grid_axes, cells):
     the metric value, the elements the full-mask edit changes and whether the zero-mask
     edit changes none."""
     start = time.perf_counter()
-    compiled = once_per_shapes(_EXECUTABLES, compile_counted, run, shared)
+    compiled = sweep_run.once_per_shapes(sweep_run._EXECUTABLES, sweep_run.compile_counted,
+                                        run, shared)
     baseline, changed, untouched = compiled.executable(*shared)
     if not bool(untouched):
         raise ValueError(

@@ -221,8 +221,8 @@ def test_repeated_set_sweeps_and_path_patching_compile_once(setup, monkeypatch):
 
     from mechinterp import sweep_run
 
-    compiled, compile_ = [], sweep_run._compile
-    monkeypatch.setattr(sweep_run, "_compile",
+    compiled, compile_ = [], sweep_run.compile_counted
+    monkeypatch.setattr(sweep_run, "compile_counted",
                         lambda run, *args: compiled.append(run) or compile_(run, *args))
     model, params, tokens = setup
     other = (tokens + 1) % VOCAB
