@@ -339,11 +339,12 @@ def sweep(
     pos_axis = sweep_cells.position_axis(info)
     earliest = (cells[:, grid_axes.index(pos_axis)] if pos_axis in grid_axes
                 else np.zeros(len(cells), np.int64))
-    baseline_flops, baseline_s = 0, 0.0
+    seen = None
     if skip_unchanged:
-        earliest, values[:], baseline_flops, baseline_s = sweep_cells.unintervened(
+        seen = sweep_cells.unintervened(
             _make_unintervened(model, site_name, make_intervention, signature, static_metric),
             shared, info, grid_axes, cells)
+        earliest, values[:] = seen.first, seen.baseline
     todo = np.flatnonzero(earliest >= 0)
     state = _resume_state(model, params, inputs, model_kwargs, info, reuse)
     if state is not None:
@@ -386,11 +387,12 @@ def sweep(
             values[rows] = runner.chunks(
                 cell, cells[rows], cell_shared, size, first_of=first_of, budget=budget,
                 layer_flops=lambda first: (n_layers - first) / n_layers)
-    cost = dict(flops=int(runner.flops) + baseline_flops,
+    cost = dict(flops=int(runner.flops) + (seen.flops if seen else 0),
                 naive_flops=int(naive), skipped=len(cells) - len(todo),
-                baseline_s=baseline_s, groups=len(runs),
+                baseline_s=seen.seconds if seen else 0.0, groups=len(runs),
                 chunks=runner.calls, compiles=runner.compiles, compile_s=runner.compile_s,
-                run_s=runner.run_s, peak_bytes=int(runner.peak_bytes),
+                run_s=runner.run_s,
+                peak_bytes=int(max(runner.peak_bytes, seen.held if seen else 0)),
                 device_flops=runner.device_flops, devices=place.ways if place else 1)
     return SweepResult(values.reshape(grid_shape), grid_axes, dict(labels or {}), cost)
 

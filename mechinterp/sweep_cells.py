@@ -15,6 +15,7 @@ from the cache of the unintervened run.
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -48,12 +49,20 @@ def first_changes(changed: np.ndarray, info: SiteInfo, grid_axes: tuple[str, ...
     return first
 
 
-def unintervened(run, shared, info, grid_axes, cells):
-    """``(first, baseline, flops, seconds)``: :func:`first_changes` of every cell against
-    the unintervened run on the sweep's inputs, that run's metric value, its matmul FLOPs
-    and time (its compilation included, on a first call). ``run(*shared)`` (jitted) gives
-    the metric value, the elements the full-mask edit changes and whether the zero-mask
-    edit changes none."""
+class Unintervened(NamedTuple):
+    """What the unintervened run tells a sweep: per cell the first position it changes
+    (:func:`first_changes`), the run's metric value, matmul FLOPs, seconds (its compilation
+    included on a first call) and the bytes its executable holds."""
+    first: np.ndarray
+    baseline: float
+    flops: int
+    seconds: float
+    held: int
+
+
+def unintervened(run, shared, info, grid_axes, cells) -> Unintervened:
+    """Run ``run(*shared)`` (jitted: the metric value, the elements the full-mask edit
+    changes, and whether the zero-mask edit changes none) and read it per cell."""
     start = time.perf_counter()
     compiled = sweep_run.once_per_shapes(sweep_run._EXECUTABLES, sweep_run.compile_counted,
                                         run, shared)
@@ -64,7 +73,8 @@ def unintervened(run, shared, info, grid_axes, cells):
             "a sweep's intervention must act only where its mask is 1 (build it with the "
             "mask, e.g. Intervention.patch(source, mask))")
     first = first_changes(np.asarray(changed), info, grid_axes, cells)
-    return first, float(baseline), compiled.flops[0], time.perf_counter() - start
+    return Unintervened(first, float(baseline), compiled.flops[0],
+                        time.perf_counter() - start, compiled.held)
 
 
 def windows(earliest: np.ndarray, seq_len: int, last_first_pos: int, position_blocks: int

@@ -15,15 +15,16 @@ class SweepResult:
     ``np.asarray(result)`` gives the values; :meth:`to_pandas` a long-form DataFrame.
     ``cost`` (when the sweep engine produced it): ``flops``, the matmul FLOPs executed
     (padding included; skipped layers left out; with ``skip_unchanged``, the one
-    unintervened forward included), ``naive_flops``, those of one full
-    forward with full logits per cell (how TransformerLens evaluates a grid), ``skipped``,
-    the cells not run because their intervention changes nothing, ``baseline_s``, the time
-    of the unintervened run that found them (its compilation included), ``groups``,
-    the computations run, ``chunks``, their calls, ``compiles`` and ``compile_s`` (0 when
-    every compilation was cached: trace, lower and compile), ``run_s``, and ``peak_bytes``, the most an executable holds
-    (arguments, outputs, temporaries: XLA's memory analysis), per device; ``devices``, how
-    many ways the cells were split, and ``device_flops``, XLA's FLOP count of what one
-    device ran (its share of the cells, all operations).
+    unintervened forward included), ``naive_flops``, those of one full forward with full
+    logits per cell (how TransformerLens evaluates a grid), ``skipped``, the cells not run
+    because their intervention changes nothing, ``baseline_s``, the time of the
+    unintervened run that found them (its compilation included), ``groups``, the
+    computations run, ``chunks``, their calls, ``compiles`` and ``compile_s`` (0 when every
+    compilation was cached: trace, lower and compile), ``run_s``, and ``peak_bytes``, the
+    most an executable holds (arguments, outputs, temporaries: XLA's memory analysis; the
+    unintervened run's included), per device; ``devices``, how many ways the cells were
+    split, and ``device_flops``, XLA's FLOP count of what one device ran (its share of the
+    cells, all operations).
     """
 
     values: np.ndarray
