@@ -5,7 +5,8 @@
 #   1. the MoE kernels (Pallas on Triton) against their references, timed (gates at several
 #      block heights; grouped matmul in float32 and bfloat16);
 #   2. training throughput and MFU of the 125m and 1b (TinyLlama-shaped) decoders, bf16;
-#   3. the kernel and decoder tests on the GPU backend.
+#   3. patching-grid cells per second on a SmolLM2-shaped decoder (sweep_cells_per_second.py);
+#   4. the kernel and decoder tests on the GPU backend.
 # Each step has its own time limit, so one failure or hang does not hide the others.
 #   usage: bash benchmarks/gpu_session.sh OUTDIR
 # The wheels (made here, where PyPI is reachable; .whl/ is git-ignored via .git/info/exclude):
@@ -38,5 +39,6 @@ timeout 90 python3 benchmarks/moe_kernels.py --kernels gmm --gmm-dtype bfloat16 
   | tee -a "$out/moe_kernels.txt"
 timeout 240 python3 benchmarks/train_throughput.py --size 125m --size 1b \
   --json "$out/train_throughput.json" 2>&1 | tee "$out/train_throughput.txt"
+timeout 150 python3 benchmarks/sweep_cells_per_second.py 2>&1 | tee "$out/sweep_cells.txt"
 timeout 120 python3 -P -m pytest -q -p no:cacheprovider tests/test_kernels.py \
   tests/test_moe_kernels.py tests/test_moe_router.py 2>&1 | tee "$out/tests.txt"
