@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -339,12 +340,13 @@ def sweep(
     pos_axis = sweep_cells.position_axis(info)
     earliest = (cells[:, grid_axes.index(pos_axis)] if pos_axis in grid_axes
                 else np.zeros(len(cells), np.int64))
-    seen = None
+    runner, baseline_s = Runner(None, place), 0.0
     if skip_unchanged:
-        seen = sweep_cells.unintervened(
-            _make_unintervened(model, site_name, make_intervention, signature, static_metric),
-            shared, info, grid_axes, cells)
-        earliest, values[:] = seen.first, seen.baseline
+        start = time.perf_counter()
+        earliest, values[:] = sweep_cells.unintervened(
+            runner, _make_unintervened(model, site_name, make_intervention, signature,
+                                       static_metric), shared, info, grid_axes, cells)
+        baseline_s = time.perf_counter() - start
     todo = np.flatnonzero(earliest >= 0)
     state = _resume_state(model, params, inputs, model_kwargs, info, reuse)
     if state is not None:
@@ -376,7 +378,7 @@ def sweep(
     n_chunks = sum(-(-len(rows) // balanced(len(rows), chunk_size)) for rows, *_ in runs)
     with tqdm(total=n_chunks, desc=f"patch {site_name}", disable=not progress,
               leave=False) as bar:
-        runner = Runner(bar, place)
+        runner.bar = bar
         for rows, cell, cell_shared, layer, tokens in runs:
             first_of = None if state is None else (
                 (lambda chunk: 0) if layer is None else (lambda chunk: chunk[:, layer].min()))
@@ -387,12 +389,10 @@ def sweep(
             values[rows] = runner.chunks(
                 cell, cells[rows], cell_shared, size, first_of=first_of, budget=budget,
                 layer_flops=lambda first: (n_layers - first) / n_layers)
-    cost = dict(flops=int(runner.flops) + (seen.flops if seen else 0),
-                naive_flops=int(naive), skipped=len(cells) - len(todo),
-                baseline_s=seen.seconds if seen else 0.0, groups=len(runs),
+    cost = dict(flops=int(runner.flops), naive_flops=int(naive),
+                skipped=len(cells) - len(todo), baseline_s=baseline_s, groups=len(runs),
                 chunks=runner.calls, compiles=runner.compiles, compile_s=runner.compile_s,
-                run_s=runner.run_s,
-                peak_bytes=int(max(runner.peak_bytes, seen.held if seen else 0)),
+                run_s=runner.run_s, peak_bytes=int(runner.peak_bytes),
                 device_flops=runner.device_flops, devices=place.ways if place else 1)
     return SweepResult(values.reshape(grid_shape), grid_axes, dict(labels or {}), cost)
 

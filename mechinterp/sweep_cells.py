@@ -14,13 +14,9 @@ from the cache of the unintervened run.
 
 from __future__ import annotations
 
-import time
-from typing import NamedTuple
-
 import numpy as np
 
 from mechinterp.site_io import SiteInfo
-from mechinterp import sweep_run
 
 POSITION_AXES = ("pos", "query_pos")  # a patch there changes this position and later ones
 
@@ -49,32 +45,18 @@ def first_changes(changed: np.ndarray, info: SiteInfo, grid_axes: tuple[str, ...
     return first
 
 
-class Unintervened(NamedTuple):
-    """What the unintervened run tells a sweep: per cell the first position it changes
-    (:func:`first_changes`), the run's metric value, matmul FLOPs, seconds (its compilation
-    included on a first call) and the bytes its executable holds."""
-    first: np.ndarray
-    baseline: float
-    flops: int
-    seconds: float
-    held: int
-
-
-def unintervened(run, shared, info, grid_axes, cells) -> Unintervened:
-    """Run ``run(*shared)`` (jitted: the metric value, the elements the full-mask edit
-    changes, and whether the zero-mask edit changes none) and read it per cell."""
-    start = time.perf_counter()
-    compiled = sweep_run.once_per_shapes(sweep_run._EXECUTABLES, sweep_run.compile_counted,
-                                        run, shared)
-    baseline, changed, untouched = compiled.executable(*shared)
+def unintervened(runner, run, shared, info, grid_axes, cells) -> tuple[np.ndarray, float]:
+    """``(first, baseline)``: :func:`first_changes` of every cell and the metric value of the
+    unintervened run ``run(*shared)`` (jitted: the metric value, the elements the full-mask
+    edit changes, and whether the zero-mask edit changes none), compiled and counted by
+    ``runner`` (:class:`mechinterp.sweep_run.Runner`) like the cells."""
+    baseline, changed, untouched = runner.run_once(run, shared)
     if not bool(untouched):
         raise ValueError(
             f"make_intervention(source, mask) changes site {info.name!r} where the mask is 0: "
             "a sweep's intervention must act only where its mask is 1 (build it with the "
             "mask, e.g. Intervention.patch(source, mask))")
-    first = first_changes(np.asarray(changed), info, grid_axes, cells)
-    return Unintervened(first, float(baseline), compiled.flops[0],
-                        time.perf_counter() - start, compiled.held)
+    return first_changes(np.asarray(changed), info, grid_axes, cells), float(baseline)
 
 
 def windows(earliest: np.ndarray, seq_len: int, last_first_pos: int, position_blocks: int

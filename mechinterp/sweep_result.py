@@ -20,7 +20,8 @@ class SweepResult:
     because their intervention changes nothing, ``baseline_s``, the time of the
     unintervened run that found them (its compilation included), ``groups``, the
     computations run, ``chunks``, their calls, ``compiles`` and ``compile_s`` (0 when every
-    compilation was cached: trace, lower and compile), ``run_s``, and ``peak_bytes``, the
+    compilation was cached: trace, lower and compile; the unintervened run's included),
+    ``run_s``, and ``peak_bytes``, the
     most an executable holds (arguments, outputs, temporaries: XLA's memory analysis; the
     unintervened run's included), per device; ``devices``, how many ways the cells were
     split, and ``device_flops``, XLA's FLOP count of what one device ran (its share of the

@@ -117,6 +117,16 @@ class Runner:
         self.peak_bytes = max(self.peak_bytes, compiled.held)
         return compiled, compiled.temp
 
+    def run_once(self, fn, args):
+        """``fn(*args)`` (a jitted function) through a cached executable, counted like a
+        chunk (compilation, run time, matmul FLOPs, bytes held) but not as one."""
+        compiled, _ = self.executable(fn, args)
+        start = time.perf_counter()
+        out = jax.block_until_ready(compiled.executable(*args))
+        self.run_s += time.perf_counter() - start
+        self.flops += compiled.flops[0]  # device_flops stays the cells' share
+        return out
+
     def chunks(self, fn, items, shared, chunk_size, *, first_of=None, budget=None,
                layer_flops=None, count_flops=True):
         """``fn`` over ``items`` (a pytree, leading axis) in equal padded chunks.
