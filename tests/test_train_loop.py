@@ -51,7 +51,8 @@ def _records(workdir, kind):
 def test_tiny_decoder_learns_a_task_mixture_via_mechinterp_run(tmp_path):
     """Compiled as users compile (a subprocess without conftest's fast-compile flags): 300
     steps reach 0.99 accuracy that way and 0.92 without LLVM's optimization passes, whose
-    different rounding the training amplifies."""
+    different rounding the training amplifies (see it: MECHINTERP_USER_XLA_FLAGS=
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")."""
     workdir = tmp_path / "run"
     config_file = tmp_path / "learn.py"
     config_file.write_text(LEARN_CONFIG.format(workdir=str(workdir)))
